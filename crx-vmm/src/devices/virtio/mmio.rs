@@ -1,0 +1,1 @@
+//! virtio-mmio transport (placeholder; see issue 2).

@@ -1,0 +1,2 @@
+//! `crx-vmm` command line (placeholder; see issue 2).
+fn main() {}

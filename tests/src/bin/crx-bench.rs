@@ -1,0 +1,2 @@
+//! crx-bench: benchmark programs (placeholder).
+fn main() {}

@@ -1,0 +1,1 @@
+//! Shared helpers of the crx integration tests and benchmarks.
