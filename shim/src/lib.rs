@@ -1,0 +1,4 @@
+//! Library side of `containerd-shim-crx-v2`: what the shim binary, the integration
+//! tests and `crx-bench` share.
+
+pub mod vm;

@@ -1,0 +1,259 @@
+//! The QEMU backend: QEMU's `microvm` machine, launched directly, booting our kernel and
+//! initramfs, with guest RAM in a shared memfd so that crx's own vsock back end
+//! (`crx-vmm vhost-user-vsock`, a separate small process per pod) can serve the guest
+//! over vhost-user. The host side is the same hybrid-vsock socket crx-vmm gives.
+//!
+//! The back end is a process, not a thread of the shim: it parses guest-written queues,
+//! so it lives apart from the shim's containerd credentials and can be jailed on its own;
+//! if it dies, the shim sees it through its pidfd and ends the VM.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use super::child::{wait_any, VmProcess};
+use super::config::{executable, SerialOutput, GUEST_CID};
+use super::{BackendKind, Vm, VmBackend, VmConfig, VmError, VmExit, VmResources};
+
+/// How QEMU runs guest code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QemuAccel {
+    Kvm,
+    Tcg,
+}
+
+/// Starts pod VMs under QEMU.
+#[derive(Clone, Debug)]
+pub struct QemuBackend {
+    pub accel: QemuAccel,
+    /// TCG translation-cache size. QEMU's default (1 GiB) is sized for desktops; a pod
+    /// guest runs little code and the cache is host memory.
+    pub tcg_tb_size_mib: u32,
+    /// How long the vhost-user back end may take to create its socket.
+    pub backend_ready_timeout: Duration,
+}
+
+impl QemuBackend {
+    pub fn new(accel: QemuAccel) -> Self {
+        Self { accel, tcg_tb_size_mib: 64, backend_ready_timeout: Duration::from_secs(5) }
+    }
+
+    /// The QEMU command line for `config` (without the program name).
+    pub fn qemu_args(&self, config: &VmConfig, vhost_socket: &Path) -> Vec<String> {
+        let mem = config.memory_mib;
+        let serial_on = config.serial != SerialOutput::Off;
+        let mut args: Vec<String> = vec![
+            "-name".into(),
+            format!("crx-{},debug-threads=on", config.name),
+            "-M".into(),
+            format!(
+                "microvm,acpi=off,x-option-roms=off,pit=off,pic=off,rtc=off,isa-serial={},memory-backend=mem",
+                if serial_on { "on" } else { "off" }
+            ),
+            "-object".into(),
+            format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+            "-m".into(),
+            format!("{mem}M"),
+            "-smp".into(),
+            config.vcpus.to_string(),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-display".into(),
+            "none".into(),
+            "-no-reboot".into(),
+        ];
+        match self.accel {
+            QemuAccel::Kvm => {
+                // MSR_IA32_ARCH_CAPABILITIES cannot be set on some nested hosts (PVM).
+                args.extend(["-accel".into(), "kvm".into(), "-cpu".into(), "host,-arch-capabilities".into()]);
+            }
+            QemuAccel::Tcg => {
+                let thread = if config.vcpus > 1 { "multi" } else { "single" };
+                args.extend([
+                    "-accel".into(),
+                    format!("tcg,thread={thread},tb-size={}", self.tcg_tb_size_mib),
+                    "-cpu".into(),
+                    "max".into(),
+                ]);
+            }
+        }
+        match &config.serial {
+            SerialOutput::Off => args.extend(["-serial".into(), "none".into()]),
+            SerialOutput::File(path) => args.extend(["-serial".into(), format!("file:{}", path.display())]),
+        }
+        args.extend([
+            "-chardev".into(),
+            format!("socket,id=vsock,path={}", vhost_socket.display()),
+            "-device".into(),
+            "vhost-user-vsock-device,chardev=vsock".into(),
+            "-kernel".into(),
+            config.kernel.display().to_string(),
+            "-initrd".into(),
+            config.initramfs.display().to_string(),
+            "-append".into(),
+            kernel_cmdline(config),
+        ]);
+        args
+    }
+}
+
+/// The guest kernel command line both backends share: reset (not halt) on reboot and on
+/// panic so the VMM ends, no console unless asked, then the agent's options.
+pub(super) fn kernel_cmdline(config: &VmConfig) -> String {
+    let mut line = String::from("reboot=k panic=-1 quiet");
+    if config.serial != SerialOutput::Off {
+        line.push_str(" console=ttyS0");
+    }
+    if !config.kernel_cmdline.is_empty() {
+        line.push(' ');
+        line.push_str(&config.kernel_cmdline);
+    }
+    line
+}
+
+impl VmBackend for QemuBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Qemu(self.accel)
+    }
+
+    fn start(&self, config: &VmConfig) -> Result<Box<dyn Vm>, VmError> {
+        config.validate()?;
+        executable("QEMU binary (qemu-system-x86_64, Debian package qemu-system-x86)", &config.qemu_binary)?;
+        config.prepare_run_dir()?;
+        let agent_socket = config.agent_socket();
+        let vhost_socket = config.run_dir.join("vhost-vsock.sock");
+
+        let mut backend_cmd = Command::new(&config.crx_vmm_binary);
+        backend_cmd
+            .arg("vhost-user-vsock")
+            .arg("--socket")
+            .arg(&vhost_socket)
+            .arg("--uds")
+            .arg(&agent_socket)
+            .arg("--guest-cid")
+            .arg(GUEST_CID.to_string());
+        let mut backend =
+            VmProcess::spawn("vhost-user-vsock", &mut backend_cmd, &config.run_dir.join("vhost-user-vsock.log"))?;
+        wait_for_socket(&mut backend, &vhost_socket, self.backend_ready_timeout)?;
+
+        let mut qemu_cmd = Command::new(&config.qemu_binary);
+        qemu_cmd.args(self.qemu_args(config, &vhost_socket));
+        let qemu = VmProcess::spawn("qemu", &mut qemu_cmd, &config.run_dir.join("qemu.log"))?;
+        tracing::info!(vm = %config.name, backend = %self.kind(), qemu_pid = qemu.pid(),
+            backend_pid = backend.pid(), "VM started");
+        Ok(Box::new(QemuVm {
+            kind: self.kind(),
+            qemu,
+            backend,
+            agent_socket,
+            sockets: vec![config.agent_socket(), vhost_socket],
+            guest_ram_kib: u64::from(config.memory_mib) * 1024,
+            exit: None,
+        }))
+    }
+}
+
+/// Waits for a back end to bind its socket, or to die trying.
+fn wait_for_socket(process: &mut VmProcess, socket: &Path, timeout: Duration) -> Result<(), VmError> {
+    let deadline = Instant::now() + timeout;
+    while !socket.exists() {
+        if wait_any(&mut [&mut *process], Some(Duration::from_millis(2)))?.is_some() {
+            let status = process.try_exit()?.unwrap_or(super::ProcessExit::Code(-1));
+            return Err(VmError::EndedEarly {
+                exit: VmExit { process: process.name, status, requested: false, log_tail: process.log_tail() },
+            });
+        }
+        if Instant::now() >= deadline {
+            return Err(VmError::NotReady {
+                process: process.name,
+                timeout,
+                detail: format!("socket {socket:?} never appeared; log: {}", process.log_tail()),
+            });
+        }
+    }
+    Ok(())
+}
+
+struct QemuVm {
+    kind: BackendKind,
+    qemu: VmProcess,
+    backend: VmProcess,
+    agent_socket: PathBuf,
+    sockets: Vec<PathBuf>,
+    guest_ram_kib: u64,
+    exit: Option<VmExit>,
+}
+
+impl QemuVm {
+    /// Ends whatever still runs after `first` ended, and remembers how the VM ended.
+    fn finish(&mut self, first_is_qemu: bool, requested: bool, grace: Duration) -> Result<VmExit, VmError> {
+        if let Some(exit) = &self.exit {
+            return Ok(exit.clone());
+        }
+        let (first, other) =
+            if first_is_qemu { (&mut self.qemu, &mut self.backend) } else { (&mut self.backend, &mut self.qemu) };
+        let status = first.terminate(grace)?;
+        other.terminate(grace)?;
+        let exit = VmExit { process: first.name, status, requested, log_tail: first.log_tail() };
+        if exit.is_failure() {
+            tracing::error!(%exit, "VM ended unexpectedly");
+        } else {
+            tracing::info!(%exit, "VM ended");
+        }
+        remove_sockets(&self.sockets);
+        self.exit = Some(exit.clone());
+        Ok(exit)
+    }
+}
+
+pub(super) fn remove_sockets(sockets: &[PathBuf]) {
+    for s in sockets {
+        if let Err(e) = std::fs::remove_file(s) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = ?s, error = %e, "could not remove a VM socket");
+            }
+        }
+    }
+}
+
+impl Vm for QemuVm {
+    fn kind(&self) -> BackendKind {
+        self.kind
+    }
+
+    fn agent_socket(&self) -> &Path {
+        &self.agent_socket
+    }
+
+    fn pids(&self) -> Vec<(&'static str, u32)> {
+        vec![(self.qemu.name, self.qemu.pid()), (self.backend.name, self.backend.pid())]
+    }
+
+    fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<VmExit>, VmError> {
+        if let Some(exit) = &self.exit {
+            return Ok(Some(exit.clone()));
+        }
+        match wait_any(&mut [&mut self.qemu, &mut self.backend], Some(timeout))? {
+            None => Ok(None),
+            Some(i) => self.finish(i == 0, false, Duration::from_secs(2)).map(Some),
+        }
+    }
+
+    fn stop(&mut self, grace: Duration) -> Result<VmExit, VmError> {
+        // QEMU first: with the guest gone, the back end has nothing left to serve.
+        self.finish(true, true, grace)
+    }
+
+    fn resources(&self) -> VmResources {
+        VmResources::measure(&self.pids(), self.guest_ram_kib)
+    }
+}
+
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        if self.exit.is_none() {
+            let _ = self.finish(true, true, Duration::from_millis(500));
+        }
+        remove_sockets(&self.sockets);
+    }
+}
