@@ -1,1 +1,6 @@
 //! Shared helpers of the crx integration tests and benchmarks.
+
+pub mod artifacts;
+pub mod bench;
+pub mod host;
+pub mod vm_harness;

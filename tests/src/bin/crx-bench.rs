@@ -1,2 +1,39 @@
-//! crx-bench: benchmark programs (placeholder).
-fn main() {}
+//! crx-bench: crx's benchmark programs. Each subcommand measures side by side in one
+//! run, prints its figures, and prints one JSON object as its last line.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use crx_tests::bench;
+
+#[derive(Parser)]
+#[command(about = "crx benchmarks: figures side by side, one JSON object as the last line")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Spawn -> agent health reply for each VM backend this host can run, with RSS and
+    /// guest memory touched at ready.
+    Boot {
+        #[arg(long, default_value_t = 10)]
+        iterations: usize,
+        #[arg(long, default_value_t = 128)]
+        memory_mib: u32,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Boot { iterations, memory_mib } => {
+            let kvm_usable = crx_tests::host::kvm_runs_linux_guests();
+            let backends = bench::boot::available_backends(kvm_usable);
+            println!("crx-bench boot: {iterations} starts per backend, guest memory {memory_mib} MiB");
+            bench::boot::run(iterations, &backends, memory_mib)?
+        }
+    };
+    println!("{result}");
+    Ok(())
+}

@@ -1,0 +1,57 @@
+# Shared steps of crx's top-level scripts: install what a fresh Debian 12 machine lacks,
+# build the guest artifacts. Sourced, not run. Every step is safe to repeat.
+
+CRX_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CRX_CACHE_DIR="${CRX_CACHE_DIR:-/var/cache/crx}"
+MUSL_TARGET=x86_64-unknown-linux-musl
+export CRX_ROOT CRX_CACHE_DIR
+
+log() { printf '\033[1m[crx]\033[0m %s\n' "$*" >&2; }
+die() { printf '[crx] error: %s\n' "$*" >&2; exit 1; }
+
+need_root() {
+    [ "$(id -u)" = 0 ] || die "run as root (crx needs /dev/kvm, mounts, network namespaces): sudo $0"
+}
+
+# Debian packages the build and the tests use.
+CRX_APT_PACKAGES=(
+    build-essential flex bison bc libelf-dev libssl-dev cpio xz-utils kmod
+    linux-source-6.1 qemu-system-x86 busybox-static protobuf-compiler musl-tools
+)
+
+install_packages() {
+    local missing=()
+    for p in "${CRX_APT_PACKAGES[@]}" "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        log "installing Debian packages: ${missing[*]}"
+        apt-get update -q
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+    fi
+    command -v cargo >/dev/null || die "cargo not found: install Rust with rustup first"
+    if ! rustup target list --installed 2>/dev/null | grep -qx "$MUSL_TARGET"; then
+        log "adding Rust target $MUSL_TARGET (static agent and VMM)"
+        rustup target add "$MUSL_TARGET"
+    fi
+}
+
+# Builds (or finds in the cache) the guest kernel; sets CRX_KERNEL_DIR.
+build_kernel() {
+    log "guest kernel (cached under $CRX_CACHE_DIR/kernel)"
+    CRX_KERNEL_DIR="$("$CRX_ROOT/kernel-config/build.sh" | tail -n 1)"
+    [ -f "$CRX_KERNEL_DIR/vmlinux" ] || die "kernel build did not produce $CRX_KERNEL_DIR/vmlinux"
+    export CRX_KERNEL="$CRX_KERNEL_DIR/vmlinux" CRX_KERNEL_DIR
+}
+
+# Builds the static binaries and the guest initramfs; sets CRX_INITRAMFS and CRX_MUSL_BIN.
+build_guest_and_tools() {
+    log "building static crx-agent, crx-vmm, crx-probe ($MUSL_TARGET, release)"
+    (cd "$CRX_ROOT" && cargo build --release --target "$MUSL_TARGET" \
+        -p crx-agent -p crx-vmm -p crx-tests --bin crx-agent --bin crx-vmm --bin crx-probe)
+    CRX_MUSL_BIN="$CRX_ROOT/target/$MUSL_TARGET/release"
+    mkdir -p "$CRX_ROOT/target/guest"
+    CRX_INITRAMFS="$CRX_ROOT/target/guest/initramfs.cpio"
+    "$CRX_ROOT/rootfs/build.sh" "$CRX_MUSL_BIN/crx-agent" "$CRX_INITRAMFS" >&2
+    export CRX_INITRAMFS CRX_MUSL_BIN
+}

@@ -1,0 +1,5 @@
+//! The benchmark programs behind `crx-bench`: each measures side by side in one run,
+//! prints its figures for people, and ends with one JSON object for machines.
+
+pub mod boot;
+pub mod stats;
