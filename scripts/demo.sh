@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The main job: installs what is missing, builds the guest kernel (cached), the agent and
+# the VMM, then boots a pod VM with the backend `hypervisor = "auto"` picks on this host,
+# talks to its agent and powers it off, printing each step. Safe to run again.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+need_root
+install_packages
+build_kernel
+build_guest_and_tools
+export CRX_BIN_CRX_VMM="$CRX_MUSL_BIN/crx-vmm"
+cd "$CRX_ROOT"
+cargo run --quiet --release -p crx-tests --bin crx-demo
