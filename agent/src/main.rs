@@ -1,1 +1,301 @@
-fn main() {}
+//! crx-agent: PID 1 of a crx pod VM, and the ttrpc service the shim talks to.
+//!
+//! Two modes, chosen by the process id:
+//! - **Guest** (PID 1): mount the basics, reap orphans, log to /dev/kmsg or the host,
+//!   serve on `vsock://-1:1024`, mark "ready" on the boot-marker port, power the VM off
+//!   on request. Never exits: an init that exits panics the kernel.
+//! - **Host** (any other PID): serve on `--listen` (normally `unix:///path`) with none
+//!   of the PID 1 duties or port writes, so the service can be tested as an ordinary
+//!   process; Shutdown (or SIGTERM/SIGINT) just ends the process.
+//!
+//! Usage: `crx-agent [--listen ADDR] [--log LEVEL]`
+
+mod boot_marker;
+mod cmdline;
+mod init;
+mod logging;
+mod power;
+mod reaper;
+mod server;
+mod services;
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tracing::level_filters::LevelFilter;
+
+use crate::boot_marker::BootMarker;
+use crate::server::{ListenAddr, RunningServer};
+use crate::services::AgentState;
+
+const USAGE: &str = "usage: crx-agent [--listen vsock://-1:PORT | unix:///PATH] [--log LEVEL]\n\
+    As PID 1 (inside a VM) it listens on vsock://-1:1024 unless told otherwise;\n\
+    elsewhere (host mode) --listen is required.";
+
+/// Command-line options.
+#[derive(Debug, Default, PartialEq)]
+struct Args {
+    listen: Option<String>,
+    log: Option<String>,
+    version: bool,
+    help: bool,
+}
+
+fn parse_args(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<Args> {
+    let mut out = Args::default();
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        let arg = arg
+            .into_string()
+            .map_err(|a| anyhow::anyhow!("argument {a:?} is not UTF-8"))?;
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n.to_owned(), Some(v.to_owned())),
+            _ => (arg.clone(), None),
+        };
+        let mut value = |name: &str| -> anyhow::Result<String> {
+            match inline.clone() {
+                Some(v) => Ok(v),
+                None => args
+                    .next()
+                    .and_then(|v| v.into_string().ok())
+                    .with_context(|| format!("{name} needs a value")),
+            }
+        };
+        match name.as_str() {
+            "--listen" => out.listen = Some(value("--listen")?),
+            "--log" => out.log = Some(value("--log")?),
+            "--version" | "-V" => out.version = true,
+            "--help" | "-h" => out.help = true,
+            other => anyhow::bail!("unknown argument {other:?}"),
+        }
+    }
+    Ok(out)
+}
+
+fn parse_level(text: &str) -> anyhow::Result<LevelFilter> {
+    text.parse::<LevelFilter>().map_err(|_| {
+        anyhow::anyhow!("bad log level {text:?}: expected error, warn, info, debug, trace or off")
+    })
+}
+
+fn main() -> ExitCode {
+    if std::process::id() == 1 {
+        guest_main()
+    }
+    match host_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Logging may not be up yet; stderr always is in host mode.
+            eprintln!("crx-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// PID 1 inside a VM.
+fn guest_main() -> ! {
+    // First, while single-threaded: it rewrites the environment.
+    let report = init::setup();
+    let marker = BootMarker::claim();
+    let (cmdline, cmdline_error) = match cmdline::read() {
+        Ok(c) => (c, None),
+        Err(e) => (cmdline::AgentCmdline::default(), Some(e)),
+    };
+    let level = cmdline.log_level.unwrap_or(LevelFilter::INFO);
+    match logging::init_guest(level, cmdline.log_port) {
+        Ok((target, stream_error)) => {
+            tracing::info!(version = env!("CARGO_PKG_VERSION"), log = %target, "crx-agent starting as PID 1");
+            if let Some(e) = stream_error {
+                tracing::warn!(error = %server::error_chain(&e), "log stream to the host unavailable; logging to /dev/kmsg");
+            }
+        }
+        // Nowhere to log: carry on, the service matters more than its log.
+        Err(e) => eprintln!(
+            "crx-agent: logging unavailable: {}",
+            server::error_chain(&e)
+        ),
+    }
+    install_panic_hook();
+    log_init_report(&report);
+    if let Some(e) = cmdline_error {
+        tracing::warn!(error = %e, "cannot read {}; using defaults", cmdline::PROC_CMDLINE);
+    }
+    for problem in &cmdline.problems {
+        tracing::warn!("kernel command line: {problem}");
+    }
+    let marker = match marker {
+        Ok(m) => Some(m),
+        Err(e) => {
+            tracing::warn!(error = %server::error_chain(&e), "boot markers disabled");
+            None
+        }
+    };
+    // The kernel passes command-line words it does not know to init as arguments; they
+    // are not ours to reject.
+    let args = parse_args(std::env::args_os().skip(1)).unwrap_or_else(|e| {
+        tracing::warn!("ignoring init arguments: {e:#}");
+        Args::default()
+    });
+    let listen = args
+        .listen
+        .as_deref()
+        .and_then(|a| match ListenAddr::parse(a) {
+            Ok(addr) => Some(addr),
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring --listen");
+                None
+            }
+        })
+        .unwrap_or_else(ListenAddr::guest_default);
+
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(serve_guest(listen, marker.as_ref())),
+        Err(e) => tracing::error!(error = %e, "cannot start the async runtime"),
+    }
+    power::power_off(marker.as_ref())
+}
+
+/// Serves until a shutdown is requested (or serving is impossible).
+async fn serve_guest(listen: ListenAddr, marker: Option<&BootMarker>) {
+    let _reaper = match reaper::Reaper::spawn() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::error!(error = %server::error_chain(&e), "zombies will not be reaped");
+            None
+        }
+    };
+    let state = AgentState::new();
+    let listener = server::bind_with_retry(&listen).await;
+    if let Some(marker) = marker {
+        marker.write(crx_protocols::boot_marker::AGENT_READY);
+    }
+    let server = match RunningServer::start(listener, services::all(&state), None).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %server::error_chain(&e), "cannot serve; powering off");
+            return;
+        }
+    };
+    tracing::info!(%listen, "serving");
+    state.shutdown_requested().await;
+    server.stop().await;
+}
+
+fn log_init_report(report: &init::InitReport) {
+    tracing::info!(
+        mounted = ?report.mounted,
+        already_mounted = ?report.already_mounted,
+        cgroup_controllers = ?report.cgroup_controllers,
+        "PID 1 set-up done"
+    );
+    for failure in &report.failures {
+        tracing::error!(error = %server::error_chain(failure), "PID 1 set-up step failed");
+    }
+}
+
+fn install_panic_hook() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        // Into the agent's log (kmsg or host), then the default report on stderr.
+        tracing::error!("crx-agent panicked: {info}");
+        logging::flush();
+        default(info);
+    }));
+}
+
+/// Any other process: an ordinary service on the host.
+fn host_main() -> anyhow::Result<()> {
+    let args = parse_args(std::env::args_os().skip(1)).context(USAGE)?;
+    if args.help {
+        println!("{USAGE}");
+        return Ok(());
+    }
+    if args.version {
+        println!(
+            "crx-agent {} (protocol {})",
+            env!("CARGO_PKG_VERSION"),
+            crx_protocols::PROTOCOL_VERSION
+        );
+        return Ok(());
+    }
+    let listen = args
+        .listen
+        .as_deref()
+        .context("host mode (not PID 1) needs --listen unix:///PATH")?;
+    let listen = ListenAddr::parse(listen)?;
+    let level = args
+        .log
+        .as_deref()
+        .map(parse_level)
+        .transpose()?
+        .unwrap_or(LevelFilter::INFO);
+    logging::init_host(level)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(serve_host(listen))
+}
+
+async fn serve_host(listen: ListenAddr) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+
+    // Orphans of the processes we start come back to us, as they would to PID 1.
+    // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes an integer flag, no pointers.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot become a child subreaper");
+    }
+    let _reaper = reaper::Reaper::spawn()?;
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+
+    let state: Arc<AgentState> = AgentState::new();
+    let listener = server::bind(&listen)?;
+    let socket_file = match &listen {
+        ListenAddr::Unix(path) => Some(path.clone()),
+        ListenAddr::Vsock(_) => None,
+    };
+    let server = RunningServer::start(listener, services::all(&state), socket_file).await?;
+    tracing::info!(%listen, "serving (host mode)");
+    tokio::select! {
+        () = state.shutdown_requested() => {}
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+    server.stop().await;
+    tracing::info!("stopped");
+    // Let the log line out before the runtime drops.
+    tokio::time::sleep(Duration::ZERO).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> anyhow::Result<Args> {
+        parse_args(list.iter().map(OsString::from))
+    }
+
+    #[test]
+    fn parses_arguments() {
+        let a = args(&["--listen", "unix:///tmp/a.sock", "--log=debug"]).unwrap();
+        assert_eq!(a.listen.as_deref(), Some("unix:///tmp/a.sock"));
+        assert_eq!(a.log.as_deref(), Some("debug"));
+        assert!(args(&["--version"]).unwrap().version);
+        assert!(args(&["--listen"]).is_err());
+        assert!(args(&["single"]).is_err());
+    }
+
+    #[test]
+    fn parses_levels() {
+        assert_eq!(parse_level("debug").unwrap(), LevelFilter::DEBUG);
+        assert!(parse_level("loud").is_err());
+    }
+}

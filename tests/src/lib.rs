@@ -3,4 +3,5 @@
 pub mod artifacts;
 pub mod bench;
 pub mod host;
+pub mod l1;
 pub mod vm_harness;

@@ -2,4 +2,5 @@
 //! check every index, never panic on what the guest wrote.
 
 pub mod bus;
+pub mod legacy;
 pub mod virtio;

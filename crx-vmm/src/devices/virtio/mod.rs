@@ -13,6 +13,8 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub mod mmio;
+#[cfg(test)]
+pub mod test_utils;
 pub mod vsock;
 
 /// `VIRTIO_F_VERSION_1`: every crx device is a modern device.

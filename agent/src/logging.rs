@@ -1,0 +1,298 @@
+//! Where the agent's log lines go.
+//!
+//! - Guest, default: `/dev/kmsg`, one record per event with the matching kernel log
+//!   level, so the lines show on the serial console when the VMM enables one.
+//! - Guest with `crx.log_port=N`: a vsock connection the agent opens to the host (CID 2,
+//!   port N; the VMM hands it to `<vsock socket>_N`). Lines go through a bounded queue
+//!   to a writer thread, so a slow host never stalls the agent; if the queue is full the
+//!   line is dropped, and if the connection breaks the writer falls back to /dev/kmsg.
+//! - Host mode: stderr.
+//!
+//! `log` records (ttrpc logs through `log`) are forwarded to the same place.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tracing::level_filters::LevelFilter;
+use tracing::{Level, Metadata};
+use tracing_subscriber::fmt::MakeWriter;
+
+/// The host's CID: vsock connections from the guest to the host go here.
+const HOST_CID: u32 = 2;
+/// Lines queued for the log connection before new ones are dropped.
+const STREAM_QUEUE: usize = 1024;
+/// A kmsg record longer than this is cut by the kernel anyway.
+const KMSG_MAX: usize = 1000;
+/// How long [`flush`] waits for the host connection to take the queued lines.
+const FLUSH_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// The log stream's queue, for [`flush`]; unset unless logs go to the host.
+static STREAM_QUEUE_HANDLE: OnceLock<SyncSender<Item>> = OnceLock::new();
+
+/// What the log writer thread receives.
+enum Item {
+    Line(Level, Vec<u8>),
+    /// Answer once every earlier line is written.
+    Flush(SyncSender<()>),
+}
+
+/// Waits (boundedly) until the lines logged so far have left the agent. Call before
+/// powering off, or the last lines (the interesting ones) would be lost. A no-op for
+/// kmsg and stderr, which are written synchronously.
+pub fn flush() {
+    let Some(queue) = STREAM_QUEUE_HANDLE.get() else {
+        return;
+    };
+    let (ack, done) = sync_channel(1);
+    if queue.try_send(Item::Flush(ack)).is_ok() {
+        let _ = done.recv_timeout(FLUSH_TIMEOUT);
+    }
+}
+
+/// Why logging could not be set up as asked.
+#[derive(Debug, thiserror::Error)]
+pub enum LoggingError {
+    /// /dev/kmsg could not be opened.
+    #[error("cannot open /dev/kmsg")]
+    Kmsg(#[source] io::Error),
+    /// The log connection to the host could not be made.
+    #[error("cannot connect to host vsock port {port} for logs")]
+    Connect {
+        port: u32,
+        #[source]
+        source: io::Error,
+    },
+    /// The log writer thread could not start.
+    #[error("cannot start the log writer thread")]
+    Thread(#[source] io::Error),
+    /// A global subscriber was already installed.
+    #[error("a log subscriber is already installed")]
+    AlreadyInstalled,
+}
+
+/// Where logs went, for the first log line.
+#[derive(Debug)]
+pub enum LogTarget {
+    Kmsg,
+    HostVsock(u32),
+    Stderr,
+}
+
+impl std::fmt::Display for LogTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LogTarget::Kmsg => f.write_str("/dev/kmsg"),
+            LogTarget::HostVsock(port) => write!(f, "host vsock port {port}"),
+            LogTarget::Stderr => f.write_str("stderr"),
+        }
+    }
+}
+
+/// Guest mode: stream to `log_port` if given, else (or if that fails) /dev/kmsg.
+/// Returns where logs go, and the reason the stream could not be used, if any.
+pub fn init_guest(
+    level: LevelFilter,
+    log_port: Option<u32>,
+) -> Result<(LogTarget, Option<LoggingError>), LoggingError> {
+    let mut stream_error = None;
+    if let Some(port) = log_port {
+        match StreamSink::connect(port) {
+            Ok(sink) => {
+                install(Sink::Stream(sink), level)?;
+                return Ok((LogTarget::HostVsock(port), None));
+            }
+            Err(e) => stream_error = Some(e),
+        }
+    }
+    install(Sink::Kmsg(Kmsg::open()?), level)?;
+    Ok((LogTarget::Kmsg, stream_error))
+}
+
+/// Host mode: stderr.
+pub fn init_host(level: LevelFilter) -> Result<LogTarget, LoggingError> {
+    install(Sink::Stderr, level)?;
+    Ok(LogTarget::Stderr)
+}
+
+fn install(sink: Sink, level: LevelFilter) -> Result<(), LoggingError> {
+    use tracing_subscriber::util::SubscriberInitExt;
+    let kernel_stamps_time = matches!(sink, Sink::Kmsg(_));
+    let builder = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_ansi(false)
+        .with_writer(SinkWriter(Arc::new(sink)));
+    // The kernel stamps kmsg records itself; elsewhere, time since the agent started is
+    // what matters (the guest has no wall clock worth trusting this early).
+    let result = if kernel_stamps_time {
+        builder.without_time().finish().try_init()
+    } else {
+        builder
+            .with_timer(tracing_subscriber::fmt::time::uptime())
+            .finish()
+            .try_init()
+    };
+    result.map_err(|_| LoggingError::AlreadyInstalled)
+}
+
+enum Sink {
+    Kmsg(Kmsg),
+    Stream(StreamSink),
+    Stderr,
+}
+
+/// Hands tracing one writer per event.
+struct SinkWriter(Arc<Sink>);
+
+impl<'a> MakeWriter<'a> for SinkWriter {
+    type Writer = EventWriter<'a>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        EventWriter {
+            sink: &self.0,
+            level: Level::INFO,
+        }
+    }
+
+    fn make_writer_for(&'a self, meta: &Metadata<'_>) -> Self::Writer {
+        EventWriter {
+            sink: &self.0,
+            level: *meta.level(),
+        }
+    }
+}
+
+/// Receives one formatted event (tracing's fmt layer writes each event with a single
+/// `write_all`), and passes it on whole.
+struct EventWriter<'a> {
+    sink: &'a Sink,
+    level: Level,
+}
+
+impl Write for EventWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self.sink {
+            Sink::Kmsg(kmsg) => kmsg.write_record(self.level, buf),
+            Sink::Stream(stream) => stream.queue(self.level, buf),
+            Sink::Stderr => {
+                io::stderr().write_all(buf)?;
+            }
+        }
+        // A log line that cannot be written is dropped, never an error for the caller.
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `/dev/kmsg`, opened once.
+struct Kmsg(File);
+
+impl Kmsg {
+    fn open() -> Result<Kmsg, LoggingError> {
+        OpenOptions::new()
+            .write(true)
+            .open("/dev/kmsg")
+            .map(Kmsg)
+            .map_err(LoggingError::Kmsg)
+    }
+
+    /// One write is one kernel log record; `<N>` sets its priority.
+    fn write_record(&self, level: Level, line: &[u8]) {
+        let priority = match level {
+            Level::ERROR => 3,
+            Level::WARN => 4,
+            Level::INFO => 6,
+            Level::DEBUG | Level::TRACE => 7,
+        };
+        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        let line = &line[..line.len().min(KMSG_MAX)];
+        let mut record = Vec::with_capacity(line.len() + 16);
+        record.extend_from_slice(format!("<{priority}>crx-agent: ").as_bytes());
+        record.extend_from_slice(line);
+        record.push(b'\n');
+        let _ = (&self.0).write(&record);
+    }
+}
+
+/// The log connection to the host, fed through a bounded queue.
+struct StreamSink {
+    queue: SyncSender<Item>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl StreamSink {
+    fn connect(port: u32) -> Result<StreamSink, LoggingError> {
+        let stream = vsock::VsockStream::connect_with_cid_port(HOST_CID, port)
+            .map_err(|source| LoggingError::Connect { port, source })?;
+        // A host that stops reading must not wedge the writer thread forever either.
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+        let (queue, lines) = sync_channel::<Item>(STREAM_QUEUE);
+        let _ = STREAM_QUEUE_HANDLE.set(queue.clone());
+        let dropped = Arc::new(AtomicU64::new(0));
+        let dropped_in_thread = dropped.clone();
+        std::thread::Builder::new()
+            .name("log-writer".into())
+            .spawn(move || write_stream(stream, lines, port, dropped_in_thread))
+            .map_err(LoggingError::Thread)?;
+        Ok(StreamSink { queue, dropped })
+    }
+
+    fn queue(&self, level: Level, line: &[u8]) {
+        match self.queue.try_send(Item::Line(level, line.to_vec())) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// The writer thread: host connection while it works, /dev/kmsg after it breaks.
+fn write_stream(
+    mut stream: vsock::VsockStream,
+    items: std::sync::mpsc::Receiver<Item>,
+    port: u32,
+    dropped: Arc<AtomicU64>,
+) {
+    let mut fallback: Option<Kmsg> = None;
+    let mut reported_drops = 0;
+    for item in items {
+        let (level, line) = match item {
+            Item::Line(level, line) => (level, line),
+            Item::Flush(ack) => {
+                let _ = ack.try_send(());
+                continue;
+            }
+        };
+        let drops = dropped.load(Ordering::Relaxed);
+        let note = (drops != reported_drops).then(|| {
+            let n = drops - reported_drops;
+            reported_drops = drops;
+            format!("crx-agent: {n} log lines dropped (log queue full)\n").into_bytes()
+        });
+        if fallback.is_none() {
+            let sent = note
+                .as_deref()
+                .map_or(Ok(()), |n| stream.write_all(n))
+                .and_then(|()| stream.write_all(&line));
+            if let Err(e) = sent {
+                fallback = Kmsg::open().ok();
+                if let Some(kmsg) = &fallback {
+                    let msg = format!("log stream to host vsock port {port} broke ({e}); logging to /dev/kmsg from now on");
+                    kmsg.write_record(Level::WARN, msg.as_bytes());
+                }
+            } else {
+                continue;
+            }
+        }
+        if let Some(kmsg) = &fallback {
+            kmsg.write_record(level, &line);
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! The ttrpc services the agent serves, and the state they share.
+
+pub mod health;
+pub mod lifecycle;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crx_protocols::v1::{agent_ttrpc, health_ttrpc};
+use tokio::sync::watch;
+
+/// State shared by the services and the main loop.
+pub struct AgentState {
+    /// Set once a shutdown was requested; the main loop waits on it.
+    shutdown: watch::Sender<bool>,
+}
+
+impl AgentState {
+    /// A fresh agent: serving, no shutdown requested.
+    pub fn new() -> Arc<AgentState> {
+        Arc::new(AgentState {
+            shutdown: watch::channel(false).0,
+        })
+    }
+
+    /// Asks the main loop to shut down (idempotent).
+    pub fn request_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// Whether a shutdown was requested.
+    pub fn shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Resolves once a shutdown is requested.
+    pub async fn shutdown_requested(&self) {
+        let mut rx = self.shutdown.subscribe();
+        // Err means the sender is gone, which cannot happen while `self` lives.
+        let _ = rx.wait_for(|requested| *requested).await;
+    }
+}
+
+/// Every service, ready for `ttrpc::r#async::Server::register_service`.
+pub fn all(state: &Arc<AgentState>) -> HashMap<String, ttrpc::r#async::Service> {
+    let mut services =
+        health_ttrpc::create_health(Arc::new(health::HealthService::new(state.clone())));
+    services.extend(agent_ttrpc::create_agent(Arc::new(
+        lifecycle::LifecycleService::new(state.clone()),
+    )));
+    services
+}

@@ -1,0 +1,3 @@
+//! Architecture-specific guest setup. crx-vmm runs x86_64 guests only.
+
+pub mod x86_64;

@@ -1,0 +1,170 @@
+//! What kind of KVM this host has, and whether a stock Linux guest can run on it.
+//!
+//! PVM ("Pagetable-based Virtual Machine", module `kvm_pvm`) provides `/dev/kvm` inside
+//! cloud VMs without hardware nested virtualization. It runs PVM-aware guests, but a
+//! stock guest kernel is emulated and its user space cannot run at all (the first
+//! system call faults). crx-vmm detects it by the module's sysfs directory
+//! (`/sys/module/kvm_pvm`, present whether built in or loaded), and names hardware KVM
+//! by the CPU's `vmx`/`svm` flag.
+
+use std::path::Path;
+
+use crate::vstate::kvm::KvmHandle;
+
+/// The kind of KVM behind `/dev/kvm`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvmFlavor {
+    /// Hardware-assisted KVM (Intel VT-x or AMD-V).
+    Hardware,
+    /// PVM: software (shadow-paging) KVM that cannot run a stock guest's user space.
+    Pvm,
+    /// KVM works, but neither hardware virtualization nor PVM was recognized.
+    Unknown,
+}
+
+impl KvmFlavor {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvmFlavor::Hardware => "hardware",
+            KvmFlavor::Pvm => "pvm",
+            KvmFlavor::Unknown => "unknown",
+        }
+    }
+}
+
+/// The verdict on this host's KVM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostKvm {
+    /// `/dev/kvm` opened and has every capability crx-vmm needs.
+    pub kvm_usable: bool,
+    /// None when KVM is not usable at all.
+    pub flavor: Option<KvmFlavor>,
+    /// A stock Linux guest (crx's guest) can boot to user space here.
+    pub usable_for_linux: bool,
+    /// One line: why, in words a user can act on.
+    pub reason: String,
+}
+
+/// The one line printed when crx-vmm refuses to boot on PVM.
+pub const PVM_REASON: &str = "this host's KVM is PVM (kvm_pvm, pagetable-based virtual machine), which cannot run a stock Linux guest's user space (its first system call faults): run pods on the QEMU backend (hypervisor = \"qemu\" or \"auto\"), or pass --allow-pvm to boot anyway";
+
+/// Whether the running kernel provides KVM through PVM.
+pub fn is_pvm(sys_module: &Path) -> bool {
+    sys_module.join("kvm_pvm").exists()
+}
+
+/// Whether /proc/cpuinfo-style `cpuinfo` lists hardware virtualization.
+pub fn has_hardware_virtualization(cpuinfo: &str) -> bool {
+    cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .flat_map(|l| l.split_whitespace())
+        .any(|flag| flag == "vmx" || flag == "svm")
+}
+
+/// Classifies a KVM that opened fine.
+pub fn classify(sys_module: &Path, cpuinfo: &str) -> HostKvm {
+    if is_pvm(sys_module) {
+        return HostKvm {
+            kvm_usable: true,
+            flavor: Some(KvmFlavor::Pvm),
+            usable_for_linux: false,
+            reason: PVM_REASON.to_owned(),
+        };
+    }
+    let (flavor, reason) = if has_hardware_virtualization(cpuinfo) {
+        (KvmFlavor::Hardware, "hardware-assisted KVM".to_owned())
+    } else {
+        (
+            KvmFlavor::Unknown,
+            "KVM works but the CPU shows no vmx/svm flag and no PVM module; assuming it can run Linux".to_owned(),
+        )
+    };
+    HostKvm { kvm_usable: true, flavor: Some(flavor), usable_for_linux: true, reason }
+}
+
+/// Probes `kvm_device` (normally `/dev/kvm`) and the running kernel.
+pub fn probe_device(kvm_device: &Path) -> HostKvm {
+    if let Err(e) = KvmHandle::open(kvm_device) {
+        return HostKvm { kvm_usable: false, flavor: None, usable_for_linux: false, reason: e.to_string() };
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    classify(Path::new("/sys/module"), &cpuinfo)
+}
+
+/// Probes `/dev/kvm`.
+pub fn probe() -> HostKvm {
+    probe_device(Path::new("/dev/kvm"))
+}
+
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+impl HostKvm {
+    /// One-line JSON: `{"kvm_usable":..,"flavor":..,"usable_for_linux":..,"reason":..}`.
+    pub fn to_json(&self) -> String {
+        format!(
+            "{{\"kvm_usable\":{},\"flavor\":{},\"usable_for_linux\":{},\"reason\":{}}}",
+            self.kvm_usable,
+            self.flavor.map_or("null".to_owned(), |f| json_string(f.as_str())),
+            self.usable_for_linux,
+            json_string(&self.reason)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pvm_module_wins_over_cpu_flags() {
+        let dir = std::env::temp_dir().join(format!("crx-host-test-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("kvm_pvm")).unwrap();
+        let v = classify(&dir, "flags\t: fpu svm\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(v.flavor, Some(KvmFlavor::Pvm));
+        assert!(!v.usable_for_linux);
+        assert!(v.reason.contains("QEMU backend"));
+    }
+
+    #[test]
+    fn hardware_flags_are_recognized() {
+        let none = Path::new("/nonexistent-sys-module");
+        assert_eq!(classify(none, "flags\t\t: fpu vme svm lm\n").flavor, Some(KvmFlavor::Hardware));
+        assert_eq!(classify(none, "flags\t\t: fpu vmx\n").flavor, Some(KvmFlavor::Hardware));
+        let unknown = classify(none, "flags\t\t: fpu hypervisor\n");
+        assert_eq!(unknown.flavor, Some(KvmFlavor::Unknown));
+        assert!(unknown.usable_for_linux);
+    }
+
+    #[test]
+    fn json_is_one_escaped_line() {
+        let v = HostKvm { kvm_usable: false, flavor: None, usable_for_linux: false, reason: "a \"b\"\n".into() };
+        assert_eq!(
+            v.to_json(),
+            r#"{"kvm_usable":false,"flavor":null,"usable_for_linux":false,"reason":"a \"b\"\u000a"}"#
+        );
+    }
+
+    #[test]
+    fn this_host_is_pvm() {
+        // The development and CI machines run KVM through PVM (DESIGN.md); this test
+        // documents what crx-vmm sees there.
+        let v = probe();
+        assert!(v.kvm_usable, "{}", v.reason);
+        assert_eq!(v.flavor, Some(KvmFlavor::Pvm), "{}", v.reason);
+    }
+}

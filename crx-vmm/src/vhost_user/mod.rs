@@ -1,0 +1,6 @@
+//! crx's device back ends served over vhost-user, for QEMU (the `qemu` VM backend on
+//! hosts where crx-vmm cannot run guests). Same device code as in process.
+
+pub mod vsock;
+
+pub use vsock::{serve_vhost_user_vsock, VhostUserVsockBackend, VhostUserVsockError};

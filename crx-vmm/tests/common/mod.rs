@@ -1,0 +1,120 @@
+//! Tiny hand-assembled guests for crx-vmm's tests: no Linux, just enough machine code
+//! to drive the devices and exits under test.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+/// Where the PVH test kernel is loaded and entered.
+pub const PVH_ENTRY: u32 = 0x10_0000;
+
+/// What the PVH test guest does after it checked its boot info and said "ready".
+#[derive(Clone, Copy, Debug)]
+pub enum Tail {
+    /// Spins forever (for stop/kill tests).
+    Spin,
+    /// Announces a clean shutdown, then resets through the i8042.
+    CleanShutdown,
+    /// Resets through the i8042 without announcing it (looks like a panic).
+    Reset,
+    /// Raises #UD with an IDT too small for any handler: triple fault.
+    TripleFault,
+}
+
+/// 32-bit protected-mode code for the PVH entry. It checks that EBX points at an
+/// `hvm_start_info` (magic) whose command line starts with "rebo" (crx-vmm's
+/// `reboot=k`), writes 1 to the boot-marker port, then does `tail`. A failed check
+/// resets without the shutdown marker, which the tests see as exit code 10.
+pub fn pvh_code(tail: Tail) -> Vec<u8> {
+    let mut c = Vec::new();
+    c.extend_from_slice(&[0x81, 0x3b, 0x78, 0xc5, 0x6e, 0x33]); // cmp dword [ebx], 0x336ec578
+    let jne1 = c.len();
+    c.extend_from_slice(&[0x75, 0x00]); // jne bad
+    c.extend_from_slice(&[0x8b, 0x73, 0x18]); // mov esi, [ebx+24]  (cmdline_paddr)
+    c.extend_from_slice(&[0x81, 0x3e, b'r', b'e', b'b', b'o']); // cmp dword [esi], "rebo"
+    let jne2 = c.len();
+    c.extend_from_slice(&[0x75, 0x00]); // jne bad
+    c.extend_from_slice(&[0x66, 0xba, 0xf0, 0x03]); // mov dx, 0x3f0
+    c.extend_from_slice(&[0xb0, 0x01, 0xee]); // mov al, 1; out dx, al
+    match tail {
+        Tail::Spin => c.extend_from_slice(&[0xeb, 0xfe]),
+        Tail::CleanShutdown => {
+            c.extend_from_slice(&[0xb0, 0x02, 0xee]); // mov al, 2; out dx, al
+            c.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe]); // reset; jmp $
+        }
+        Tail::Reset => c.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe]),
+        Tail::TripleFault => c.extend_from_slice(&[0x0f, 0x0b, 0xeb, 0xfe]), // ud2: #UD, #DF, shutdown
+    }
+    let bad = c.len();
+    c.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe]);
+    c[jne1 + 1] = (bad - (jne1 + 2)) as u8;
+    c[jne2 + 1] = (bad - (jne2 + 2)) as u8;
+    c
+}
+
+/// A minimal ELF64 executable: one PT_LOAD with `code` at [`PVH_ENTRY`] and a PT_NOTE
+/// holding the Xen PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY), like a PVH vmlinux.
+pub fn pvh_elf(code: &[u8]) -> Vec<u8> {
+    const EHDR: usize = 64;
+    const PHDR: usize = 56;
+    let note_off = EHDR + 2 * PHDR;
+    let mut note = Vec::new();
+    note.extend_from_slice(&4u32.to_le_bytes()); // namesz
+    note.extend_from_slice(&4u32.to_le_bytes()); // descsz
+    note.extend_from_slice(&18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
+    note.extend_from_slice(b"Xen\0");
+    note.extend_from_slice(&PVH_ENTRY.to_le_bytes());
+    let code_off = 0x1000usize;
+
+    let mut f = Vec::new();
+    f.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    f.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    f.extend_from_slice(&0x3eu16.to_le_bytes()); // EM_X86_64
+    f.extend_from_slice(&1u32.to_le_bytes());
+    f.extend_from_slice(&u64::from(PVH_ENTRY).to_le_bytes()); // e_entry
+    f.extend_from_slice(&(EHDR as u64).to_le_bytes()); // e_phoff
+    f.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    f.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    f.extend_from_slice(&(EHDR as u16).to_le_bytes());
+    f.extend_from_slice(&(PHDR as u16).to_le_bytes());
+    f.extend_from_slice(&2u16.to_le_bytes()); // e_phnum
+    f.extend_from_slice(&[0; 6]); // no sections
+    let phdr = |f: &mut Vec<u8>, kind: u32, flags: u32, off: usize, addr: u64, size: usize, align: u64| {
+        f.extend_from_slice(&kind.to_le_bytes());
+        f.extend_from_slice(&flags.to_le_bytes());
+        f.extend_from_slice(&(off as u64).to_le_bytes());
+        f.extend_from_slice(&addr.to_le_bytes());
+        f.extend_from_slice(&addr.to_le_bytes());
+        f.extend_from_slice(&(size as u64).to_le_bytes());
+        f.extend_from_slice(&(size as u64).to_le_bytes());
+        f.extend_from_slice(&align.to_le_bytes());
+    };
+    phdr(&mut f, 1, 5, code_off, u64::from(PVH_ENTRY), code.len(), 0x1000); // PT_LOAD r-x
+    phdr(&mut f, 4, 4, note_off, 0, note.len(), 4); // PT_NOTE
+    f.extend_from_slice(&note);
+    f.resize(code_off, 0);
+    f.extend_from_slice(code);
+    f
+}
+
+/// A fresh directory for one test's files.
+pub fn test_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("crx-vmm-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create test dir");
+    dir
+}
+
+/// Writes the PVH test kernel for `tail` into `dir`.
+pub fn write_pvh_kernel(dir: &Path, tail: Tail) -> PathBuf {
+    let path = dir.join(format!("vmlinux-{tail:?}"));
+    std::fs::write(&path, pvh_elf(&pvh_code(tail))).expect("write test kernel");
+    path
+}
+
+/// Fails (never skips) when the host cannot run the guest tests.
+pub fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        panic!("these tests run tiny guests and need read/write access to /dev/kvm (run as root on a KVM host): {e}");
+    }
+}
