@@ -13,6 +13,7 @@
 #   CRX_SMOKE_COMPRESSION=1  also time gzip and lz4 initramfs against uncompressed
 #   CRX_SMOKE_VERBOSE=1      drop `quiet` and print every console line
 #   CRX_SMOKE_TIMEOUT=S      per-boot limit in seconds (default 120)
+#   CRX_SMOKE_MACHINE=OPTS   QEMU -M value (default: microvm with PIT+PIC, see below)
 set -euo pipefail
 exec </dev/null
 
@@ -138,6 +139,10 @@ echo crx-disk >"$work/disk/hello"
 mkfs.ext4 -q -F -d "$work/disk" "$work/disk.img" 16M >&2
 
 # ---- boot ----
+# Under TCG there is no kvm-clock, so the guest needs the PIT (through the legacy PIC)
+# to calibrate the TSC and the LAPIC timer; with pit=off it hangs after "tsc: Marking
+# TSC unstable". acpi=off makes microvm list the virtio-mmio devices on the command line.
+machine=${CRX_SMOKE_MACHINE:-microvm,x-option-roms=off,pit=on,pic=on,rtc=off,isa-serial=on,acpi=off}
 # $1 kernel, $2 initramfs, $3 vCPUs, $4 log file. Prints the ms from QEMU start to the
 # first line /init writes; fails if QEMU does not exit by itself (reboot -f) in time.
 boot() {
@@ -147,7 +152,7 @@ boot() {
     start=$EPOCHREALTIME
     set +e
     timeout --kill-after=5 "$boot_timeout" "$qemu" \
-        -M microvm,x-option-roms=off,pit=off,pic=off,rtc=off,isa-serial=on,acpi=off \
+        -M "$machine" \
         -accel tcg -cpu max -m 256 -smp "$smp" -nodefaults -no-user-config -display none \
         -serial stdio -no-reboot \
         -kernel "$kernel" -initrd "$initrd" -append "$cmdline" \

@@ -13,6 +13,9 @@ pub enum BootMarkerError {
     /// `ioperm(2)` refused access to the port.
     #[error("ioperm for port {PORT:#x} failed")]
     Ioperm(#[source] std::io::Error),
+    /// The guest kernel has no ioperm(2).
+    #[error("the guest kernel lacks ioperm(2): build it with CONFIG_X86_IOPL_IOPERM=y")]
+    NoIoperm,
     /// Port I/O does not exist on this architecture.
     #[cfg(not(target_arch = "x86_64"))]
     #[error("boot markers need x86 port I/O, which this architecture lacks")]
@@ -50,7 +53,11 @@ fn ioperm() -> Result<(), BootMarkerError> {
         )
     };
     if rc != 0 {
-        return Err(BootMarkerError::Ioperm(std::io::Error::last_os_error()));
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOSYS) {
+            return Err(BootMarkerError::NoIoperm);
+        }
+        return Err(BootMarkerError::Ioperm(e));
     }
     Ok(())
 }

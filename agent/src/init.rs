@@ -173,8 +173,9 @@ const CLEAN_ENV: &[(&str, &str)] = &[
 /// (it rewrites the environment).
 pub fn setup() -> InitReport {
     let mut report = InitReport::default();
-    // Before anything opens a file: a closed fd 0-2 would be handed to the next open()
-    // and stray writes to stderr would land in it.
+    // Files opened before /dev is mounted are closed again at once; right after it, a
+    // closed fd 0-2 is reopened (fix_stdio) before anything keeps a file open, or that
+    // file would become "stderr".
     let mut mounted_now = mounted_targets();
     for spec in MOUNTS {
         if mounted_now.iter().any(|t| t == spec.target) {

@@ -82,10 +82,15 @@ fn parse_level(text: &str) -> anyhow::Result<LevelFilter> {
 }
 
 fn main() -> ExitCode {
-    if std::process::id() == 1 {
-        guest_main()
+    let args = parse_args(std::env::args_os().skip(1));
+    // `--listen unix://` means host mode even as PID 1 (say, of a PID namespace on the
+    // host): no mounts, no port writes there.
+    let wants_host =
+        matches!(&args, Ok(a) if a.listen.as_deref().is_some_and(|l| l.starts_with("unix://")));
+    if std::process::id() == 1 && !wants_host {
+        guest_main(args)
     }
-    match host_main() {
+    match host_main(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Logging may not be up yet; stderr always is in host mode.
@@ -96,7 +101,7 @@ fn main() -> ExitCode {
 }
 
 /// PID 1 inside a VM.
-fn guest_main() -> ! {
+fn guest_main(args: anyhow::Result<Args>) -> ! {
     // First, while single-threaded: it rewrites the environment.
     let report = init::setup();
     let marker = BootMarker::claim();
@@ -135,7 +140,7 @@ fn guest_main() -> ! {
     };
     // The kernel passes command-line words it does not know to init as arguments; they
     // are not ours to reject.
-    let args = parse_args(std::env::args_os().skip(1)).unwrap_or_else(|e| {
+    let args = args.unwrap_or_else(|e| {
         tracing::warn!("ignoring init arguments: {e:#}");
         Args::default()
     });
@@ -210,8 +215,8 @@ fn install_panic_hook() {
 }
 
 /// Any other process: an ordinary service on the host.
-fn host_main() -> anyhow::Result<()> {
-    let args = parse_args(std::env::args_os().skip(1)).context(USAGE)?;
+fn host_main(args: anyhow::Result<Args>) -> anyhow::Result<()> {
+    let args = args.context(USAGE)?;
     if args.help {
         println!("{USAGE}");
         return Ok(());

@@ -262,6 +262,39 @@ mod tests {
         assert!(stderr.contains("--listen"), "{stderr}");
     }
 
+    /// As PID 1 of a PID namespace on the host, `--listen unix://` still means host
+    /// mode: no mounts over the host's, no port writes. (Own mount namespace too, so a
+    /// regression cannot touch this machine's /proc.)
+    #[test]
+    fn pid1_with_a_unix_listen_address_stays_in_host_mode() {
+        if Command::new("unshare").arg("--version").output().is_err() {
+            eprintln!("skipped: unshare(1) not installed");
+            return;
+        }
+        let mut agent = HostAgent::start();
+        agent.child().kill().unwrap();
+        agent.wait_exit(Duration::from_secs(10));
+        agent.child = Some(
+            Command::new("unshare")
+                .args(["--pid", "--fork", "--mount", "--kill-child"])
+                .arg(AGENT)
+                .arg("--listen")
+                .arg(format!("unix://{}", agent.socket.display()))
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        runtime().block_on(async {
+            let ready = ready(&agent.addr()).await;
+            ready.clients.agent.shutdown(secs(5), &ShutdownRequest::new()).await.unwrap();
+        });
+        let status = agent.wait_exit(Duration::from_secs(10));
+        let mut stderr = String::new();
+        agent.child().stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+        assert!(status.success(), "{status}: {stderr}");
+        assert!(stderr.contains("serving (host mode)"), "{stderr}");
+    }
+
     /// The full host path of a VM: hybrid-vsock handshake in front of the agent. The
     /// stand-in VMM answers CONNECT for port 1024 by splicing to the host-mode agent.
     #[test]

@@ -11,7 +11,9 @@ use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{BzImage, Elf, KernelLoader, PvhBootCapability};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, ReadVolatile};
 
-use crate::arch::x86_64::layout::{self, CMDLINE_ADDR, EBDA_START, HIMEM_START, PVH_INFO_ADDR, ZERO_PAGE_ADDR};
+use crate::arch::x86_64::layout::{
+    self, CMDLINE_ADDR, EBDA_START, HIMEM_START, PVH_INFO_ADDR, ZERO_PAGE_ADDR,
+};
 use crate::arch::x86_64::mptable::{self, MpTableError};
 use crate::arch::x86_64::pvh;
 use crate::arch::x86_64::regs::BootEntry;
@@ -46,7 +48,12 @@ pub enum BootError {
         source: std::io::Error,
     },
     #[error("initramfs {} ({size} bytes) does not fit between the kernel (ending at {kernel_end:#x}) and the end of low RAM at {ram_end:#x}: raise --memory-mib or shrink the initramfs", .path.display())]
-    InitramfsTooBig { path: PathBuf, size: u64, kernel_end: u64, ram_end: u64 },
+    InitramfsTooBig {
+        path: PathBuf,
+        size: u64,
+        kernel_end: u64,
+        ram_end: u64,
+    },
     #[error("cannot copy initramfs {} into guest memory", .path.display())]
     ReadInitramfs {
         path: PathBuf,
@@ -75,7 +82,12 @@ pub struct BootParams<'a> {
 
 /// Where the initramfs goes: page-aligned, as high as low RAM (and the kernel's
 /// `initrd_addr_max`) allows, above the kernel.
-pub fn place_initramfs(size: u64, kernel_end: u64, ram_end: u64, addr_max: Option<u64>) -> Option<u64> {
+pub fn place_initramfs(
+    size: u64,
+    kernel_end: u64,
+    ram_end: u64,
+    addr_max: Option<u64>,
+) -> Option<u64> {
     let limit = addr_max.map_or(ram_end, |max| ram_end.min(max.saturating_add(1)));
     let addr = limit.checked_sub(size)? & !(PAGE_SIZE - 1);
     let kernel_end = kernel_end.checked_add(PAGE_SIZE - 1)? & !(PAGE_SIZE - 1);
@@ -84,46 +96,76 @@ pub fn place_initramfs(size: u64, kernel_end: u64, ram_end: u64, addr_max: Optio
 
 /// Loads everything and returns the boot vCPU's entry.
 pub fn load(mem: &GuestMemoryMmap, p: &BootParams<'_>) -> Result<BootEntry, BootError> {
-    let mut kernel = File::open(p.kernel).map_err(|source| BootError::OpenKernel { path: p.kernel.to_owned(), source })?;
-    let load_err = |source| BootError::LoadKernel { path: p.kernel.to_owned(), source };
+    let mut kernel = File::open(p.kernel).map_err(|source| BootError::OpenKernel {
+        path: p.kernel.to_owned(),
+        source,
+    })?;
+    let load_err = |source| BootError::LoadKernel {
+        path: p.kernel.to_owned(),
+        source,
+    };
     let (result, setup) = match p.format {
         KernelFormat::Elf => {
-            let r = Elf::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
+            let r = Elf::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START)))
+                .map_err(load_err)?;
             (r, None)
         }
         KernelFormat::BzImage => {
-            let r = BzImage::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
+            let r = BzImage::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START)))
+                .map_err(load_err)?;
             (r, r.setup_header)
         }
     };
 
     let ram_end = layout::low_ram_end(p.memory_mib);
     let initramfs = match p.initramfs {
-        Some(path) => Some(load_initramfs(mem, path, result.kernel_end, ram_end, setup.as_ref())?),
+        Some(path) => Some(load_initramfs(
+            mem,
+            path,
+            result.kernel_end,
+            ram_end,
+            setup.as_ref(),
+        )?),
         None => None,
     };
 
-    linux_loader::loader::load_cmdline(mem, GuestAddress(CMDLINE_ADDR), p.cmdline).map_err(BootError::Cmdline)?;
+    linux_loader::loader::load_cmdline(mem, GuestAddress(CMDLINE_ADDR), p.cmdline)
+        .map_err(BootError::Cmdline)?;
     let mp = mptable::build(EBDA_START, p.vcpus).map_err(BootError::MpTable)?;
-    mem.write_slice(&mp, GuestAddress(EBDA_START)).map_err(BootError::Write)?;
+    mem.write_slice(&mp, GuestAddress(EBDA_START))
+        .map_err(BootError::Write)?;
     let memory_map = layout::memory_map(p.memory_mib);
 
     match (p.format, result.pvh_boot_cap, setup) {
         (KernelFormat::Elf, PvhBootCapability::PvhEntryPresent(entry), _) => {
             let module = initramfs.map(|(addr, size)| pvh::Module { addr, size });
             let info = pvh::build(PVH_INFO_ADDR, CMDLINE_ADDR, module, &memory_map);
-            mem.write_slice(&info, GuestAddress(PVH_INFO_ADDR)).map_err(BootError::Write)?;
-            Ok(BootEntry::Pvh { entry: entry.0, start_info: PVH_INFO_ADDR })
+            mem.write_slice(&info, GuestAddress(PVH_INFO_ADDR))
+                .map_err(BootError::Write)?;
+            Ok(BootEntry::Pvh {
+                entry: entry.0,
+                start_info: PVH_INFO_ADDR,
+            })
         }
         (KernelFormat::Elf, _, _) => Err(BootError::NoPvhEntry(p.kernel.to_owned())),
         (KernelFormat::BzImage, _, hdr) => {
-            let cmdline_len = p.cmdline.as_cstring().map(|c| c.as_bytes().len()).unwrap_or(0);
+            let cmdline_len = p
+                .cmdline
+                .as_cstring()
+                .map(|c| c.as_bytes().len())
+                .unwrap_or(0);
             let bp = zero_page::build(
                 hdr.unwrap_or_default(),
-                &ZeroPageParams { cmdline_addr: CMDLINE_ADDR, cmdline_len, initramfs, memory_map: &memory_map },
+                &ZeroPageParams {
+                    cmdline_addr: CMDLINE_ADDR,
+                    cmdline_len,
+                    initramfs,
+                    memory_map: &memory_map,
+                },
             )
             .map_err(BootError::ZeroPage)?;
-            mem.write_obj(bp, GuestAddress(ZERO_PAGE_ADDR)).map_err(BootError::Write)?;
+            mem.write_obj(bp, GuestAddress(ZERO_PAGE_ADDR))
+                .map_err(BootError::Write)?;
             Ok(BootEntry::Linux64 {
                 entry: result.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
                 zero_page: ZERO_PAGE_ADDR,
@@ -139,20 +181,34 @@ fn load_initramfs(
     ram_end: u64,
     setup: Option<&setup_header>,
 ) -> Result<(u64, u64), BootError> {
-    let mut file = File::open(path).map_err(|source| BootError::OpenInitramfs { path: path.to_owned(), source })?;
+    let mut file = File::open(path).map_err(|source| BootError::OpenInitramfs {
+        path: path.to_owned(),
+        source,
+    })?;
     let size = file
         .metadata()
-        .map_err(|source| BootError::OpenInitramfs { path: path.to_owned(), source })?
+        .map_err(|source| BootError::OpenInitramfs {
+            path: path.to_owned(),
+            source,
+        })?
         .len();
-    let addr_max = setup.map(|h| u64::from(h.initrd_addr_max)).filter(|m| *m != 0);
-    let addr = place_initramfs(size, kernel_end, ram_end, addr_max).ok_or_else(|| BootError::InitramfsTooBig {
-        path: path.to_owned(),
-        size,
-        kernel_end,
-        ram_end,
+    let addr_max = setup
+        .map(|h| u64::from(h.initrd_addr_max))
+        .filter(|m| *m != 0);
+    let addr = place_initramfs(size, kernel_end, ram_end, addr_max).ok_or_else(|| {
+        BootError::InitramfsTooBig {
+            path: path.to_owned(),
+            size,
+            kernel_end,
+            ram_end,
+        }
     })?;
-    read_into(mem, GuestAddress(addr), &mut file, size as usize)
-        .map_err(|source| BootError::ReadInitramfs { path: path.to_owned(), source })?;
+    read_into(mem, GuestAddress(addr), &mut file, size as usize).map_err(|source| {
+        BootError::ReadInitramfs {
+            path: path.to_owned(),
+            source,
+        }
+    })?;
     Ok((addr, size))
 }
 
@@ -172,10 +228,27 @@ mod tests {
     #[test]
     fn initramfs_goes_high_page_aligned_and_above_the_kernel() {
         let mib = 1u64 << 20;
-        assert_eq!(place_initramfs(0x1234, 0x200_0000, 128 * mib, None), Some(128 * mib - 0x2000));
-        assert_eq!(place_initramfs(mib, 0x200_0000, 4096 * mib, Some(0x7fff_ffff)), Some(0x8000_0000 - mib));
-        assert_eq!(place_initramfs(100 * mib, 0x200_0000, 128 * mib, None), Some(28 * mib));
-        assert_eq!(place_initramfs(127 * mib, 0x200_0000, 128 * mib, None), None);
+        assert_eq!(
+            place_initramfs(0x1234, 0x200_0000, 128 * mib, None),
+            Some(128 * mib - 0x2000)
+        );
+        assert_eq!(
+            place_initramfs(mib, 0x200_0000, 4096 * mib, Some(0x7fff_ffff)),
+            Some(0x8000_0000 - mib)
+        );
+        assert_eq!(
+            place_initramfs(90 * mib, 0x200_0000, 128 * mib, None),
+            Some(38 * mib)
+        );
+        assert_eq!(
+            place_initramfs(100 * mib, 0x200_0000, 128 * mib, None),
+            None,
+            "would overlap the kernel"
+        );
+        assert_eq!(
+            place_initramfs(127 * mib, 0x200_0000, 128 * mib, None),
+            None
+        );
         assert_eq!(place_initramfs(u64::MAX, 0, 128 * mib, None), None);
     }
 }

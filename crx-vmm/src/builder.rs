@@ -9,7 +9,7 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -61,7 +61,10 @@ pub enum BuildError {
     Cmdline(#[source] linux_loader::cmdline::Error),
     #[error("cannot place a device on the bus")]
     Bus(#[source] BusError),
-    #[error("no virtio-mmio slot left (at most {} devices)", layout::VIRTIO_MMIO_SLOTS)]
+    #[error(
+        "no virtio-mmio slot left (at most {} devices)",
+        layout::VIRTIO_MMIO_SLOTS
+    )]
     NoVirtioSlot,
     #[error("cannot create a device's eventfd or transport")]
     DeviceSetup(#[source] std::io::Error),
@@ -91,10 +94,15 @@ impl BuildError {
     /// The process exit code this failure maps to (see [`crate::exit`]).
     pub fn exit_code(&self) -> i32 {
         match self {
-            BuildError::Config(_) | BuildError::Boot(_) | BuildError::Cmdline(_) => exit::EXIT_BAD_INPUT,
-            BuildError::Vsock(VsockError::PathExists(_) | VsockError::NoDirectory(_) | VsockError::PathTooLong(_) | VsockError::InvalidCid(_)) => {
+            BuildError::Config(_) | BuildError::Boot(_) | BuildError::Cmdline(_) => {
                 exit::EXIT_BAD_INPUT
             }
+            BuildError::Vsock(
+                VsockError::PathExists(_)
+                | VsockError::NoDirectory(_)
+                | VsockError::PathTooLong(_)
+                | VsockError::InvalidCid(_),
+            ) => exit::EXIT_BAD_INPUT,
             BuildError::SerialFile { .. } => exit::EXIT_BAD_INPUT,
             _ => exit::EXIT_VMM_ERROR,
         }
@@ -146,7 +154,8 @@ impl Vmm {
         .map_err(BuildError::Bus)?;
         if let Some(out) = serial_out {
             let irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::DeviceSetup)?;
-            vm.register_irqfd(&irq, layout::SERIAL_IRQ).map_err(BuildError::Vm)?;
+            vm.register_irqfd(&irq, layout::SERIAL_IRQ)
+                .map_err(BuildError::Vm)?;
             pio.insert(
                 Arc::new(Mutex::new(Serial::new(irq, out))),
                 u64::from(layout::SERIAL_PORT),
@@ -209,18 +218,26 @@ impl Vmm {
 
     /// Puts `device` behind a virtio-mmio transport in the next slot: irqfd on the
     /// slot's IRQ, one ioeventfd per queue on QueueNotify. Returns the slot.
-    pub fn attach_virtio(&mut self, device: Arc<Mutex<dyn VirtioDevice>>) -> Result<(GuestAddress, u32), BuildError> {
+    pub fn attach_virtio(
+        &mut self,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+    ) -> Result<(GuestAddress, u32), BuildError> {
         let (base, irq) = self.next_virtio_slot().ok_or(BuildError::NoVirtioSlot)?;
         let irqfd = EventFd::new(EFD_NONBLOCK).map_err(BuildError::DeviceSetup)?;
-        self.vm.register_irqfd(&irqfd, irq).map_err(BuildError::Vm)?;
+        self.vm
+            .register_irqfd(&irqfd, irq)
+            .map_err(BuildError::Vm)?;
         let transport_irqfd = irqfd.try_clone().map_err(BuildError::DeviceSetup)?;
-        let transport = MmioTransport::new(self.mem.clone(), device, transport_irqfd).map_err(BuildError::DeviceSetup)?;
+        let transport = MmioTransport::new(self.mem.clone(), device, transport_irqfd)
+            .map_err(BuildError::DeviceSetup)?;
         for (queue, evt) in transport.queue_events().iter().enumerate() {
             self.vm
                 .register_mmio_ioevent(evt, base.0 + QUEUE_NOTIFY_OFFSET, queue as u32)
                 .map_err(BuildError::Vm)?;
         }
-        self.mmio.insert(Arc::new(Mutex::new(transport)), base.0, MMIO_SLOT_SIZE).map_err(BuildError::Bus)?;
+        self.mmio
+            .insert(Arc::new(Mutex::new(transport)), base.0, MMIO_SLOT_SIZE)
+            .map_err(BuildError::Bus)?;
         self.virtio_slots_used += 1;
         Ok((base, irq))
     }
@@ -304,10 +321,7 @@ impl RunningVm {
 
     /// Like [`wait`](Self::wait), giving up after `timeout`.
     pub fn wait_timeout(&self, timeout: Duration) -> Option<VmEnd> {
-        match self.events_rx.recv_timeout(timeout) {
-            Ok(end) => Some(end),
-            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
-        }
+        self.events_rx.recv_timeout(timeout).ok()
     }
 
     pub fn boot_marker(&self) -> &BootMarkerState {
@@ -352,7 +366,10 @@ fn serial_output(mode: &SerialMode) -> Result<Option<Box<dyn Write + Send>>, Bui
                 .create(true)
                 .append(true)
                 .open(path)
-                .map_err(|source| BuildError::SerialFile { path: path.clone(), source })?,
+                .map_err(|source| BuildError::SerialFile {
+                    path: path.clone(),
+                    source,
+                })?,
         )),
     })
 }
@@ -377,13 +394,19 @@ pub fn kernel_cmdline(
     virtio_slots: &[(GuestAddress, u32)],
 ) -> Result<Cmdline, BuildError> {
     let mut cmdline = Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(BuildError::Cmdline)?;
-    cmdline.insert_str(BASE_CMDLINE).map_err(BuildError::Cmdline)?;
+    cmdline
+        .insert_str(BASE_CMDLINE)
+        .map_err(BuildError::Cmdline)?;
     if serial {
-        cmdline.insert_str("console=ttyS0").map_err(BuildError::Cmdline)?;
+        cmdline
+            .insert_str("console=ttyS0")
+            .map_err(BuildError::Cmdline)?;
     }
     let (kernel_args, init_args) = split_init_args(extra);
     if !kernel_args.is_empty() {
-        cmdline.insert_str(kernel_args).map_err(BuildError::Cmdline)?;
+        cmdline
+            .insert_str(kernel_args)
+            .map_err(BuildError::Cmdline)?;
     }
     for (base, irq) in virtio_slots {
         cmdline
@@ -391,7 +414,9 @@ pub fn kernel_cmdline(
             .map_err(BuildError::Cmdline)?;
     }
     if let Some(init) = init_args.filter(|s| !s.is_empty()) {
-        cmdline.insert_init_args(init).map_err(BuildError::Cmdline)?;
+        cmdline
+            .insert_init_args(init)
+            .map_err(BuildError::Cmdline)?;
     }
     Ok(cmdline)
 }
@@ -406,10 +431,23 @@ pub fn build(
     cleaner: Option<&Cleaner>,
 ) -> Result<Vmm, BuildError> {
     let vcpus = check_vcpus(config.vcpus, kvm.max_vcpus()).map_err(BuildError::Config)?;
-    let mut vmm = Vmm::new(kvm, config.memory_mib, vcpus, serial_output(&config.serial)?)?;
+    let mut vmm = Vmm::new(
+        kvm,
+        config.memory_mib,
+        vcpus,
+        serial_output(&config.serial)?,
+    )?;
 
-    let virtio_slots: Vec<_> = config.vsock.iter().filter_map(|_| vmm.next_virtio_slot()).collect();
-    let cmdline = kernel_cmdline(config.serial != SerialMode::Off, &config.cmdline_extra, &virtio_slots)?;
+    let virtio_slots: Vec<_> = config
+        .vsock
+        .iter()
+        .filter_map(|_| vmm.next_virtio_slot())
+        .collect();
+    let cmdline = kernel_cmdline(
+        config.serial != SerialMode::Off,
+        &config.cmdline_extra,
+        &virtio_slots,
+    )?;
     let entry = boot::load(
         &vmm.mem,
         &BootParams {
@@ -433,9 +471,13 @@ pub fn build(
         if let Some(cleaner) = cleaner {
             cleaner
                 .register(&vsock.uds_path)
-                .map_err(|source| BuildError::Cleaner { path: vsock.uds_path.clone(), source })?;
+                .map_err(|source| BuildError::Cleaner {
+                    path: vsock.uds_path.clone(),
+                    source,
+                })?;
         }
-        let device = Vsock::new(vsock.guest_cid, vsock.uds_path.clone()).map_err(BuildError::Vsock)?;
+        let device =
+            Vsock::new(vsock.guest_cid, vsock.uds_path.clone()).map_err(BuildError::Vsock)?;
         vmm.own_path(vsock.uds_path.clone());
         vmm.attach_virtio(Arc::new(Mutex::new(device)))?;
     }
@@ -452,7 +494,10 @@ mod tests {
 
     #[test]
     fn cmdline_has_our_args_console_devices_then_init_args() {
-        let slots = [layout::virtio_slot(0).unwrap(), layout::virtio_slot(1).unwrap()];
+        let slots = [
+            layout::virtio_slot(0).unwrap(),
+            layout::virtio_slot(1).unwrap(),
+        ];
         let c = kernel_cmdline(true, "quiet -- --agent-debug", &slots).unwrap();
         assert_eq!(
             text(&c),

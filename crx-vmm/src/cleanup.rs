@@ -73,11 +73,22 @@ unsafe fn child_main(read_fd: libc::c_int) -> ! {
         libc::prctl(libc::PR_SET_NAME, c"crx-vmm-cleanup".as_ptr());
         // Signals meant for crx-vmm (Ctrl-C reaches the whole process group) must not
         // take the cleaner down before it did its job.
-        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGPIPE, libc::SIGQUIT] {
+        for sig in [
+            libc::SIGINT,
+            libc::SIGTERM,
+            libc::SIGHUP,
+            libc::SIGPIPE,
+            libc::SIGQUIT,
+        ] {
             libc::signal(sig, libc::SIG_IGN);
         }
         // Hold nothing of the parent's open: no stdio pipe stays open because of us.
-        libc::syscall(libc::SYS_close_range, 0u32, (read_fd - 1).max(0) as u32, 0u32);
+        libc::syscall(
+            libc::SYS_close_range,
+            0u32,
+            (read_fd - 1).max(0) as u32,
+            0u32,
+        );
         libc::syscall(libc::SYS_close_range, (read_fd + 1) as u32, u32::MAX, 0u32);
     }
     // SAFETY: `read_fd` is the open read end of the pipe, owned by this process alone.

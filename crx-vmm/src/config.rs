@@ -30,7 +30,9 @@ impl FromStr for SerialMode {
             "log" => Ok(SerialMode::Log),
             _ => match s.strip_prefix("file:") {
                 Some(path) if !path.is_empty() => Ok(SerialMode::File(PathBuf::from(path))),
-                _ => Err(format!("`{s}` is not a serial mode: use off, log or file:PATH")),
+                _ => Err(format!(
+                    "`{s}` is not a serial mode: use off, log or file:PATH"
+                )),
             },
         }
     }
@@ -90,7 +92,11 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     #[error("initramfs {} ({size_mib} MiB) does not fit in {memory_mib} MiB of guest memory with the kernel: raise --memory-mib or shrink the initramfs", .path.display())]
-    InitramfsTooBig { path: PathBuf, size_mib: u64, memory_mib: u64 },
+    InitramfsTooBig {
+        path: PathBuf,
+        size_mib: u64,
+        memory_mib: u64,
+    },
     #[error("--memory-mib {0} is too small: crx-vmm needs at least {MIN_MEMORY_MIB} MiB")]
     MemoryTooSmall(u64),
     #[error("--memory-mib {requested} is more than this host's {host} MiB of RAM: ask for less")]
@@ -117,7 +123,10 @@ pub enum ConfigError {
 pub fn sniff_kernel(path: &Path) -> Result<KernelFormat, ConfigError> {
     let unreadable = |source: std::io::Error| match source.kind() {
         ErrorKind::NotFound => ConfigError::KernelMissing(path.to_owned()),
-        _ => ConfigError::KernelUnreadable { path: path.to_owned(), source },
+        _ => ConfigError::KernelUnreadable {
+            path: path.to_owned(),
+            source,
+        },
     };
     let mut file = File::open(path).map_err(unreadable)?;
     if !file.metadata().map_err(unreadable)?.is_file() {
@@ -159,7 +168,10 @@ impl VmConfig {
         }
         if let Some(host) = host_ram_mib {
             if self.memory_mib > host {
-                return Err(ConfigError::MemoryAboveHost { requested: self.memory_mib, host });
+                return Err(ConfigError::MemoryAboveHost {
+                    requested: self.memory_mib,
+                    host,
+                });
             }
         }
         check_vcpus(self.vcpus, usize::MAX)?;
@@ -169,10 +181,14 @@ impl VmConfig {
                 .and_then(|f| f.metadata())
                 .map_err(|source| match source.kind() {
                     ErrorKind::NotFound => ConfigError::InitramfsMissing(initramfs.clone()),
-                    _ => ConfigError::InitramfsUnreadable { path: initramfs.clone(), source },
+                    _ => ConfigError::InitramfsUnreadable {
+                        path: initramfs.clone(),
+                        source,
+                    },
                 })?;
             let size_mib = meta.len().div_ceil(1 << 20);
-            let room_mib = (layout::low_ram_end(self.memory_mib) >> 20).saturating_sub(KERNEL_RESERVE_MIB);
+            let room_mib =
+                (layout::low_ram_end(self.memory_mib) >> 20).saturating_sub(KERNEL_RESERVE_MIB);
             if size_mib > room_mib {
                 return Err(ConfigError::InitramfsTooBig {
                     path: initramfs.clone(),
@@ -271,9 +287,18 @@ mod tests {
         std::fs::write(&junk, b"hello").unwrap();
         assert_eq!(sniff_kernel(&elf).unwrap(), KernelFormat::Elf);
         assert_eq!(sniff_kernel(&bzimage).unwrap(), KernelFormat::BzImage);
-        assert!(matches!(sniff_kernel(&junk), Err(ConfigError::KernelFormat(_))));
-        assert!(matches!(sniff_kernel(&dir), Err(ConfigError::KernelFormat(_))));
-        assert!(matches!(sniff_kernel(&dir.join("none")), Err(ConfigError::KernelMissing(_))));
+        assert!(matches!(
+            sniff_kernel(&junk),
+            Err(ConfigError::KernelFormat(_))
+        ));
+        assert!(matches!(
+            sniff_kernel(&dir),
+            Err(ConfigError::KernelFormat(_))
+        ));
+        assert!(matches!(
+            sniff_kernel(&dir.join("none")),
+            Err(ConfigError::KernelMissing(_))
+        ));
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -284,34 +309,67 @@ mod tests {
         std::fs::write(&kernel, b"\x7fELF").unwrap();
         let mut c = config(kernel);
         c.memory_mib = 63;
-        assert!(matches!(c.validate(Some(1024)), Err(ConfigError::MemoryTooSmall(63))));
+        assert!(matches!(
+            c.validate(Some(1024)),
+            Err(ConfigError::MemoryTooSmall(63))
+        ));
         c.memory_mib = 2048;
-        assert!(matches!(c.validate(Some(1024)), Err(ConfigError::MemoryAboveHost { .. })));
+        assert!(matches!(
+            c.validate(Some(1024)),
+            Err(ConfigError::MemoryAboveHost { .. })
+        ));
         c.memory_mib = 64;
         c.vcpus = 0;
         assert!(matches!(c.validate(Some(1024)), Err(ConfigError::NoVcpus)));
         c.vcpus = 1;
         let big = dir.join("initrd");
-        std::fs::File::create(&big).unwrap().set_len(40 << 20).unwrap();
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(40 << 20)
+            .unwrap();
         c.initramfs = Some(big);
         let err = c.validate(Some(1024)).unwrap_err();
         assert!(err.to_string().contains("raise --memory-mib"), "{err}");
         c.memory_mib = 128;
         assert_eq!(c.validate(Some(1024)).unwrap(), KernelFormat::Elf);
 
-        c.vsock = Some(VsockConfig { guest_cid: 2, uds_path: dir.join("v.sock") });
+        c.vsock = Some(VsockConfig {
+            guest_cid: 2,
+            uds_path: dir.join("v.sock"),
+        });
         assert!(matches!(c.validate(None), Err(ConfigError::VsockCid(2))));
-        c.vsock = Some(VsockConfig { guest_cid: 3, uds_path: dir.join("vmlinux") });
-        assert!(matches!(c.validate(None), Err(ConfigError::VsockPathExists(_))));
-        c.vsock = Some(VsockConfig { guest_cid: 3, uds_path: dir.join("nodir/v.sock") });
-        assert!(matches!(c.validate(None), Err(ConfigError::VsockNoDirectory(_))));
-        c.vsock = Some(VsockConfig { guest_cid: 3, uds_path: dir.join("v.sock") });
+        c.vsock = Some(VsockConfig {
+            guest_cid: 3,
+            uds_path: dir.join("vmlinux"),
+        });
+        assert!(matches!(
+            c.validate(None),
+            Err(ConfigError::VsockPathExists(_))
+        ));
+        c.vsock = Some(VsockConfig {
+            guest_cid: 3,
+            uds_path: dir.join("nodir/v.sock"),
+        });
+        assert!(matches!(
+            c.validate(None),
+            Err(ConfigError::VsockNoDirectory(_))
+        ));
+        c.vsock = Some(VsockConfig {
+            guest_cid: 3,
+            uds_path: dir.join("v.sock"),
+        });
         assert!(c.validate(None).is_ok());
 
         assert!(matches!(check_vcpus(0, 288), Err(ConfigError::NoVcpus)));
         assert_eq!(check_vcpus(254, 288).unwrap(), 254);
-        assert!(matches!(check_vcpus(255, 288), Err(ConfigError::TooManyVcpus { max: 254, .. })));
-        assert!(matches!(check_vcpus(9, 8), Err(ConfigError::TooManyVcpus { max: 8, .. })));
+        assert!(matches!(
+            check_vcpus(255, 288),
+            Err(ConfigError::TooManyVcpus { max: 254, .. })
+        ));
+        assert!(matches!(
+            check_vcpus(9, 8),
+            Err(ConfigError::TooManyVcpus { max: 8, .. })
+        ));
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -64,7 +64,10 @@ const SEE_CONSOLE: &str = "run with --serial log to see the guest console";
 pub fn outcome(end: &VmEnd, clean_shutdown: bool) -> Outcome {
     let guest_reset = |how: &str| {
         if clean_shutdown {
-            Outcome { code: EXIT_OK, message: format!("guest shut down cleanly ({how})") }
+            Outcome {
+                code: EXIT_OK,
+                message: format!("guest shut down cleanly ({how})"),
+            }
         } else {
             Outcome {
                 code: EXIT_GUEST_RESET,
@@ -136,13 +139,28 @@ mod tests {
 
     #[test]
     fn triple_fault_and_kvm_failures_are_distinct_non_zero_codes() {
-        assert_eq!(outcome(&VmEnd::Shutdown { vcpu: 0 }, false).code, EXIT_TRIPLE_FAULT);
+        assert_eq!(
+            outcome(&VmEnd::Shutdown { vcpu: 0 }, false).code,
+            EXIT_TRIPLE_FAULT
+        );
         assert_eq!(outcome(&VmEnd::Shutdown { vcpu: 0 }, true).code, EXIT_OK);
-        let o = outcome(&VmEnd::InternalError { vcpu: 1, suberror: 1 }, true);
+        let o = outcome(
+            &VmEnd::InternalError {
+                vcpu: 1,
+                suberror: 1,
+            },
+            true,
+        );
         assert_eq!(o.code, EXIT_KVM_FAILURE);
         assert!(o.message.contains("emulation failure"));
-        assert_eq!(outcome(&VmEnd::FailEntry { vcpu: 0, reason: 7 }, false).code, EXIT_KVM_FAILURE);
+        assert_eq!(
+            outcome(&VmEnd::FailEntry { vcpu: 0, reason: 7 }, false).code,
+            EXIT_KVM_FAILURE
+        );
         assert_eq!(outcome(&VmEnd::HostSignal(15), false).code, EXIT_OK);
-        assert_eq!(outcome(&VmEnd::SystemEvent { vcpu: 0, kind: 2 }, false).code, EXIT_GUEST_RESET);
+        assert_eq!(
+            outcome(&VmEnd::SystemEvent { vcpu: 0, kind: 2 }, false).code,
+            EXIT_GUEST_RESET
+        );
     }
 }

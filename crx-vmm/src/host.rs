@@ -80,13 +80,23 @@ pub fn classify(sys_module: &Path, cpuinfo: &str) -> HostKvm {
             "KVM works but the CPU shows no vmx/svm flag and no PVM module; assuming it can run Linux".to_owned(),
         )
     };
-    HostKvm { kvm_usable: true, flavor: Some(flavor), usable_for_linux: true, reason }
+    HostKvm {
+        kvm_usable: true,
+        flavor: Some(flavor),
+        usable_for_linux: true,
+        reason,
+    }
 }
 
 /// Probes `kvm_device` (normally `/dev/kvm`) and the running kernel.
 pub fn probe_device(kvm_device: &Path) -> HostKvm {
     if let Err(e) = KvmHandle::open(kvm_device) {
-        return HostKvm { kvm_usable: false, flavor: None, usable_for_linux: false, reason: e.to_string() };
+        return HostKvm {
+            kvm_usable: false,
+            flavor: None,
+            usable_for_linux: false,
+            reason: e.to_string(),
+        };
     }
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     classify(Path::new("/sys/module"), &cpuinfo)
@@ -118,7 +128,8 @@ impl HostKvm {
         format!(
             "{{\"kvm_usable\":{},\"flavor\":{},\"usable_for_linux\":{},\"reason\":{}}}",
             self.kvm_usable,
-            self.flavor.map_or("null".to_owned(), |f| json_string(f.as_str())),
+            self.flavor
+                .map_or("null".to_owned(), |f| json_string(f.as_str())),
             self.usable_for_linux,
             json_string(&self.reason)
         )
@@ -143,8 +154,14 @@ mod tests {
     #[test]
     fn hardware_flags_are_recognized() {
         let none = Path::new("/nonexistent-sys-module");
-        assert_eq!(classify(none, "flags\t\t: fpu vme svm lm\n").flavor, Some(KvmFlavor::Hardware));
-        assert_eq!(classify(none, "flags\t\t: fpu vmx\n").flavor, Some(KvmFlavor::Hardware));
+        assert_eq!(
+            classify(none, "flags\t\t: fpu vme svm lm\n").flavor,
+            Some(KvmFlavor::Hardware)
+        );
+        assert_eq!(
+            classify(none, "flags\t\t: fpu vmx\n").flavor,
+            Some(KvmFlavor::Hardware)
+        );
         let unknown = classify(none, "flags\t\t: fpu hypervisor\n");
         assert_eq!(unknown.flavor, Some(KvmFlavor::Unknown));
         assert!(unknown.usable_for_linux);
@@ -152,7 +169,12 @@ mod tests {
 
     #[test]
     fn json_is_one_escaped_line() {
-        let v = HostKvm { kvm_usable: false, flavor: None, usable_for_linux: false, reason: "a \"b\"\n".into() };
+        let v = HostKvm {
+            kvm_usable: false,
+            flavor: None,
+            usable_for_linux: false,
+            reason: "a \"b\"\n".into(),
+        };
         assert_eq!(
             v.to_json(),
             r#"{"kvm_usable":false,"flavor":null,"usable_for_linux":false,"reason":"a \"b\"\u000a"}"#

@@ -108,13 +108,15 @@ fn block_stop_signals() -> libc::sigset_t {
 
 /// Forwards SIGTERM/SIGINT/SIGHUP to the VM as a host stop request.
 fn spawn_signal_thread(set: libc::sigset_t, events: std::sync::mpsc::Sender<VmEnd>) {
-    let spawned = std::thread::Builder::new().name("crx-signals".into()).spawn(move || loop {
-        let mut sig: libc::c_int = 0;
-        // SAFETY: `set` is an initialized signal set and `sig` a valid out pointer.
-        if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-            let _ = events.send(VmEnd::HostSignal(sig));
-        }
-    });
+    let spawned = std::thread::Builder::new()
+        .name("crx-signals".into())
+        .spawn(move || loop {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: `set` is an initialized signal set and `sig` a valid out pointer.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                let _ = events.send(VmEnd::HostSignal(sig));
+            }
+        });
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "cannot start the signal thread; SIGTERM will kill crx-vmm uncleanly");
     }
@@ -130,7 +132,10 @@ fn run(cli: Cli, cleaner: Option<&Cleaner>, signals: libc::sigset_t) -> i32 {
         cmdline_extra: cli.cmdline,
         vcpus: cli.vcpus,
         memory_mib: cli.memory_mib,
-        vsock: cli.vsock_uds.map(|uds_path| VsockConfig { guest_cid: cli.vsock_cid, uds_path }),
+        vsock: cli.vsock_uds.map(|uds_path| VsockConfig {
+            guest_cid: cli.vsock_cid,
+            uds_path,
+        }),
         serial: cli.serial,
     };
     let format = match config.validate(host_ram_mib()) {
@@ -147,7 +152,9 @@ fn run(cli: Cli, cleaner: Option<&Cleaner>, signals: libc::sigset_t) -> i32 {
         if !cli.allow_pvm {
             return fail(exit::EXIT_PVM, &verdict.reason);
         }
-        tracing::warn!("booting on PVM (--allow-pvm): a stock Linux guest's user space will not run");
+        tracing::warn!(
+            "booting on PVM (--allow-pvm): a stock Linux guest's user space will not run"
+        );
     } else if verdict.flavor == Some(KvmFlavor::Unknown) {
         tracing::warn!("{}", verdict.reason);
     }

@@ -111,7 +111,8 @@ load_order() {
 # seconds under TCG. Without it run.sh falls back to the bzImage.
 extract_vmlinux() {
     local bz="$1" out="$2" off
-    off=$(LC_ALL=C grep -obUaP '\xfd7zXZ\x00' "$bz" | head -n1 | cut -d: -f1)
+    # sed, not head: it reads to the end, so grep never dies of SIGPIPE under pipefail.
+    off=$(LC_ALL=C grep -obUaP '\xfd7zXZ\x00' "$bz" | LC_ALL=C cut -d: -f1 | sed -n 1p)
     [[ -n "$off" ]] && tail -c +"$((off + 1))" "$bz" >"$out.xz"
     # --single-stream: whatever follows the compressed kernel in the bzImage is not ours.
     if [[ -n "$off" ]] && xz -dc --single-stream "$out.xz" >"$out.tmp" 2>/dev/null \

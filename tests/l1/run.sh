@@ -52,11 +52,11 @@ done
 
 qemu="${CRX_L1_QEMU:-qemu-system-x86_64}"
 command -v "$qemu" >/dev/null || fail 125 "$qemu not found: install qemu-system-x86 (tests/l1/prepare.sh does)"
-busybox=$(command -v busybox || true)
-[[ -n "$busybox" ]] && file -L "$busybox" 2>/dev/null | grep -q 'statically linked' \
-    || busybox=/bin/busybox
-[[ -x "$busybox" ]] || fail 125 "no static busybox: install busybox-static (tests/l1/prepare.sh does)"
-for tool in cpio setpriv timeout; do
+# L1 has no libc: its busybox must be the static one (Debian's busybox-static).
+busybox=/bin/busybox
+[[ -x "$busybox" && -z "$(readelf -lW "$busybox" 2>/dev/null | grep 'program interpreter' || true)" ]] \
+    || fail 125 "$busybox is missing or not static: install busybox-static (tests/l1/prepare.sh does)"
+for tool in cpio setpriv timeout readelf sha256sum; do
     command -v "$tool" >/dev/null || fail 125 "$tool not found: run tests/l1/prepare.sh"
 done
 
@@ -94,25 +94,44 @@ trap 'say "interrupted"; exit 130' INT
 trap 'say "terminated"; exit 143' TERM HUP
 
 # --- the L1 initramfs: a base archive (busybox, modules, /init) and the payload, as two
-# newc archives back to back, which the kernel unpacks one after the other.
-root="$tmp/root"
-mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,run,mnt,lib/modules/crx}
-cp "$busybox" "$root/bin/busybox"
-for applet in $("$busybox" --list-full); do
-    [[ -e "$root/$applet" ]] || ln -s /bin/busybox "$root/$applet"
-done
-cp "$kdir"/modules/*.ko "$root/lib/modules/crx/"
-cp "$kdir/load-order" "$root/lib/modules/crx/load-order"
-cp "$here/l1-init.sh" "$root/init"
-chmod 755 "$root/init"
-(cd "$root" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) >"$tmp/l1.cpio"
+# newc archives back to back, which the kernel unpacks one after the other. The base only
+# changes with the kernel dir, busybox or l1-init.sh, so it is cached beside the kernel
+# (making its ~400 applet links costs seconds on a loaded host).
+build_base() {
+    local root="$tmp/root" applet
+    mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,run,mnt,lib/modules/crx}
+    cp "$busybox" "$root/bin/busybox"
+    for applet in $("$busybox" --list-full); do
+        [[ -e "$root/$applet" ]] || ln -s /bin/busybox "$root/$applet"
+    done
+    cp "$kdir"/modules/*.ko "$root/lib/modules/crx/"
+    cp "$kdir/load-order" "$root/lib/modules/crx/load-order"
+    cp "$here/l1-init.sh" "$root/init"
+    chmod 755 "$root/init"
+    (cd "$root" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) >"$1"
+    rm -rf "$root"
+}
+base_key=$(cat "$here/l1-init.sh" "$here/run.sh" "$busybox" "$kdir/load-order" "$kdir"/modules/*.ko | sha256sum | cut -c1-16)
+base="$kdir/l1-base-$base_key.cpio"
+if [[ ! -s "$base" ]]; then
+    if build_base "$tmp/base.cpio" && mv "$tmp/base.cpio" "$base.$$" 2>/dev/null; then
+        mv -f "$base.$$" "$base"
+        # Older bases (previous l1-init.sh) are no longer used.
+        find "$kdir" -maxdepth 1 -name 'l1-base-*.cpio' ! -name "l1-base-$base_key.cpio" -delete 2>/dev/null || true
+    else
+        # Read-only cache: build it for this run only.
+        base="$tmp/base.cpio"
+        [[ -s "$base" ]] || build_base "$base"
+    fi
+fi
+cp "$base" "$tmp/l1.cpio"
 
 proot="$tmp/payload-root"
 mkdir -p "$proot"
 # Hard links when the payload shares our file system: no copy of large payloads.
 cp -al "$payload" "$proot/payload" 2>/dev/null || { rm -rf "$proot/payload"; cp -a "$payload" "$proot/payload"; }
 (cd "$proot" && find payload | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) >>"$tmp/l1.cpio"
-rm -rf "$root" "$proot"
+rm -rf "$proot"
 
 # --- boot. `quiet` keeps the console for our markers and real errors; panic=-1 with
 # -no-reboot turns a panic into QEMU's exit rather than a hang until the timeout.
@@ -159,16 +178,20 @@ wait "$reader_pid" 2>/dev/null || true
 reader_pid=""
 wall_ms=$((($(date +%s%N) - start) / 1000000))
 
-if ((qemu_rc == 124 || qemu_rc == 137)); then
-    fail 124 "L1 timed out after ${timeout_s} s; QEMU killed${console_log}"
-fi
+timed_out=0
+((qemu_rc == 124 || qemu_rc == 137)) && timed_out=1
+# The payload's own report wins, even if L1 then failed to power off in time.
 exit_line=$(grep -a -m1 '^CRX-L1-EXIT ' "$log" || true)
 if [[ -n "$exit_line" ]]; then
     rc=${exit_line#CRX-L1-EXIT }
     rc=${rc%% *}
     [[ "$rc" =~ ^[0-9]+$ ]] || fail 121 "L1 printed a malformed exit line: $exit_line"
+    ((timed_out == 0)) || say "L1 did not power off after the payload ended; QEMU killed at the timeout"
     say "payload exited $rc after ${wall_ms} ms in L1"
     exit "$rc"
+fi
+if ((timed_out)); then
+    fail 124 "L1 timed out after ${timeout_s} s; QEMU killed${console_log}"
 fi
 kvm_fail=$(grep -a -m1 '^CRX-L1-FAIL ' "$log" || true)
 if [[ -n "$kvm_fail" ]]; then

@@ -22,7 +22,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 pub use console::{Console, L1Ready};
-pub use payload::{kvm_smoke_payload, Payload, PayloadBuilder, PayloadError, VmmLane};
+pub use payload::{
+    kvm_smoke_payload, payload_script, Payload, PayloadBuilder, PayloadError, VmmLane,
+    GUEST_INITRAMFS, GUEST_KERNEL, PROBE_BIN, VMM_BIN,
+};
 
 /// run.sh's exit codes when the payload did not report one (tests/l1/run.sh documents them).
 const RC_USAGE: i32 = 2;
@@ -53,7 +56,10 @@ pub enum L1Error {
         source: io::Error,
     },
     #[error("tests/l1/prepare.sh failed ({status}); its last output:\n{stderr_tail}")]
-    Prepare { status: ExitStatus, stderr_tail: String },
+    Prepare {
+        status: ExitStatus,
+        stderr_tail: String,
+    },
     #[error("tests/l1/prepare.sh printed no cache directory")]
     PrepareOutput,
     #[error("no cached L1 kernel in {dir}: run tests/l1/prepare.sh (L1Rig::prepare)")]
@@ -61,11 +67,19 @@ pub enum L1Error {
     #[error("the host cannot run the L1 rig: {detail}")]
     HostNotReady { detail: String },
     #[error("L1 booted but could not offer /dev/kvm: {reason}\nL1 console (last lines):\n{console_tail}")]
-    KvmUnavailable { reason: String, console_tail: String },
-    #[error("L1 timed out after {secs} s and was killed\nL1 console (last lines):\n{console_tail}")]
+    KvmUnavailable {
+        reason: String,
+        console_tail: String,
+    },
+    #[error(
+        "L1 timed out after {secs} s and was killed\nL1 console (last lines):\n{console_tail}"
+    )]
     TimedOut { secs: u64, console_tail: String },
     #[error("L1 ended without reporting the payload's exit ({detail})\nL1 console (last lines):\n{console_tail}")]
-    NoExit { detail: String, console_tail: String },
+    NoExit {
+        detail: String,
+        console_tail: String,
+    },
     #[error("the payload exited {rc} in L1\nL1 console (last lines):\n{console_tail}")]
     PayloadFailed { rc: i32, console_tail: String },
 }
@@ -121,7 +135,9 @@ pub struct L1Run {
 impl L1Run {
     /// The first result whose `"check"` field is `check`.
     pub fn result(&self, check: &str) -> Option<&serde_json::Value> {
-        self.results.iter().find(|r| r.get("check").and_then(|c| c.as_str()) == Some(check))
+        self.results
+            .iter()
+            .find(|r| r.get("check").and_then(|c| c.as_str()) == Some(check))
     }
 
     /// The last `lines` lines of the console.
@@ -134,7 +150,10 @@ impl L1Run {
         if self.rc == 0 {
             Ok(())
         } else {
-            Err(L1Error::PayloadFailed { rc: self.rc, console_tail: self.console_tail(ERROR_TAIL_LINES) })
+            Err(L1Error::PayloadFailed {
+                rc: self.rc,
+                console_tail: self.console_tail(ERROR_TAIL_LINES),
+            })
         }
     }
 }
@@ -156,7 +175,10 @@ impl L1Rig {
             .arg(scripts.join("prepare.sh"))
             .stdin(Stdio::null())
             .output()
-            .map_err(|source| L1Error::Spawn { what: "tests/l1/prepare.sh".into(), source })?;
+            .map_err(|source| L1Error::Spawn {
+                what: "tests/l1/prepare.sh".into(),
+                source,
+            })?;
         if !out.status.success() {
             return Err(L1Error::Prepare {
                 status: out.status,
@@ -164,13 +186,19 @@ impl L1Rig {
             });
         }
         let stdout = String::from_utf8_lossy(&out.stdout);
-        let dir = stdout.lines().rev().find(|l| !l.trim().is_empty()).ok_or(L1Error::PrepareOutput)?;
+        let dir = stdout
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .ok_or(L1Error::PrepareOutput)?;
         Self::with_kernel_dir(scripts, PathBuf::from(dir.trim()))
     }
 
     /// The rig as prepare.sh last left it, without running it (no apt look-ups).
     pub fn cached() -> Result<L1Rig, L1Error> {
-        let cache = std::env::var_os("CRX_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| "/var/cache/crx".into());
+        let cache = std::env::var_os("CRX_CACHE_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "/var/cache/crx".into());
         Self::with_kernel_dir(scripts_dir(), cache.join("l1/current"))
     }
 
@@ -178,7 +206,10 @@ impl L1Rig {
         if !kernel_dir.join("vmlinuz").is_file() || !kernel_dir.join("load-order").is_file() {
             return Err(L1Error::NoKernel { dir: kernel_dir });
         }
-        Ok(L1Rig { scripts, kernel_dir })
+        Ok(L1Rig {
+            scripts,
+            kernel_dir,
+        })
     }
 
     /// The cache directory holding L1's kernel (`vmlinux`, `vmlinuz`, `config`) and modules.
@@ -227,7 +258,10 @@ impl L1Rig {
         if let Some(qemu) = &opts.qemu {
             cmd.env("CRX_L1_QEMU", qemu);
         }
-        let child = cmd.spawn().map_err(|source| L1Error::Spawn { what: "tests/l1/run.sh".into(), source })?;
+        let child = cmd.spawn().map_err(|source| L1Error::Spawn {
+            what: "tests/l1/run.sh".into(),
+            source,
+        })?;
         let mut child = GroupGuard(Some(child));
 
         let stdout = child.take_stdout();
@@ -265,7 +299,12 @@ impl L1Rig {
                 Ok(Some(status)) => break Some(status),
                 Ok(None) if Instant::now() >= deadline => break None,
                 Ok(None) => thread::sleep(Duration::from_millis(100)),
-                Err(source) => return Err(L1Error::Wait { what: "tests/l1/run.sh".into(), source }),
+                Err(source) => {
+                    return Err(L1Error::Wait {
+                        what: "tests/l1/run.sh".into(),
+                        source,
+                    })
+                }
             }
         };
         if status.is_none() {
@@ -277,7 +316,10 @@ impl L1Rig {
         let wall = started.elapsed();
 
         let Some(status) = status else {
-            return Err(L1Error::TimedOut { secs: opts.timeout.as_secs(), console_tail: console.tail(ERROR_TAIL_LINES) });
+            return Err(L1Error::TimedOut {
+                secs: opts.timeout.as_secs(),
+                console_tail: console.tail(ERROR_TAIL_LINES),
+            });
         };
         interpret(console, status, &stderr, opts, wall)
     }
@@ -291,7 +333,13 @@ impl L1Rig {
 }
 
 /// Turns what run.sh printed and its exit status into the caller's answer.
-fn interpret(console: Console, status: ExitStatus, stderr: &str, opts: &RunOptions, wall: Duration) -> Result<L1Run, L1Error> {
+fn interpret(
+    console: Console,
+    status: ExitStatus,
+    stderr: &str,
+    opts: &RunOptions,
+    wall: Duration,
+) -> Result<L1Run, L1Error> {
     let runner_said = || {
         stderr
             .lines()
@@ -317,9 +365,17 @@ fn interpret(console: Console, status: ExitStatus, stderr: &str, opts: &RunOptio
             reason: console.failure.clone().unwrap_or_else(runner_said),
             console_tail,
         }),
-        Some(RC_TIMEOUT) => Err(L1Error::TimedOut { secs: opts.timeout.as_secs(), console_tail }),
-        Some(RC_HOST) | Some(RC_USAGE) => Err(L1Error::HostNotReady { detail: runner_said() }),
-        _ => Err(L1Error::NoExit { detail: runner_said(), console_tail }),
+        Some(RC_TIMEOUT) => Err(L1Error::TimedOut {
+            secs: opts.timeout.as_secs(),
+            console_tail,
+        }),
+        Some(RC_HOST) | Some(RC_USAGE) => Err(L1Error::HostNotReady {
+            detail: runner_said(),
+        }),
+        _ => Err(L1Error::NoExit {
+            detail: runner_said(),
+            console_tail,
+        }),
     }
 }
 
@@ -365,7 +421,9 @@ impl GroupGuard {
     }
 
     fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
-        let Some(child) = self.0.as_mut() else { return Ok(None) };
+        let Some(child) = self.0.as_mut() else {
+            return Ok(None);
+        };
         let status = child.try_wait()?;
         if status.is_some() {
             // Reaped: its pid (and group id) may be reused, so never signal it again.
@@ -376,8 +434,12 @@ impl GroupGuard {
 
     /// SIGTERM to the group (run.sh's trap kills QEMU and removes its files), then SIGKILL.
     fn kill_group(&mut self) {
-        let Some(mut child) = self.0.take() else { return };
-        let Ok(pgid) = i32::try_from(child.id()) else { return };
+        let Some(mut child) = self.0.take() else {
+            return;
+        };
+        let Ok(pgid) = i32::try_from(child.id()) else {
+            return;
+        };
         // SAFETY: kill(2) with a negative pid signals the process group we created with
         // process_group(0) for this child, which we have not reaped yet.
         unsafe { libc::kill(-pgid, libc::SIGTERM) };

@@ -28,7 +28,9 @@ pub enum KvmError {
     },
     #[error("KVM API version is {0}, crx-vmm needs {KVM_API_VERSION}: this host kernel's KVM is not supported")]
     ApiVersion(i32),
-    #[error("this KVM lacks {0}, which crx-vmm needs: use a newer host kernel or the QEMU backend")]
+    #[error(
+        "this KVM lacks {0}, which crx-vmm needs: use a newer host kernel or the QEMU backend"
+    )]
     MissingCapability(&'static str),
     #[error("cannot read the CPUID features KVM supports")]
     SupportedCpuid(#[source] kvm_ioctls::Error),
@@ -71,7 +73,10 @@ impl KvmHandle {
             .map_err(|e| match e.kind() {
                 ErrorKind::NotFound => KvmError::NotFound(path.to_owned()),
                 ErrorKind::PermissionDenied => KvmError::PermissionDenied(path.to_owned()),
-                _ => KvmError::Open { path: path.to_owned(), source: e },
+                _ => KvmError::Open {
+                    path: path.to_owned(),
+                    source: e,
+                },
             })?;
         // SAFETY: the fd was just opened by us and ownership moves into `Kvm`.
         let kvm = unsafe { Kvm::from_raw_fd(file.into_raw_fd()) };
@@ -96,7 +101,9 @@ impl KvmHandle {
 
     /// CPUID entries KVM can present to a guest on this host.
     pub fn supported_cpuid(&self) -> Result<CpuId, KvmError> {
-        self.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(KvmError::SupportedCpuid)
+        self.kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(KvmError::SupportedCpuid)
     }
 
     /// Whether the in-kernel LAPIC offers the TSC-deadline timer.
@@ -120,7 +127,9 @@ mod tests {
 
     #[test]
     fn missing_device_and_missing_permission_are_told_apart() {
-        let err = KvmHandle::open(Path::new("/nonexistent/kvm")).err().unwrap();
+        let err = KvmHandle::open(Path::new("/nonexistent/kvm"))
+            .err()
+            .unwrap();
         assert!(matches!(err, KvmError::NotFound(_)), "{err}");
         assert!(err.to_string().contains("/nonexistent/kvm does not exist"));
     }

@@ -21,7 +21,10 @@ pub fn create(mem_mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
         .into_iter()
         .map(|(addr, size)| (addr, size as usize))
         .collect();
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map { mib: mem_mib, source })
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map {
+        mib: mem_mib,
+        source,
+    })
 }
 
 #[cfg(test)]

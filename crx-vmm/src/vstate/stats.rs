@@ -48,7 +48,10 @@ pub fn find_descriptor(block: &[u8], num_desc: usize, name_size: usize, name: &s
     (0..num_desc).find_map(|i| {
         let desc = block.get(i * stride..(i + 1) * stride)?;
         let raw_name = &desc[DESC_FIXED_SIZE..];
-        let end = raw_name.iter().position(|b| *b == 0).unwrap_or(raw_name.len());
+        let end = raw_name
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap_or(raw_name.len());
         (&raw_name[..end] == name.as_bytes()).then(|| u32_at(desc, 8))
     })
 }
@@ -64,7 +67,8 @@ impl Stat {
         // SAFETY: `raw` is a fresh fd returned by the kernel and owned by nobody else.
         let file = unsafe { File::from_raw_fd(raw) };
         let mut header = [0u8; HEADER_SIZE];
-        file.read_exact_at(&mut header, 0).map_err(StatsError::Read)?;
+        file.read_exact_at(&mut header, 0)
+            .map_err(StatsError::Read)?;
         let name_size = u32_at(&header, 4) as usize;
         let num_desc = u32_at(&header, 8) as usize;
         let desc_offset = u64::from(u32_at(&header, 16));
@@ -73,10 +77,14 @@ impl Stat {
             return Err(StatsError::Malformed("too many or too long descriptors"));
         }
         let mut block = vec![0u8; num_desc * (DESC_FIXED_SIZE + name_size)];
-        file.read_exact_at(&mut block, desc_offset).map_err(StatsError::Read)?;
+        file.read_exact_at(&mut block, desc_offset)
+            .map_err(StatsError::Read)?;
         let offset = find_descriptor(&block, num_desc, name_size, name)
             .ok_or_else(|| StatsError::NotFound(name.to_owned()))?;
-        Ok(Self { file, data_pos: data_offset + u64::from(offset) })
+        Ok(Self {
+            file,
+            data_pos: data_offset + u64::from(offset),
+        })
     }
 
     /// The current value.

@@ -42,7 +42,11 @@ pub enum VcpuError {
         source: kvm_ioctls::Error,
     },
     #[error("KVM set only {set} of {wanted} boot MSRs on vCPU {index}")]
-    PartialMsrs { index: u8, set: usize, wanted: usize },
+    PartialMsrs {
+        index: u8,
+        set: usize,
+        wanted: usize,
+    },
     #[error("vCPU {index}: KVM rejected register state ({what})")]
     Registers {
         index: u8,
@@ -97,7 +101,12 @@ fn note_unhandled(kind: &str, addr: u64, len: usize) {
     const LOGGED: u64 = 16;
     let n = SEEN.fetch_add(1, Ordering::Relaxed);
     if n < LOGGED {
-        tracing::debug!(kind, addr = format_args!("{addr:#x}"), len, "access to no device");
+        tracing::debug!(
+            kind,
+            addr = format_args!("{addr:#x}"),
+            len,
+            "access to no device"
+        );
     } else if n == LOGGED {
         tracing::debug!("further accesses to no device are not logged");
     }
@@ -136,24 +145,50 @@ impl Vcpu {
     /// Sets CPUID, MSRs, FPU and LAPIC LINT pins; on the boot vCPU (`entry` given)
     /// also the registers for the boot protocol. Other vCPUs wait for the guest's
     /// INIT/SIPI in the in-kernel LAPIC.
-    pub fn configure(&self, kvm: &KvmHandle, cpu_count: u8, entry: Option<BootEntry>) -> Result<(), VcpuError> {
+    pub fn configure(
+        &self,
+        kvm: &KvmHandle,
+        cpu_count: u8,
+        entry: Option<BootEntry>,
+    ) -> Result<(), VcpuError> {
         let index = self.index;
-        let reg_err = |what| move |source| VcpuError::Registers { index, what, source };
+        let reg_err = |what| {
+            move |source| VcpuError::Registers {
+                index,
+                what,
+                source,
+            }
+        };
 
         let mut cpuid_entries = kvm.supported_cpuid().map_err(VcpuError::SupportedCpuid)?;
         cpuid::filter(
             cpuid_entries.as_mut_slice(),
-            cpuid::CpuidParams { apic_id: index, cpu_count, tsc_deadline: kvm.has_tsc_deadline() },
+            cpuid::CpuidParams {
+                apic_id: index,
+                cpu_count,
+                tsc_deadline: kvm.has_tsc_deadline(),
+            },
         );
         self.fd
             .set_cpuid2(&cpuid_entries)
             .map_err(|source| VcpuError::SetCpuid { index, source })?;
 
         let wanted = regs::boot_msrs();
-        let msrs = Msrs::from_entries(&wanted).map_err(|_| VcpuError::PartialMsrs { index, set: 0, wanted: wanted.len() })?;
-        let set = self.fd.set_msrs(&msrs).map_err(|source| VcpuError::SetMsrs { index, source })?;
+        let msrs = Msrs::from_entries(&wanted).map_err(|_| VcpuError::PartialMsrs {
+            index,
+            set: 0,
+            wanted: wanted.len(),
+        })?;
+        let set = self
+            .fd
+            .set_msrs(&msrs)
+            .map_err(|source| VcpuError::SetMsrs { index, source })?;
         if set != wanted.len() {
-            return Err(VcpuError::PartialMsrs { index, set, wanted: wanted.len() });
+            return Err(VcpuError::PartialMsrs {
+                index,
+                set,
+                wanted: wanted.len(),
+            });
         }
 
         self.fd.set_fpu(&regs::boot_fpu()).map_err(reg_err("FPU"))?;
@@ -163,8 +198,12 @@ impl Vcpu {
 
         if let Some(entry) = entry {
             let sregs = self.fd.get_sregs().map_err(reg_err("get sregs"))?;
-            self.fd.set_sregs(&regs::boot_sregs(sregs, entry)).map_err(reg_err("sregs"))?;
-            self.fd.set_regs(&regs::boot_regs(entry)).map_err(reg_err("regs"))?;
+            self.fd
+                .set_sregs(&regs::boot_sregs(sregs, entry))
+                .map_err(reg_err("sregs"))?;
+            self.fd
+                .set_regs(&regs::boot_regs(entry))
+                .map_err(reg_err("regs"))?;
         }
         Ok(())
     }
@@ -173,7 +212,10 @@ impl Vcpu {
     /// vCPU saw it, goes to `ctx.events`.
     pub fn run(mut self, ctx: VcpuContext) {
         if self.index == 0 {
-            tracing::info!(first_insn_us = clock::micros_since_start(), "first guest instruction");
+            tracing::info!(
+                first_insn_us = clock::micros_since_start(),
+                "first guest instruction"
+            );
         }
         loop {
             if ctx.stop.load(Ordering::SeqCst) {
@@ -181,16 +223,34 @@ impl Vcpu {
             }
             let step = match self.fd.run() {
                 Ok(exit) => handle_exit(self.index, exit, &ctx),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Interrupted,
-                Err(e) => Step::End(VmEnd::RunFailed { vcpu: self.index, error: e.to_string() }),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    Step::Interrupted
+                }
+                Err(e) => Step::End(VmEnd::RunFailed {
+                    vcpu: self.index,
+                    error: e.to_string(),
+                }),
             };
             match step {
                 Step::Continue | Step::Interrupted => {}
                 Step::InternalError => {
                     // SAFETY: after KVM_EXIT_INTERNAL_ERROR the `internal` member of the
                     // kvm_run exit union is the one KVM filled in.
-                    let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
-                    let _ = ctx.events.send(VmEnd::InternalError { vcpu: self.index, suberror });
+                    let internal = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal };
+                    let suberror = internal.suberror;
+                    let ndata = (internal.ndata as usize).min(internal.data.len());
+                    let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                    tracing::error!(
+                        vcpu = self.index,
+                        suberror,
+                        rip = format_args!("{rip:#x}"),
+                        data = ?&internal.data[..ndata],
+                        "KVM internal error"
+                    );
+                    let _ = ctx.events.send(VmEnd::InternalError {
+                        vcpu: self.index,
+                        suberror,
+                    });
                     return;
                 }
                 Step::End(end) => {
@@ -200,7 +260,6 @@ impl Vcpu {
             }
         }
     }
-
 }
 
 fn handle_exit(vcpu: u8, exit: VcpuExit<'_>, ctx: &VcpuContext) -> Step {
@@ -239,7 +298,10 @@ fn handle_exit(vcpu: u8, exit: VcpuExit<'_>, ctx: &VcpuContext) -> Step {
             VcpuExit::FailEntry(reason, _) => Step::End(VmEnd::FailEntry { vcpu, reason }),
             VcpuExit::Intr => Step::Interrupted,
             VcpuExit::IrqWindowOpen => Step::Continue,
-            other => Step::End(VmEnd::UnexpectedExit { vcpu, exit: format!("{other:?}") }),
+            other => Step::End(VmEnd::UnexpectedExit {
+                vcpu,
+                exit: format!("{other:?}"),
+            }),
         }
     }
 }
@@ -249,10 +311,12 @@ fn handle_exit(vcpu: u8, exit: VcpuExit<'_>, ctx: &VcpuContext) -> Step {
 pub fn write_boot_tables(mem: &GuestMemoryMmap, entry: BootEntry) -> Result<(), VcpuError> {
     mem.write_slice(&gdt::gdt_bytes(), GuestAddress(layout::GDT_ADDR))
         .map_err(VcpuError::BootTables)?;
-    mem.write_obj(0u64, GuestAddress(layout::IDT_ADDR)).map_err(VcpuError::BootTables)?;
+    mem.write_obj(0u64, GuestAddress(layout::IDT_ADDR))
+        .map_err(VcpuError::BootTables)?;
     if let BootEntry::Linux64 { .. } = entry {
         for (addr, bytes) in regs::identity_page_tables() {
-            mem.write_slice(&bytes, GuestAddress(addr)).map_err(VcpuError::BootTables)?;
+            mem.write_slice(&bytes, GuestAddress(addr))
+                .map_err(VcpuError::BootTables)?;
         }
     }
     Ok(())

@@ -52,12 +52,16 @@ impl Vm {
     /// vCPU is created, which is why they are set up here.
     pub fn new(kvm: &KvmHandle, mem: &GuestMemoryMmap) -> Result<Self, VmError> {
         let fd = kvm.kvm().create_vm().map_err(VmError::Create)?;
-        fd.set_tss_address(layout::KVM_TSS_ADDR as usize).map_err(VmError::TssAddress)?;
+        fd.set_tss_address(layout::KVM_TSS_ADDR as usize)
+            .map_err(VmError::TssAddress)?;
         fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
             .map_err(VmError::IdentityMap)?;
         fd.create_irq_chip().map_err(VmError::Irqchip)?;
         // The PIT serves Linux's timer calibration; its speaker port needs no model.
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
         fd.create_pit2(pit).map_err(VmError::Pit)?;
         for (slot, region) in mem.iter().enumerate() {
             let slot = slot as u32;
@@ -82,12 +86,19 @@ impl Vm {
 
     /// Routes writes to `evt` into IRQ line `gsi` of the in-kernel irqchip.
     pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {
-        self.fd.register_irqfd(evt, gsi).map_err(|source| VmError::Irqfd { gsi, source })
+        self.fd
+            .register_irqfd(evt, gsi)
+            .map_err(|source| VmError::Irqfd { gsi, source })
     }
 
     /// Makes a 32-bit guest write of `datamatch` to MMIO `addr` signal `evt` inside
     /// KVM, without an exit to user space.
-    pub fn register_mmio_ioevent(&self, evt: &EventFd, addr: u64, datamatch: u32) -> Result<(), VmError> {
+    pub fn register_mmio_ioevent(
+        &self,
+        evt: &EventFd,
+        addr: u64,
+        datamatch: u32,
+    ) -> Result<(), VmError> {
         self.fd
             .register_ioevent(evt, &IoEventAddress::Mmio(addr), datamatch)
             .map_err(|source| VmError::Ioeventfd { addr, source })

@@ -23,17 +23,45 @@ pub enum Tail {
 
 /// 32-bit protected-mode code for the PVH entry. It checks that EBX points at an
 /// `hvm_start_info` (magic) whose command line starts with "rebo" (crx-vmm's
-/// `reboot=k`), writes 1 to the boot-marker port, then does `tail`. A failed check
-/// resets without the shutdown marker, which the tests see as exit code 10.
+/// `reboot=k`), prints "ready\n" on COM1, writes 1 to the boot-marker port, then
+/// does `tail`. A failed check resets without the shutdown marker, which the tests
+/// see as exit code 10.
 pub fn pvh_code(tail: Tail) -> Vec<u8> {
+    pvh_code_checking_virtio(tail, false)
+}
+
+/// Like [`pvh_code`]; with `virtio`, it also checks that the first virtio-mmio slot
+/// (0xd000_0000) holds a virtio 1.x vsock device (magic "virt", version 2, device
+/// 19) and that the empty second slot reads as all ones.
+pub fn pvh_code_checking_virtio(tail: Tail, virtio: bool) -> Vec<u8> {
     let mut c = Vec::new();
+    let mut to_bad = Vec::new();
     c.extend_from_slice(&[0x81, 0x3b, 0x78, 0xc5, 0x6e, 0x33]); // cmp dword [ebx], 0x336ec578
-    let jne1 = c.len();
+    to_bad.push(c.len());
     c.extend_from_slice(&[0x75, 0x00]); // jne bad
     c.extend_from_slice(&[0x8b, 0x73, 0x18]); // mov esi, [ebx+24]  (cmdline_paddr)
     c.extend_from_slice(&[0x81, 0x3e, b'r', b'e', b'b', b'o']); // cmp dword [esi], "rebo"
-    let jne2 = c.len();
+    to_bad.push(c.len());
     c.extend_from_slice(&[0x75, 0x00]); // jne bad
+    if virtio {
+        for (addr, value) in [
+            (0xd000_0000u32, 0x7472_6976u32), // MagicValue "virt"
+            (0xd000_0004, 2),                 // Version: modern
+            (0xd000_0008, 19),                // DeviceID: vsock
+            (0xd000_1000, 0xffff_ffff),       // empty slot: open bus
+        ] {
+            c.push(0xa1); // mov eax, [addr]
+            c.extend_from_slice(&addr.to_le_bytes());
+            c.push(0x3d); // cmp eax, value
+            c.extend_from_slice(&value.to_le_bytes());
+            to_bad.push(c.len());
+            c.extend_from_slice(&[0x75, 0x00]); // jne bad
+        }
+    }
+    c.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03]); // mov dx, 0x3f8
+    for b in b"ready\n" {
+        c.extend_from_slice(&[0xb0, *b, 0xee]); // mov al, b; out dx, al
+    }
     c.extend_from_slice(&[0x66, 0xba, 0xf0, 0x03]); // mov dx, 0x3f0
     c.extend_from_slice(&[0xb0, 0x01, 0xee]); // mov al, 1; out dx, al
     match tail {
@@ -47,8 +75,9 @@ pub fn pvh_code(tail: Tail) -> Vec<u8> {
     }
     let bad = c.len();
     c.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe]);
-    c[jne1 + 1] = (bad - (jne1 + 2)) as u8;
-    c[jne2 + 1] = (bad - (jne2 + 2)) as u8;
+    for jne in to_bad {
+        c[jne + 1] = u8::try_from(bad - (jne + 2)).expect("short jump");
+    }
     c
 }
 
@@ -79,22 +108,75 @@ pub fn pvh_elf(code: &[u8]) -> Vec<u8> {
     f.extend_from_slice(&(PHDR as u16).to_le_bytes());
     f.extend_from_slice(&2u16.to_le_bytes()); // e_phnum
     f.extend_from_slice(&[0; 6]); // no sections
-    let phdr = |f: &mut Vec<u8>, kind: u32, flags: u32, off: usize, addr: u64, size: usize, align: u64| {
-        f.extend_from_slice(&kind.to_le_bytes());
-        f.extend_from_slice(&flags.to_le_bytes());
-        f.extend_from_slice(&(off as u64).to_le_bytes());
-        f.extend_from_slice(&addr.to_le_bytes());
-        f.extend_from_slice(&addr.to_le_bytes());
-        f.extend_from_slice(&(size as u64).to_le_bytes());
-        f.extend_from_slice(&(size as u64).to_le_bytes());
-        f.extend_from_slice(&align.to_le_bytes());
-    };
-    phdr(&mut f, 1, 5, code_off, u64::from(PVH_ENTRY), code.len(), 0x1000); // PT_LOAD r-x
+    let phdr =
+        |f: &mut Vec<u8>, kind: u32, flags: u32, off: usize, addr: u64, size: usize, align: u64| {
+            f.extend_from_slice(&kind.to_le_bytes());
+            f.extend_from_slice(&flags.to_le_bytes());
+            f.extend_from_slice(&(off as u64).to_le_bytes());
+            f.extend_from_slice(&addr.to_le_bytes());
+            f.extend_from_slice(&addr.to_le_bytes());
+            f.extend_from_slice(&(size as u64).to_le_bytes());
+            f.extend_from_slice(&(size as u64).to_le_bytes());
+            f.extend_from_slice(&align.to_le_bytes());
+        };
+    phdr(
+        &mut f,
+        1,
+        5,
+        code_off,
+        u64::from(PVH_ENTRY),
+        code.len(),
+        0x1000,
+    ); // PT_LOAD r-x
     phdr(&mut f, 4, 4, note_off, 0, note.len(), 4); // PT_NOTE
     f.extend_from_slice(&note);
     f.resize(code_off, 0);
     f.extend_from_slice(code);
     f
+}
+
+/// A bzImage-shaped test kernel: a setup header (boot protocol 2.15, loaded high)
+/// and, 0x200 into the protected-mode part, 64-bit code for the 64-bit entry. The
+/// code checks RSI is the zero page (0x7000) with "HdrS", loader type 0xff, two e820
+/// entries and a command line starting "rebo", then says ready, announces a clean
+/// shutdown and resets. A failed check resets without announcing it.
+pub fn bzimage() -> Vec<u8> {
+    let mut setup = vec![0u8; 1024];
+    setup[0x1f1] = 1; // setup_sects: setup is (1 + 1) * 512 bytes
+    setup[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    setup[0x202..0x206].copy_from_slice(b"HdrS");
+    setup[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    setup[0x211] = 1; // LOADED_HIGH
+    setup[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
+    setup[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes()); // initrd_addr_max
+    let mut c = Vec::new();
+    let mut to_bad = Vec::new();
+    let mut check = |c: &mut Vec<u8>, insn: &[u8]| {
+        c.extend_from_slice(insn);
+        to_bad.push(c.len());
+        c.extend_from_slice(&[0x75, 0x00]); // jne bad
+    };
+    check(&mut c, &[0x48, 0x81, 0xfe, 0x00, 0x70, 0x00, 0x00]); // cmp rsi, 0x7000
+    check(
+        &mut c,
+        &[0x81, 0xbe, 0x02, 0x02, 0x00, 0x00, b'H', b'd', b'r', b'S'],
+    ); // cmp dword [rsi+0x202], "HdrS"
+    check(&mut c, &[0x80, 0xbe, 0x10, 0x02, 0x00, 0x00, 0xff]); // cmp byte [rsi+0x210], 0xff
+    check(&mut c, &[0x80, 0xbe, 0xe8, 0x01, 0x00, 0x00, 0x02]); // cmp byte [rsi+0x1e8], 2
+    c.extend_from_slice(&[0x8b, 0x86, 0x28, 0x02, 0x00, 0x00]); // mov eax, [rsi+0x228]
+    check(&mut c, &[0x81, 0x38, b'r', b'e', b'b', b'o']); // cmp dword [rax], "rebo"
+    c.extend_from_slice(&[0x66, 0xba, 0xf0, 0x03, 0xb0, 0x01, 0xee]); // ready
+    c.extend_from_slice(&[0xb0, 0x02, 0xee]); // clean shutdown follows
+    c.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe]);
+    let bad = c.len();
+    c.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe]);
+    for jne in to_bad {
+        c[jne + 1] = u8::try_from(bad - (jne + 2)).expect("short jump");
+    }
+    let mut image = setup;
+    image.resize(1024 + 0x200, 0x90);
+    image.extend_from_slice(&c);
+    image
 }
 
 /// A fresh directory for one test's files.
@@ -114,7 +196,11 @@ pub fn write_pvh_kernel(dir: &Path, tail: Tail) -> PathBuf {
 
 /// Fails (never skips) when the host cannot run the guest tests.
 pub fn require_kvm() {
-    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         panic!("these tests run tiny guests and need read/write access to /dev/kvm (run as root on a KVM host): {e}");
     }
 }

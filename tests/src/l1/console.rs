@@ -80,7 +80,12 @@ impl Console {
     /// The last `n` lines.
     pub fn tail(&self, n: usize) -> String {
         let skip = self.lines.len().saturating_sub(n);
-        self.lines.iter().skip(skip).cloned().collect::<Vec<_>>().join("\n")
+        self.lines
+            .iter()
+            .skip(skip)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 
@@ -106,8 +111,17 @@ mod tests {
             "CRX-L1-EXIT 3",
             "CRX-L1-EXIT 0",
         ]);
-        assert_eq!(c.ready, Some(L1Ready { init_s: 3.34, kvm_s: 4.38 }));
-        assert_eq!(c.results, vec![serde_json::json!({"check": "kvm", "ok": true})]);
+        assert_eq!(
+            c.ready,
+            Some(L1Ready {
+                init_s: 3.34,
+                kvm_s: 4.38
+            })
+        );
+        assert_eq!(
+            c.results,
+            vec![serde_json::json!({"check": "kvm", "ok": true})]
+        );
         assert_eq!(c.malformed_results.len(), 1);
         assert_eq!(c.exit, Some(3), "the first exit line is the payload's");
         assert_eq!(c.failure, None);
@@ -123,7 +137,10 @@ mod tests {
     #[test]
     fn failure_is_reported_without_exit() {
         let c = console(&["CRX-L1-FAIL insmod kvm-amd.ko failed: No such device"]);
-        assert_eq!(c.failure.as_deref(), Some("insmod kvm-amd.ko failed: No such device"));
+        assert_eq!(
+            c.failure.as_deref(),
+            Some("insmod kvm-amd.ko failed: No such device")
+        );
         assert_eq!(c.exit, None);
     }
 

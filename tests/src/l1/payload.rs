@@ -70,7 +70,10 @@ impl Payload {
 
 impl PayloadBuilder {
     pub fn new() -> Result<Self, PayloadError> {
-        let dir = tempfile::Builder::new().prefix("crx-l1-payload.").tempdir().map_err(PayloadError::TempDir)?;
+        let dir = tempfile::Builder::new()
+            .prefix("crx-l1-payload.")
+            .tempdir()
+            .map_err(PayloadError::TempDir)?;
         Ok(PayloadBuilder { dir })
     }
 
@@ -82,14 +85,26 @@ impl PayloadBuilder {
     /// Copies `src` to `dest` (relative to the payload root), keeping its mode.
     pub fn copy(&mut self, src: &Path, dest: &str) -> Result<&mut Self, PayloadError> {
         let to = self.dest(dest)?;
-        fs::copy(src, &to).map_err(|source| PayloadError::Copy { src: src.to_path_buf(), dest: dest.to_string(), source })?;
+        fs::copy(src, &to).map_err(|source| PayloadError::Copy {
+            src: src.to_path_buf(),
+            dest: dest.to_string(),
+            source,
+        })?;
         Ok(self)
     }
 
     /// Writes `contents` to `dest` with permission bits `mode`.
-    pub fn write(&mut self, dest: &str, contents: &[u8], mode: u32) -> Result<&mut Self, PayloadError> {
+    pub fn write(
+        &mut self,
+        dest: &str,
+        contents: &[u8],
+        mode: u32,
+    ) -> Result<&mut Self, PayloadError> {
         let to = self.dest(dest)?;
-        let werr = |source| PayloadError::Write { dest: dest.to_string(), source };
+        let werr = |source| PayloadError::Write {
+            dest: dest.to_string(),
+            source,
+        };
         fs::write(&to, contents).map_err(werr)?;
         fs::set_permissions(&to, fs::Permissions::from_mode(mode)).map_err(werr)?;
         Ok(self)
@@ -110,7 +125,12 @@ impl PayloadBuilder {
     /// `dest`; run it in L1 as `./<dest>/qemu-system-x86_64`.
     pub fn qemu(&mut self, dest: &str) -> Result<&mut Self, PayloadError> {
         let to = self.dest(dest)?;
-        run_tool("tests/l1/bundle-qemu.sh", Command::new("bash").arg(scripts_dir().join("bundle-qemu.sh")).arg(&to))?;
+        run_tool(
+            "tests/l1/bundle-qemu.sh",
+            Command::new("bash")
+                .arg(scripts_dir().join("bundle-qemu.sh"))
+                .arg(&to),
+        )?;
         Ok(self)
     }
 
@@ -120,28 +140,50 @@ impl PayloadBuilder {
         let to = self.dest(dest)?;
         run_tool(
             "gcc -static tests/l1/kvm-check.c (apt-get install gcc libc6-dev)",
-            Command::new("gcc").args(["-static", "-O2", "-Wall", "-o"]).arg(&to).arg(scripts_dir().join("kvm-check.c")),
+            Command::new("gcc")
+                .args(["-static", "-O2", "-Wall", "-o"])
+                .arg(&to)
+                .arg(scripts_dir().join("kvm-check.c")),
         )?;
         Ok(self)
     }
 
     /// Builds a newc initramfs at `dest` holding the host's static busybox as
     /// `/bin/busybox` and `init_script` as `/init` (it must call /bin/busybox by path).
-    pub fn busybox_initramfs(&mut self, dest: &str, init_script: &str) -> Result<&mut Self, PayloadError> {
+    pub fn busybox_initramfs(
+        &mut self,
+        dest: &str,
+        init_script: &str,
+    ) -> Result<&mut Self, PayloadError> {
         let to = self.dest(dest)?;
-        let stage = tempfile::Builder::new().prefix("crx-l2-root.").tempdir().map_err(PayloadError::TempDir)?;
+        let stage = tempfile::Builder::new()
+            .prefix("crx-l2-root.")
+            .tempdir()
+            .map_err(PayloadError::TempDir)?;
         let root = stage.path();
         for d in ["bin", "proc", "dev", "sys", "tmp"] {
-            fs::create_dir_all(root.join(d)).map_err(|source| PayloadError::Write { dest: dest.to_string(), source })?;
+            fs::create_dir_all(root.join(d)).map_err(|source| PayloadError::Write {
+                dest: dest.to_string(),
+                source,
+            })?;
         }
         let busybox = Path::new("/bin/busybox");
-        fs::copy(busybox, root.join("bin/busybox"))
-            .map_err(|source| PayloadError::Copy { src: busybox.into(), dest: format!("{dest}:/bin/busybox"), source })?;
+        fs::copy(busybox, root.join("bin/busybox")).map_err(|source| PayloadError::Copy {
+            src: busybox.into(),
+            dest: format!("{dest}:/bin/busybox"),
+            source,
+        })?;
         let init = root.join("init");
-        let werr = |source| PayloadError::Write { dest: format!("{dest}:/init"), source };
+        let werr = |source| PayloadError::Write {
+            dest: format!("{dest}:/init"),
+            source,
+        };
         fs::write(&init, init_script).map_err(werr)?;
         fs::set_permissions(&init, fs::Permissions::from_mode(0o755)).map_err(werr)?;
-        let out = fs::File::create(&to).map_err(|source| PayloadError::Write { dest: dest.to_string(), source })?;
+        let out = fs::File::create(&to).map_err(|source| PayloadError::Write {
+            dest: dest.to_string(),
+            source,
+        })?;
         let entries = b"bin\nbin/busybox\ndev\ninit\nproc\nsys\ntmp\n";
         let mut cpio = Command::new("cpio")
             .args(["--quiet", "-o", "-H", "newc", "-R", "0:0"])
@@ -150,13 +192,27 @@ impl PayloadBuilder {
             .stdout(out)
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|source| PayloadError::Spawn { what: "cpio (apt-get install cpio)".into(), source })?;
+            .map_err(|source| PayloadError::Spawn {
+                what: "cpio (apt-get install cpio)".into(),
+                source,
+            })?;
         if let Some(mut stdin) = cpio.stdin.take() {
-            io::Write::write_all(&mut stdin, entries).map_err(|source| PayloadError::Write { dest: dest.to_string(), source })?;
+            io::Write::write_all(&mut stdin, entries).map_err(|source| PayloadError::Write {
+                dest: dest.to_string(),
+                source,
+            })?;
         }
-        let out = cpio.wait_with_output().map_err(|source| PayloadError::Spawn { what: "cpio".into(), source })?;
+        let out = cpio
+            .wait_with_output()
+            .map_err(|source| PayloadError::Spawn {
+                what: "cpio".into(),
+                source,
+            })?;
         if !out.status.success() {
-            return Err(PayloadError::Tool { what: "cpio".into(), stderr: String::from_utf8_lossy(&out.stderr).into() });
+            return Err(PayloadError::Tool {
+                what: "cpio".into(),
+                stderr: String::from_utf8_lossy(&out.stderr).into(),
+            });
         }
         Ok(self)
     }
@@ -176,10 +232,24 @@ impl PayloadBuilder {
         }
         let to = self.dir.path().join(rel);
         if let Some(parent) = to.parent() {
-            fs::create_dir_all(parent).map_err(|source| PayloadError::Write { dest: dest.to_string(), source })?;
+            fs::create_dir_all(parent).map_err(|source| PayloadError::Write {
+                dest: dest.to_string(),
+                source,
+            })?;
         }
         Ok(to)
     }
+}
+
+/// The `run.sh` of a payload kept in the repository, `tests/l1/payloads/<name>/run.sh`
+/// (e.g. `vmm-health`, the crx-vmm lane's template, for [`VmmLane::payload`]).
+pub fn payload_script(name: &str) -> Result<String, PayloadError> {
+    let path = scripts_dir().join("payloads").join(name).join("run.sh");
+    fs::read_to_string(&path).map_err(|source| PayloadError::Copy {
+        src: path,
+        dest: "run.sh".into(),
+        source,
+    })
 }
 
 /// The rig's smoke check (tests/l1/payloads/kvm-smoke): kvm-check, then QEMU microvm on
@@ -187,10 +257,13 @@ impl PayloadBuilder {
 /// and `"l2"` (`l2_to_userspace_s`: QEMU start to the L2 init's first line, L1 uptime).
 pub fn kvm_smoke_payload(l2_kernel: &Path) -> Result<Payload, PayloadError> {
     let scripts = scripts_dir();
-    let script = fs::read_to_string(scripts.join("payloads/kvm-smoke/run.sh"))
-        .map_err(|source| PayloadError::Copy { src: scripts.join("payloads/kvm-smoke/run.sh"), dest: "run.sh".into(), source })?;
-    let l2_init = fs::read_to_string(scripts.join("l2-init.sh"))
-        .map_err(|source| PayloadError::Copy { src: scripts.join("l2-init.sh"), dest: "l2/initrd.cpio:/init".into(), source })?;
+    let script = payload_script("kvm-smoke")?;
+    let l2_init =
+        fs::read_to_string(scripts.join("l2-init.sh")).map_err(|source| PayloadError::Copy {
+            src: scripts.join("l2-init.sh"),
+            dest: "l2/initrd.cpio:/init".into(),
+            source,
+        })?;
     let mut b = PayloadBuilder::new()?;
     b.run_script(&script)?
         .kvm_check("kvm-check")?
@@ -214,7 +287,9 @@ impl VmmLane {
     /// Finds the four where crate::artifacts looks (env overrides, then the usual build
     /// locations); the error names what is missing and how to build it.
     pub fn from_artifacts() -> Result<Self, PayloadError> {
-        let found = |r: anyhow::Result<PathBuf>| r.map_err(|e| PayloadError::MissingArtifact(format!("{e:#}")));
+        let found = |r: anyhow::Result<PathBuf>| {
+            r.map_err(|e| PayloadError::MissingArtifact(format!("{e:#}")))
+        };
         Ok(VmmLane {
             crx_vmm: found(crate::artifacts::static_binary("crx-vmm"))?,
             crx_probe: found(crate::artifacts::static_binary("crx-probe"))?,
@@ -241,9 +316,15 @@ fn run_tool(what: &str, cmd: &mut Command) -> Result<(), PayloadError> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
-        .map_err(|source| PayloadError::Spawn { what: what.to_string(), source })?;
+        .map_err(|source| PayloadError::Spawn {
+            what: what.to_string(),
+            source,
+        })?;
     if !out.status.success() {
-        return Err(PayloadError::Tool { what: what.to_string(), stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() });
+        return Err(PayloadError::Tool {
+            what: what.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(())
 }
@@ -256,7 +337,10 @@ mod tests {
     fn refuses_paths_that_leave_the_payload() {
         let mut b = PayloadBuilder::new().expect("tempdir");
         for bad in ["", "/etc/passwd", "../x", "a/../../x", "./x"] {
-            assert!(matches!(b.write(bad, b"", 0o644), Err(PayloadError::BadDest(_))), "{bad:?} accepted");
+            assert!(
+                matches!(b.write(bad, b"", 0o644), Err(PayloadError::BadDest(_))),
+                "{bad:?} accepted"
+            );
         }
         b.write("a/b/c", b"hi", 0o640).expect("nested write");
         assert_eq!(fs::read(b.path().join("a/b/c")).expect("read back"), b"hi");
@@ -269,7 +353,10 @@ mod tests {
         let mut b = PayloadBuilder::new().expect("tempdir");
         b.run_script("#!/bin/sh\nexit 0\n").expect("script");
         let p = b.build().expect("payload");
-        let mode = fs::metadata(p.path().join("run.sh")).expect("run.sh").permissions().mode();
+        let mode = fs::metadata(p.path().join("run.sh"))
+            .expect("run.sh")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o755);
         let path = p.path().to_path_buf();
         drop(p);

@@ -147,18 +147,44 @@ mod tests {
     #[test]
     fn leaf1_gets_apic_id_count_hypervisor_and_loses_host_only_features() {
         // A host-like leaf 1: MONITOR, VMX, PDCM, TM, PBE, ACPI set; CLFLUSH size 8.
-        let mut e = [entry(1, 0, [0x806f0, 0xff00_0800, 0x7ffa_b22b, 0xf7fb_ffff])];
-        filter(&mut e, CpuidParams { apic_id: 3, cpu_count: 4, tsc_deadline: true });
+        let mut e = [entry(
+            1,
+            0,
+            [0x806f0, 0xff00_0800, 0x7ffa_b22b, 0xf7fb_ffff],
+        )];
+        filter(
+            &mut e,
+            CpuidParams {
+                apic_id: 3,
+                cpu_count: 4,
+                tsc_deadline: true,
+            },
+        );
         assert_eq!(e[0].ebx, 0x0304_0800);
         assert_eq!(e[0].ecx & (1 << 31), 1 << 31, "hypervisor");
         assert_eq!(e[0].ecx & (1 << 24), 1 << 24, "tsc deadline");
-        assert_eq!(e[0].ecx & ((1 << 3) | (1 << 5) | (1 << 15)), 0, "monitor, vmx, pdcm hidden");
-        assert_eq!(e[0].edx & ((1 << 22) | (1 << 29) | (1 << 31)), 0, "acpi, tm, pbe hidden");
+        assert_eq!(
+            e[0].ecx & ((1 << 3) | (1 << 5) | (1 << 15)),
+            0,
+            "monitor, vmx, pdcm hidden"
+        );
+        assert_eq!(
+            e[0].edx & ((1 << 22) | (1 << 29) | (1 << 31)),
+            0,
+            "acpi, tm, pbe hidden"
+        );
         assert_eq!(e[0].edx & (1 << 28), 1 << 28, "htt with several CPUs");
         assert_eq!(e[0].eax, 0x806f0, "signature untouched");
 
         let mut single = [entry(1, 0, [0, 0, 1 << 24, 1 << 28])];
-        filter(&mut single, CpuidParams { apic_id: 0, cpu_count: 1, tsc_deadline: false });
+        filter(
+            &mut single,
+            CpuidParams {
+                apic_id: 0,
+                cpu_count: 1,
+                tsc_deadline: false,
+            },
+        );
         assert_eq!(single[0].edx & (1 << 28), 0);
         assert_eq!(single[0].ecx, 1 << 31);
         assert_eq!(single[0].ebx >> 16, 0x0001);
@@ -173,7 +199,14 @@ mod tests {
             entry(4, 0, [0x1c00_4121, 0, 0, 0]), // L1d
             entry(4, 3, [0x1c03_c163, 0, 0, 0]), // L3
         ];
-        filter(&mut e, CpuidParams { apic_id: 2, cpu_count: 3, tsc_deadline: false });
+        filter(
+            &mut e,
+            CpuidParams {
+                apic_id: 2,
+                cpu_count: 3,
+                tsc_deadline: false,
+            },
+        );
         assert_eq!((e[0].eax, e[0].ebx, e[0].ecx, e[0].edx), (0, 1, 0x100, 2));
         assert_eq!((e[1].eax, e[1].ebx, e[1].ecx, e[1].edx), (2, 3, 0x201, 2));
         assert_eq!((e[2].eax, e[2].ebx, e[2].ecx, e[2].edx), (0, 0, 2, 2));
@@ -188,7 +221,14 @@ mod tests {
             entry(0xa, 0, [0x0804_3004, 0, 0, 0]),
             entry(0x4000_0001, 0, [0x0100_7afb, 0, 0, 0]),
         ];
-        filter(&mut e, CpuidParams { apic_id: 0, cpu_count: 1, tsc_deadline: false });
+        filter(
+            &mut e,
+            CpuidParams {
+                apic_id: 0,
+                cpu_count: 1,
+                tsc_deadline: false,
+            },
+        );
         assert_eq!((e[0].eax, e[0].ebx, e[0].ecx), (0, 0, 0));
         assert_eq!(e[1].eax, 0);
         assert_eq!(e[2].eax, 0x0100_7afb, "KVM paravirt features pass through");

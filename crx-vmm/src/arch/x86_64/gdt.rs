@@ -42,7 +42,11 @@ pub fn segment(selector: u16) -> kvm_segment {
     let granular = (entry >> 55) & 1 == 1;
     kvm_segment {
         base: ((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000),
-        limit: if granular { (limit << 12) | 0xfff } else { limit },
+        limit: if granular {
+            (limit << 12) | 0xfff
+        } else {
+            limit
+        },
         selector,
         type_: ((entry >> 40) & 0xf) as u8,
         present: ((entry >> 47) & 1) as u8,
@@ -77,7 +81,10 @@ mod tests {
     #[test]
     fn segments_decode_flat_code_and_data() {
         let cs32 = segment(CODE32_SELECTOR);
-        assert_eq!((cs32.base, cs32.limit, cs32.type_, cs32.db, cs32.l, cs32.g), (0, 0xffff_ffff, 0xb, 1, 0, 1));
+        assert_eq!(
+            (cs32.base, cs32.limit, cs32.type_, cs32.db, cs32.l, cs32.g),
+            (0, 0xffff_ffff, 0xb, 1, 0, 1)
+        );
         let cs64 = segment(CODE64_SELECTOR);
         assert_eq!((cs64.l, cs64.db, cs64.present, cs64.s), (1, 0, 1, 1));
         let ds = segment(DATA_SELECTOR);

@@ -120,7 +120,11 @@ pub struct MemoryMapEntry {
 /// MP table, RAM from 1 MiB to the gap, RAM above 4 GiB, and the IOAPIC/LAPIC page
 /// range reserved so the kernel never puts anything there.
 pub fn memory_map(mem_mib: u64) -> Vec<MemoryMapEntry> {
-    let mut map = vec![MemoryMapEntry { addr: 0, size: EBDA_START, kind: MemoryKind::Ram }];
+    let mut map = vec![MemoryMapEntry {
+        addr: 0,
+        size: EBDA_START,
+        kind: MemoryKind::Ram,
+    }];
     let low_end = low_ram_end(mem_mib);
     if low_end > HIMEM_START {
         map.push(MemoryMapEntry {
@@ -130,7 +134,11 @@ pub fn memory_map(mem_mib: u64) -> Vec<MemoryMapEntry> {
         });
     }
     for (addr, size) in ram_regions(mem_mib).into_iter().skip(1) {
-        map.push(MemoryMapEntry { addr: addr.0, size, kind: MemoryKind::Ram });
+        map.push(MemoryMapEntry {
+            addr: addr.0,
+            size,
+            kind: MemoryKind::Ram,
+        });
     }
     map
 }
@@ -145,8 +153,16 @@ mod tests {
         assert_eq!(
             memory_map(128),
             vec![
-                MemoryMapEntry { addr: 0, size: 0x9_fc00, kind: MemoryKind::Ram },
-                MemoryMapEntry { addr: 0x10_0000, size: 127 * MIB, kind: MemoryKind::Ram },
+                MemoryMapEntry {
+                    addr: 0,
+                    size: 0x9_fc00,
+                    kind: MemoryKind::Ram
+                },
+                MemoryMapEntry {
+                    addr: 0x10_0000,
+                    size: 127 * MIB,
+                    kind: MemoryKind::Ram
+                },
             ]
         );
     }
@@ -155,7 +171,10 @@ mod tests {
     fn large_guest_splits_around_the_mmio_gap() {
         let regions = ram_regions(4096);
         assert_eq!(regions[0], (GuestAddress(0), 0xd000_0000));
-        assert_eq!(regions[1], (GuestAddress(0x1_0000_0000), 4096 * MIB - 0xd000_0000));
+        assert_eq!(
+            regions[1],
+            (GuestAddress(0x1_0000_0000), 4096 * MIB - 0xd000_0000)
+        );
         let map = memory_map(4096);
         assert_eq!(map.len(), 3);
         assert_eq!(map[2].addr, 0x1_0000_0000);

@@ -40,7 +40,10 @@ pub enum MpTableError {
 }
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |acc, b| acc.wrapping_add(*b)).wrapping_neg()
+    bytes
+        .iter()
+        .fold(0u8, |acc, b| acc.wrapping_add(*b))
+        .wrapping_neg()
 }
 
 /// The MP floating pointer followed by the configuration table, for `cpus` CPUs,
@@ -71,7 +74,16 @@ pub fn build(addr: u64, cpus: u8) -> Result<Vec<u8>, MpTableError> {
     entry_count += 1;
     for pin in 0..IOAPIC_PINS as u8 {
         // Flags 0: polarity and trigger conform to the (ISA) bus: active high, edge.
-        entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, INT_TYPE_INT, 0, 0, 0, pin, ioapic_id, pin]);
+        entries.extend_from_slice(&[
+            ENTRY_IO_INTERRUPT,
+            INT_TYPE_INT,
+            0,
+            0,
+            0,
+            pin,
+            ioapic_id,
+            pin,
+        ]);
         entry_count += 1;
     }
     // LINT0 carries the PIC's ExtINT, LINT1 the NMI, on every local APIC (0xff).
@@ -168,7 +180,10 @@ mod tests {
         let irq5 = &rest[16 + 5 * 8..][..8];
         assert_eq!(irq5, &[3, 0, 0, 0, 0, 5, 3, 5]);
         let lint = &rest[16 + 24 * 8..];
-        assert_eq!(lint, &[4, 3, 0, 0, 0, 0, 0xff, 0, 4, 1, 0, 0, 0, 0, 0xff, 1]);
+        assert_eq!(
+            lint,
+            &[4, 3, 0, 0, 0, 0, 0xff, 0, 4, 1, 0, 0, 0, 0, 0xff, 1]
+        );
     }
 
     #[test]

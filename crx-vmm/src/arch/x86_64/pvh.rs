@@ -25,14 +25,18 @@ pub struct Module {
 }
 
 /// The start info, module list and memory map, as bytes to write at `base`.
-pub fn build(base: u64, cmdline_addr: u64, module: Option<Module>, memmap: &[MemoryMapEntry]) -> Vec<u8> {
+pub fn build(
+    base: u64,
+    cmdline_addr: u64,
+    module: Option<Module>,
+    memmap: &[MemoryMapEntry],
+) -> Vec<u8> {
     let nr_modules = u32::from(module.is_some());
     let modlist_addr = base + START_INFO_SIZE as u64;
     let memmap_addr = modlist_addr + u64::from(nr_modules) * MODLIST_ENTRY_SIZE as u64;
 
-    let mut out = Vec::with_capacity(
-        START_INFO_SIZE + MODLIST_ENTRY_SIZE + memmap.len() * MEMMAP_ENTRY_SIZE,
-    );
+    let mut out =
+        Vec::with_capacity(START_INFO_SIZE + MODLIST_ENTRY_SIZE + memmap.len() * MEMMAP_ENTRY_SIZE);
     out.extend_from_slice(&START_INFO_MAGIC.to_le_bytes());
     out.extend_from_slice(&START_INFO_VERSION.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes()); // flags
@@ -73,7 +77,10 @@ mod tests {
     #[test]
     fn start_info_with_initramfs_module_and_memmap() {
         let map = memory_map(256);
-        let module = Module { addr: 0x0fe0_0000, size: 0x12_3456 };
+        let module = Module {
+            addr: 0x0fe0_0000,
+            size: 0x12_3456,
+        };
         let b = build(0x6000, 0x2_0000, Some(module), &map);
         assert_eq!(b.len(), 56 + 32 + 2 * 24);
         assert_eq!(u32_at(&b, 0), 0x336e_c578);
@@ -89,14 +96,24 @@ mod tests {
         assert_eq!(u64_at(&b, 64), 0x12_3456);
         assert_eq!(u64_at(&b, 72), 0);
         let e0 = &b[88..112];
-        assert_eq!((u64_at(e0, 0), u64_at(e0, 8), u32_at(e0, 16)), (0, 0x9_fc00, 1));
+        assert_eq!(
+            (u64_at(e0, 0), u64_at(e0, 8), u32_at(e0, 16)),
+            (0, 0x9_fc00, 1)
+        );
         let e1 = &b[112..136];
-        assert_eq!((u64_at(e1, 0), u64_at(e1, 8), u32_at(e1, 16)), (0x10_0000, 255 << 20, 1));
+        assert_eq!(
+            (u64_at(e1, 0), u64_at(e1, 8), u32_at(e1, 16)),
+            (0x10_0000, 255 << 20, 1)
+        );
     }
 
     #[test]
     fn without_initramfs_the_memmap_follows_the_start_info() {
-        let map = [MemoryMapEntry { addr: 0, size: 0x1000, kind: MemoryKind::Reserved }];
+        let map = [MemoryMapEntry {
+            addr: 0,
+            size: 0x1000,
+            kind: MemoryKind::Reserved,
+        }];
         let b = build(0x6000, 0x2_0000, None, &map);
         assert_eq!(b.len(), 56 + 24);
         assert_eq!(u32_at(&b, 12), 0);

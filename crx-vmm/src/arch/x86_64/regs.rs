@@ -124,13 +124,21 @@ pub fn boot_msrs() -> Vec<kvm_msr_entry> {
         (msr::MTRR_DEF_TYPE, MTRR_ENABLE | MTRR_TYPE_WB),
     ]
     .into_iter()
-    .map(|(index, data)| kvm_msr_entry { index, data, ..Default::default() })
+    .map(|(index, data)| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    })
     .collect()
 }
 
 /// x87 and SSE control words as after FNINIT, with all SSE exceptions masked.
 pub fn boot_fpu() -> kvm_fpu {
-    kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() }
+    kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    }
 }
 
 const APIC_LVT0: usize = 0x350;
@@ -144,7 +152,10 @@ fn lapic_reg(lapic: &kvm_lapic_state, offset: usize) -> u32 {
 }
 
 fn set_lapic_reg(lapic: &mut kvm_lapic_state, offset: usize, value: u32) {
-    for (dst, src) in lapic.regs[offset..offset + 4].iter_mut().zip(value.to_le_bytes()) {
+    for (dst, src) in lapic.regs[offset..offset + 4]
+        .iter_mut()
+        .zip(value.to_le_bytes())
+    {
         *dst = src as _;
     }
 }
@@ -167,20 +178,29 @@ mod tests {
 
     #[test]
     fn pvh_entry_is_flat_32_bit_protected_mode_without_paging() {
-        let e = BootEntry::Pvh { entry: 0x100_0000, start_info: 0x6000 };
+        let e = BootEntry::Pvh {
+            entry: 0x100_0000,
+            start_info: 0x6000,
+        };
         let r = boot_regs(e);
         assert_eq!((r.rip, r.rbx, r.rflags), (0x100_0000, 0x6000, 2));
         let s = boot_sregs(kvm_sregs::default(), e);
         assert_eq!(s.cr0 & (CR0_PE | CR0_PG), CR0_PE);
         assert_eq!((s.efer, s.cr4), (0, 0));
-        assert_eq!((s.cs.selector, s.cs.db, s.cs.l, s.cs.limit), (0x08, 1, 0, 0xffff_ffff));
+        assert_eq!(
+            (s.cs.selector, s.cs.db, s.cs.l, s.cs.limit),
+            (0x08, 1, 0, 0xffff_ffff)
+        );
         assert_eq!(s.ss.selector, 0x18);
         assert_eq!((s.gdt.base, s.gdt.limit), (0x500, 39));
     }
 
     #[test]
     fn linux64_entry_is_long_mode_with_identity_tables() {
-        let e = BootEntry::Linux64 { entry: 0x100_0200, zero_page: 0x7000 };
+        let e = BootEntry::Linux64 {
+            entry: 0x100_0200,
+            zero_page: 0x7000,
+        };
         let r = boot_regs(e);
         assert_eq!((r.rip, r.rsi, r.rsp), (0x100_0200, 0x7000, 0x8ff0));
         let s = boot_sregs(kvm_sregs::default(), e);

@@ -42,7 +42,10 @@ fn low32(what: &'static str, addr: u64) -> Result<u32, ZeroPageError> {
 
 /// The zero page for a kernel whose setup header is `hdr`.
 pub fn build(hdr: setup_header, p: &ZeroPageParams<'_>) -> Result<boot_params, ZeroPageError> {
-    let mut bp = boot_params { hdr, ..Default::default() };
+    let mut bp = boot_params {
+        hdr,
+        ..Default::default()
+    };
     bp.hdr.type_of_loader = LOADER_UNDEFINED;
     bp.hdr.boot_flag = BOOT_FLAG_MAGIC;
     bp.hdr.header = HEADER_MAGIC;
@@ -58,7 +61,11 @@ pub fn build(hdr: setup_header, p: &ZeroPageParams<'_>) -> Result<boot_params, Z
         return Err(ZeroPageError::TooManyE820Entries(p.memory_map.len()));
     }
     for (slot, e) in bp.e820_table.iter_mut().zip(p.memory_map) {
-        *slot = boot_e820_entry { addr: e.addr, size: e.size, type_: e.kind as u32 };
+        *slot = boot_e820_entry {
+            addr: e.addr,
+            size: e.size,
+            type_: e.kind as u32,
+        };
     }
     bp.e820_entries = p.memory_map.len() as u8;
     Ok(bp)
@@ -82,7 +89,12 @@ mod tests {
 
     #[test]
     fn fields_land_at_boot_protocol_offsets() {
-        let hdr = setup_header { version: 0x020f, loadflags: 1, kernel_alignment: 0x20_0000, ..Default::default() };
+        let hdr = setup_header {
+            version: 0x020f,
+            loadflags: 1,
+            kernel_alignment: 0x20_0000,
+            ..Default::default()
+        };
         let map = memory_map(512);
         let bp = build(
             hdr,
@@ -101,7 +113,10 @@ mod tests {
         assert_eq!(u32_at(b, 0x202), 0x5372_6448, "header");
         assert_eq!(u16_at(b, 0x206), 0x020f, "version kept from the image");
         assert_eq!(b[0x210], 0xff, "type_of_loader");
-        assert_eq!(b[0x211], 0x81, "loadflags: LOADED_HIGH kept, CAN_USE_HEAP set");
+        assert_eq!(
+            b[0x211], 0x81,
+            "loadflags: LOADED_HIGH kept, CAN_USE_HEAP set"
+        );
         assert_eq!(u32_at(b, 0x218), 0x1fe0_0000, "ramdisk_image");
         assert_eq!(u32_at(b, 0x21c), 0x1_2345, "ramdisk_size");
         assert_eq!(u16_at(b, 0x224), 0xfe00, "heap_end_ptr");
@@ -109,8 +124,14 @@ mod tests {
         assert_eq!(u32_at(b, 0x230), 0x20_0000, "kernel_alignment");
         assert_eq!(u32_at(b, 0x238), 42, "cmdline_size");
         // e820 entries: 20 bytes each from 0x2d0.
-        assert_eq!((u64_at(b, 0x2d0), u64_at(b, 0x2d8), u32_at(b, 0x2e0)), (0, 0x9_fc00, 1));
-        assert_eq!((u64_at(b, 0x2e4), u64_at(b, 0x2ec), u32_at(b, 0x2f4)), (0x10_0000, 511 << 20, 1));
+        assert_eq!(
+            (u64_at(b, 0x2d0), u64_at(b, 0x2d8), u32_at(b, 0x2e0)),
+            (0, 0x9_fc00, 1)
+        );
+        assert_eq!(
+            (u64_at(b, 0x2e4), u64_at(b, 0x2ec), u32_at(b, 0x2f4)),
+            (0x10_0000, 511 << 20, 1)
+        );
         assert_eq!(u64_at(b, 0x2f8), 0, "no third entry");
     }
 
@@ -119,7 +140,12 @@ mod tests {
         let map = memory_map(64);
         let bp = build(
             setup_header::default(),
-            &ZeroPageParams { cmdline_addr: 0x2_0000, cmdline_len: 1, initramfs: None, memory_map: &map },
+            &ZeroPageParams {
+                cmdline_addr: 0x2_0000,
+                cmdline_len: 1,
+                initramfs: None,
+                memory_map: &map,
+            },
         )
         .unwrap();
         assert_eq!(u32_at(bp.as_slice(), 0x218), 0);
@@ -130,7 +156,12 @@ mod tests {
     fn addresses_above_4g_are_refused() {
         let err = build(
             setup_header::default(),
-            &ZeroPageParams { cmdline_addr: 1 << 32, cmdline_len: 1, initramfs: None, memory_map: &[] },
+            &ZeroPageParams {
+                cmdline_addr: 1 << 32,
+                cmdline_len: 1,
+                initramfs: None,
+                memory_map: &[],
+            },
         );
         assert!(matches!(err, Err(ZeroPageError::AddressAbove4G { .. })));
     }

@@ -43,7 +43,10 @@ pub struct ExitCounters {
 
 impl ExitCounters {
     pub fn add(&self, stat: Stat) {
-        self.stats.lock().unwrap_or_else(|e| e.into_inner()).push(stat);
+        self.stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(stat);
     }
 
     /// Total exits over all vCPUs, or None when no counter is available.
@@ -64,7 +67,11 @@ pub struct BootMarker {
 
 impl BootMarker {
     pub fn new(state: Arc<BootMarkerState>, exits: Arc<ExitCounters>) -> Self {
-        Self { state, exits, other_writes: 0 }
+        Self {
+            state,
+            exits,
+            other_writes: 0,
+        }
     }
 }
 
@@ -92,7 +99,10 @@ impl BusDevice for BootMarker {
             }
             (0, [MARKER_SHUTDOWN]) => {
                 self.state.shutdown_announced.store(true, Ordering::SeqCst);
-                tracing::info!(shutdown_us = clock::micros_since_start(), "guest announced a clean shutdown");
+                tracing::info!(
+                    shutdown_us = clock::micros_since_start(),
+                    "guest announced a clean shutdown"
+                );
             }
             _ => {
                 self.other_writes += 1;
@@ -115,7 +125,11 @@ mod tests {
         assert_eq!(state.ready_us(), None);
         dev.write(0, &[7]);
         dev.write(0, &[1, 0]);
-        assert_eq!(state.ready_us(), None, "only a 1-byte write of 1 means ready");
+        assert_eq!(
+            state.ready_us(),
+            None,
+            "only a 1-byte write of 1 means ready"
+        );
         dev.write(0, &[MARKER_READY]);
         let first = state.ready_us().unwrap();
         std::thread::sleep(std::time::Duration::from_millis(1));

@@ -20,14 +20,21 @@ pub struct I8042 {
 impl I8042 {
     /// `events` receives [`VmEnd::I8042Reset`] when the guest resets.
     pub fn new(events: Sender<VmEnd>) -> Self {
-        Self { events, reset_sent: false }
+        Self {
+            events,
+            reset_sent: false,
+        }
     }
 }
 
 impl BusDevice for I8042 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         // Data and status read as 0: no key waiting, input buffer empty.
-        let value = if offset == 0 || offset == COMMAND_OFFSET { 0 } else { 0xff };
+        let value = if offset == 0 || offset == COMMAND_OFFSET {
+            0
+        } else {
+            0xff
+        };
         data.fill(value);
     }
 

@@ -28,7 +28,10 @@ pub struct Serial {
 
 impl Serial {
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
-        Self { uart: vm_superio::Serial::new(IrqTrigger(irq), out), write_errors: 0 }
+        Self {
+            uart: vm_superio::Serial::new(IrqTrigger(irq), out),
+            write_errors: 0,
+        }
     }
 }
 

@@ -132,6 +132,11 @@ impl OwnedPacket {
         pkt
     }
 
+    /// Rewrites the header (`len` must fit the data buffer to be meaningful).
+    pub fn set_hdr(&mut self, hdr: Hdr) {
+        self.hdr = hdr.to_bytes();
+    }
+
     pub fn hdr(&self) -> Hdr {
         Hdr::from_bytes(&self.hdr)
     }
@@ -188,11 +193,16 @@ struct BenchGuest {
 
 impl BenchGuest {
     fn send(&mut self, op: u16, data: &[u8]) {
+        let mut p = OwnedPacket::tx(self.header(op, data.len() as u32), data);
+        self.muxer.send_pkt(&p.packet());
+    }
+
+    fn header(&self, op: u16, len: u32) -> Hdr {
         let mut h = Hdr::guest(GUEST_CID, GUEST_PORT, self.host_port, op);
         h.buf_alloc = GUEST_BUF_ALLOC;
         h.fwd_cnt = self.consumed;
-        let mut p = OwnedPacket::tx(h, data);
-        self.muxer.send_pkt(&p.packet());
+        h.len = len;
+        h
     }
 
     /// Waits for the muxer and returns the next packet for the guest.
@@ -288,9 +298,10 @@ pub fn run(dir: &Path, bytes: u64, rx_buf_size: usize) -> io::Result<BenchFigure
     }
     let h2g = t0.elapsed();
 
-    // Guest → host, 64 KiB packets within the host's advertised credit.
+    // Guest → host, 64 KiB packets within the host's advertised credit. The packet
+    // buffer is reused, as a guest reuses its tx buffers.
     let t1 = Instant::now();
-    let chunk = vec![0xa5u8; MAX_PKT_DATA as usize];
+    let mut tx = OwnedPacket::tx(g.header(VSOCK_OP_RW, MAX_PKT_DATA), &[0xa5u8; MAX_PKT_DATA as usize]);
     let mut left = bytes;
     while left > 0 {
         let credit = g
@@ -303,8 +314,9 @@ pub fn run(dir: &Path, bytes: u64, rx_buf_size: usize) -> io::Result<BenchFigure
             }
             continue;
         }
-        let n = (left.min(u64::from(credit))).min(chunk.len() as u64) as usize;
-        g.send(VSOCK_OP_RW, &chunk[..n]);
+        let n = (left.min(u64::from(credit))).min(u64::from(MAX_PKT_DATA)) as usize;
+        tx.set_hdr(g.header(VSOCK_OP_RW, n as u32));
+        g.muxer.send_pkt(&tx.packet());
         g.sent = g.sent.wrapping_add(n as u32);
         left -= n as u64;
         // Let the muxer flush buffered bytes and produce credit updates.

@@ -234,9 +234,11 @@ impl Connection {
             }
         }
         if written < len {
-            match data.offset(written) {
-                Ok(rest) => self.tx_buf.push(&rest),
-                Err(_) => return GuestOutcome::Reset,
+            let buffered = data
+                .offset(written)
+                .is_ok_and(|rest| self.tx_buf.push(&rest));
+            if !buffered {
+                return GuestOutcome::Reset;
             }
         }
         self.account_forwarded(written);
