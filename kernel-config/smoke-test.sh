@@ -93,7 +93,7 @@ check freezer sh -c 'echo 1 > /sys/fs/cgroup/t/cgroup.freeze && grep -qx "frozen
 for ns in uts ipc pid net user mnt cgroup; do
     check "ns-$ns" test -e /proc/self/ns/$ns
 done
-check unshare-all unshare -m -u -i -n -p -U -C -f true
+check unshare-all unshare -m -u -i -n -p -U -f true
 check seccomp grep -q '^Seccomp:' /proc/self/status
 check seccomp-filter grep -qw kill_process /proc/sys/kernel/seccomp/actions_avail
 for fs in ext4 overlay tmpfs devtmpfs proc sysfs cgroup2 devpts fuse virtiofs; do
@@ -142,7 +142,12 @@ mkfs.ext4 -q -F -d "$work/disk" "$work/disk.img" 16M >&2
 # Under TCG there is no kvm-clock, so the guest needs the PIT (through the legacy PIC)
 # to calibrate the TSC and the LAPIC timer; with pit=off it hangs after "tsc: Marking
 # TSC unstable". acpi=off makes microvm list the virtio-mmio devices on the command line.
-machine=${CRX_SMOKE_MACHINE:-microvm,x-option-roms=off,pit=on,pic=on,rtc=off,isa-serial=on,acpi=off}
+# rtc=on: without kvm-clock the kernel reads the wall clock from the CMOS RTC, and with
+# rtc=off that read spins for ~1 s before giving up (whenever the TSC got calibrated).
+# microvm has no keyboard controller: without `-device i8042` the guest's reboot=k write
+# of 0xFE to port 0x64 is lost and QEMU only exits if a later reboot method happens to
+# reset it (with bzImage it hangs).
+machine=${CRX_SMOKE_MACHINE:-microvm,x-option-roms=off,pit=on,pic=on,rtc=on,isa-serial=on,acpi=off}
 # $1 kernel, $2 initramfs, $3 vCPUs, $4 log file. Prints the ms from QEMU start to the
 # first line /init writes; fails if QEMU does not exit by itself (reboot -f) in time.
 boot() {
@@ -154,7 +159,7 @@ boot() {
     timeout --kill-after=5 "$boot_timeout" "$qemu" \
         -M "$machine" \
         -accel tcg -cpu max -m 256 -smp "$smp" -nodefaults -no-user-config -display none \
-        -serial stdio -no-reboot \
+        -device i8042 -serial stdio -no-reboot \
         -kernel "$kernel" -initrd "$initrd" -append "$cmdline" \
         -drive id=d0,file="$work/disk.img",format=raw,if=none,readonly=on \
         -device virtio-blk-device,drive=d0 \
@@ -169,7 +174,9 @@ boot() {
     rc=${PIPESTATUS[0]}
     set -e
     if ((rc == 124 || rc == 137)); then
+        cp "$out" "${TMPDIR:-/tmp}/crx-smoke-failed.log"
         tail -n 30 "$out" >&2
+        log "full console log: ${TMPDIR:-/tmp}/crx-smoke-failed.log"
         die "$(basename "$kernel") did not end QEMU within ${boot_timeout}s (hang, or reboot -f did not reach the VMM)"
     fi
     ((rc == 0)) || { tail -n 30 "$out" >&2; die "QEMU exited with status $rc booting $(basename "$kernel")"; }

@@ -238,7 +238,9 @@ impl StreamSink {
         let dropped_in_thread = dropped.clone();
         std::thread::Builder::new()
             .name("log-writer".into())
-            .spawn(move || write_stream(stream, lines, port, dropped_in_thread))
+            .spawn(move || {
+                write_stream(stream, lines, port, dropped_in_thread, || Kmsg::open().ok())
+            })
             .map_err(LoggingError::Thread)?;
         Ok(StreamSink { queue, dropped })
     }
@@ -254,13 +256,20 @@ impl StreamSink {
 }
 
 /// The writer thread: host connection while it works, /dev/kmsg after it breaks.
-fn write_stream(
-    mut stream: vsock::VsockStream,
+fn write_stream<W: Write>(
+    mut stream: W,
     items: std::sync::mpsc::Receiver<Item>,
     port: u32,
     dropped: Arc<AtomicU64>,
+    open_fallback: impl FnOnce() -> Option<Kmsg>,
 ) {
-    let mut fallback: Option<Kmsg> = None;
+    enum Out {
+        Host,
+        Kmsg(Kmsg),
+        Nowhere,
+    }
+    let mut out = Out::Host;
+    let mut open_fallback = Some(open_fallback);
     let mut reported_drops = 0;
     for item in items {
         let (level, line) = match item {
@@ -276,23 +285,105 @@ fn write_stream(
             reported_drops = drops;
             format!("crx-agent: {n} log lines dropped (log queue full)\n").into_bytes()
         });
-        if fallback.is_none() {
+        if let Out::Host = out {
             let sent = note
                 .as_deref()
                 .map_or(Ok(()), |n| stream.write_all(n))
                 .and_then(|()| stream.write_all(&line));
-            if let Err(e) = sent {
-                fallback = Kmsg::open().ok();
-                if let Some(kmsg) = &fallback {
-                    let msg = format!("log stream to host vsock port {port} broke ({e}); logging to /dev/kmsg from now on");
+            let Err(e) = sent else { continue };
+            out = match open_fallback.take().and_then(|open| open()) {
+                Some(kmsg) => {
+                    let msg = format!(
+                        "log stream to host vsock port {port} broke ({e}); logging to /dev/kmsg from now on"
+                    );
                     kmsg.write_record(Level::WARN, msg.as_bytes());
+                    Out::Kmsg(kmsg)
                 }
-            } else {
-                continue;
-            }
+                None => Out::Nowhere,
+            };
         }
-        if let Some(kmsg) = &fallback {
+        if let Out::Kmsg(kmsg) = &out {
             kmsg.write_record(level, &line);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Read};
+    use std::os::unix::net::UnixStream;
+
+    fn start(
+        host: UnixStream,
+        fallback_file: Option<File>,
+    ) -> (
+        SyncSender<Item>,
+        Arc<AtomicU64>,
+        std::thread::JoinHandle<()>,
+    ) {
+        let (tx, rx) = sync_channel(16);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let d = dropped.clone();
+        let thread = std::thread::spawn(move || {
+            write_stream(host, rx, 1025, d, move || fallback_file.map(Kmsg))
+        });
+        (tx, dropped, thread)
+    }
+
+    fn flush(tx: &SyncSender<Item>) {
+        let (ack, done) = sync_channel(1);
+        tx.send(Item::Flush(ack)).unwrap();
+        done.recv_timeout(Duration::from_secs(10))
+            .expect("flush not acknowledged");
+    }
+
+    #[test]
+    fn lines_reach_the_host_in_order_and_flush_waits_for_them() {
+        let (agent_end, host_end) = UnixStream::pair().unwrap();
+        let (tx, dropped, thread) = start(agent_end, None);
+        tx.send(Item::Line(Level::INFO, b"one\n".to_vec())).unwrap();
+        flush(&tx);
+        // Two lines lost to a full queue: the next line that goes out says so first.
+        dropped.fetch_add(2, Ordering::Relaxed);
+        tx.send(Item::Line(Level::WARN, b"two\n".to_vec())).unwrap();
+        flush(&tx);
+        drop(tx);
+        thread.join().unwrap();
+        let mut got = String::new();
+        BufReader::new(host_end).read_to_string(&mut got).unwrap();
+        assert_eq!(
+            got,
+            "one\ncrx-agent: 2 log lines dropped (log queue full)\ntwo\n"
+        );
+    }
+
+    #[test]
+    fn a_broken_stream_falls_back_to_kmsg_with_levels() {
+        let (agent_end, host_end) = UnixStream::pair().unwrap();
+        let kmsg_path = std::env::temp_dir().join(format!("crx-fake-kmsg-{}", std::process::id()));
+        let kmsg = File::create(&kmsg_path).unwrap();
+        let (tx, _dropped, thread) = start(agent_end, Some(kmsg));
+        tx.send(Item::Line(Level::INFO, b"to host\n".to_vec()))
+            .unwrap();
+        flush(&tx);
+        let mut first = String::new();
+        BufReader::new(&host_end).read_line(&mut first).unwrap();
+        assert_eq!(first, "to host\n");
+        drop(host_end);
+        tx.send(Item::Line(Level::ERROR, b"after the break\n".to_vec()))
+            .unwrap();
+        flush(&tx);
+        drop(tx);
+        thread.join().unwrap();
+        let records = std::fs::read_to_string(&kmsg_path).unwrap();
+        let _ = std::fs::remove_file(&kmsg_path);
+        let lines: Vec<&str> = records.lines().collect();
+        assert_eq!(lines.len(), 2, "{records}");
+        assert!(
+            lines[0].starts_with("<4>crx-agent: log stream to host vsock port 1025 broke"),
+            "{records}"
+        );
+        assert_eq!(lines[1], "<3>crx-agent: after the break");
     }
 }

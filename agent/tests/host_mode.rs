@@ -122,6 +122,16 @@ mod tests {
             assert_eq!(v.protocol_version, crx_protocols::PROTOCOL_VERSION);
             let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
             assert_eq!(v.kernel_release, release.trim());
+            let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
+            let expected = online
+                .trim()
+                .split(',')
+                .map(|r| match r.split_once('-') {
+                    Some((a, b)) => b.parse::<u32>().unwrap() - a.parse::<u32>().unwrap() + 1,
+                    None => 1,
+                })
+                .sum::<u32>();
+            assert_eq!(v.online_cpus, expected);
         });
     }
 
@@ -286,11 +296,22 @@ mod tests {
         );
         runtime().block_on(async {
             let ready = ready(&agent.addr()).await;
-            ready.clients.agent.shutdown(secs(5), &ShutdownRequest::new()).await.unwrap();
+            ready
+                .clients
+                .agent
+                .shutdown(secs(5), &ShutdownRequest::new())
+                .await
+                .unwrap();
         });
         let status = agent.wait_exit(Duration::from_secs(10));
         let mut stderr = String::new();
-        agent.child().stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+        agent
+            .child()
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
         assert!(status.success(), "{status}: {stderr}");
         assert!(stderr.contains("serving (host mode)"), "{stderr}");
     }

@@ -22,6 +22,7 @@ use vmm_sys_util::signal::Killable;
 use crate::arch::x86_64::layout;
 use crate::boot::{self, BootError, BootParams};
 use crate::cleanup::Cleaner;
+use crate::clock;
 use crate::config::{check_vcpus, ConfigError, KernelFormat, SerialMode, VmConfig};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::boot_marker::{BootMarker, BootMarkerState, ExitCounters};
@@ -37,9 +38,9 @@ use crate::vstate::vcpu::{self, Vcpu, VcpuContext, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
 
 /// Kernel arguments crx-vmm always passes: reset through the i8042 (the only reset we
-/// model), turn a panic into an immediate reset (crx-vmm reports it), no PCI probing,
-/// no module loading.
-pub const BASE_CMDLINE: &str = "reboot=k panic=-1 pci=off nomodule";
+/// model) and turn a panic into an immediate reset (crx-vmm reports it). Nothing the
+/// guest kernel does not know: unknown parameters are handed to init as arguments.
+pub const BASE_CMDLINE: &str = "reboot=k panic=-1";
 
 /// Offset of the virtio-mmio QueueNotify register.
 const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
@@ -135,6 +136,7 @@ impl Vmm {
     ) -> Result<Self, BuildError> {
         let mem = memory::create(memory_mib).map_err(BuildError::Memory)?;
         let vm = Vm::new(kvm, &mem).map_err(BuildError::Vm)?;
+        clock::step("vm and memory");
         let (events_tx, events_rx) = channel();
         let marker = Arc::new(BootMarkerState::default());
         let exits = Arc::new(ExitCounters::default());
@@ -179,6 +181,7 @@ impl Vmm {
             created.push(vcpu);
         }
 
+        clock::step("vcpus created");
         Ok(Self {
             vm,
             mem,
@@ -196,6 +199,10 @@ impl Vmm {
 
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
+    }
+
+    pub fn vm(&self) -> &Vm {
+        &self.vm
     }
 
     pub fn vcpus(&self) -> &[Vcpu] {
@@ -260,7 +267,7 @@ impl Vmm {
             marker: self.marker,
             owned_paths: self.owned_paths,
             _vm: self.vm,
-            _mem: self.mem,
+            mem: self.mem,
         };
         for vcpu in self.vcpus {
             let index = vcpu.index();
@@ -295,9 +302,9 @@ pub struct RunningVm {
     events_tx: Sender<VmEnd>,
     marker: Arc<BootMarkerState>,
     owned_paths: Vec<PathBuf>,
-    // Dropped last: the vCPU threads use both until they are joined.
+    // Dropped after the vCPU threads are joined (see `Drop`): they use both.
     _vm: Vm,
-    _mem: GuestMemoryMmap,
+    mem: GuestMemoryMmap,
 }
 
 /// How long `stop` keeps kicking a vCPU thread before leaving it behind.
@@ -338,10 +345,16 @@ impl RunningVm {
     }
 
     /// Stops every vCPU (kicking it out of KVM_RUN), joins the threads and removes
-    /// the host paths the VM owned.
-    pub fn stop(mut self) {
+    /// the host paths the VM owned. Dropping a `RunningVm` does the same.
+    pub fn stop(self) {
+        drop(self);
+    }
+
+    /// Kicks and joins the vCPU threads; false if one did not stop in time.
+    fn halt_vcpus(&mut self) -> bool {
         self.stop.store(true, Ordering::SeqCst);
         let deadline = Instant::now() + STOP_DEADLINE;
+        let mut all_stopped = true;
         for handle in self.threads.drain(..) {
             while !handle.is_finished() && Instant::now() < deadline {
                 let _ = handle.kill(vcpu::kick_signal());
@@ -350,8 +363,20 @@ impl RunningVm {
             if handle.is_finished() {
                 let _ = handle.join();
             } else {
+                all_stopped = false;
                 tracing::warn!("a vCPU thread did not stop in time");
             }
+        }
+        all_stopped
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        if !self.halt_vcpus() {
+            // A vCPU may still run the guest: its memory must stay mapped, or a later
+            // mapping at the same address would become guest-writable.
+            std::mem::forget(self.mem.clone());
         }
         self.release_host_paths();
     }
@@ -460,6 +485,7 @@ pub fn build(
         },
     )
     .map_err(BuildError::Boot)?;
+    clock::step("guest loaded");
     vcpu::write_boot_tables(&vmm.mem, entry).map_err(BuildError::Vcpu)?;
     for vcpu in &vmm.vcpus {
         let boot = (vcpu.index() == 0).then_some(entry);
@@ -467,6 +493,7 @@ pub fn build(
     }
     tracing::debug!(cmdline = %cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default(), ?entry, "guest loaded");
 
+    clock::step("vcpus configured");
     if let Some(vsock) = &config.vsock {
         if let Some(cleaner) = cleaner {
             cleaner
@@ -481,6 +508,7 @@ pub fn build(
         vmm.own_path(vsock.uds_path.clone());
         vmm.attach_virtio(Arc::new(Mutex::new(device)))?;
     }
+    clock::step("devices attached");
     Ok(vmm)
 }
 
@@ -501,13 +529,13 @@ mod tests {
         let c = kernel_cmdline(true, "quiet -- --agent-debug", &slots).unwrap();
         assert_eq!(
             text(&c),
-            "reboot=k panic=-1 pci=off nomodule console=ttyS0 quiet \
+            "reboot=k panic=-1 console=ttyS0 quiet \
              virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 -- --agent-debug"
         );
         let plain = kernel_cmdline(false, "", &[]).unwrap();
         assert_eq!(text(&plain), BASE_CMDLINE);
         let init_only = kernel_cmdline(false, "-- x", &[]).unwrap();
-        assert_eq!(text(&init_only), "reboot=k panic=-1 pci=off nomodule -- x");
+        assert_eq!(text(&init_only), "reboot=k panic=-1 -- x");
     }
 
     #[test]

@@ -39,6 +39,12 @@ pub fn micros_since_start() -> u64 {
     monotonic_ns().saturating_sub(START_NS.load(Ordering::SeqCst)) / 1000
 }
 
+/// Logs (at debug) that set-up step `step` finished, with µs since process start:
+/// `setup step=<name> us=<n>`, for finding where start-up time goes.
+pub fn step(step: &'static str) {
+    tracing::debug!(step, us = micros_since_start(), "setup");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

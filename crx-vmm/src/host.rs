@@ -5,7 +5,8 @@
 //! stock guest kernel is emulated and its user space cannot run at all (the first
 //! system call faults). crx-vmm detects it by the module's sysfs directory
 //! (`/sys/module/kvm_pvm`, present whether built in or loaded), and names hardware KVM
-//! by the CPU's `vmx`/`svm` flag.
+//! by the CPU's `vmx`/`svm` flag or a `kvm_intel`/`kvm_amd` module. A KVM that is
+//! neither is refused like PVM: without vmx/svm it cannot be hardware-assisted.
 
 use std::path::Path;
 
@@ -18,7 +19,8 @@ pub enum KvmFlavor {
     Hardware,
     /// PVM: software (shadow-paging) KVM that cannot run a stock guest's user space.
     Pvm,
-    /// KVM works, but neither hardware virtualization nor PVM was recognized.
+    /// KVM works, but neither hardware virtualization nor PVM was recognized: treated
+    /// like PVM (not usable for Linux), since KVM without vmx/svm is software KVM.
     Unknown,
 }
 
@@ -62,7 +64,11 @@ pub fn has_hardware_virtualization(cpuinfo: &str) -> bool {
         .any(|flag| flag == "vmx" || flag == "svm")
 }
 
-/// Classifies a KVM that opened fine.
+/// The one line printed when KVM works but is neither hardware-assisted nor PVM.
+pub const UNKNOWN_REASON: &str = "KVM works but this CPU shows no hardware virtualization (no vmx/svm flag in /proc/cpuinfo, no kvm_intel/kvm_amd module): likely a software KVM that cannot run a stock Linux guest; run pods on the QEMU backend, or pass --allow-pvm to boot anyway (is /proc mounted?)";
+
+/// Classifies a KVM that opened fine, from the kernel's module directory
+/// (`/sys/module`) and the CPU flags (`/proc/cpuinfo`).
 pub fn classify(sys_module: &Path, cpuinfo: &str) -> HostKvm {
     if is_pvm(sys_module) {
         return HostKvm {
@@ -72,19 +78,22 @@ pub fn classify(sys_module: &Path, cpuinfo: &str) -> HostKvm {
             reason: PVM_REASON.to_owned(),
         };
     }
-    let (flavor, reason) = if has_hardware_virtualization(cpuinfo) {
-        (KvmFlavor::Hardware, "hardware-assisted KVM".to_owned())
-    } else {
-        (
-            KvmFlavor::Unknown,
-            "KVM works but the CPU shows no vmx/svm flag and no PVM module; assuming it can run Linux".to_owned(),
-        )
-    };
+    let hardware_module = ["kvm_intel", "kvm_amd"]
+        .iter()
+        .any(|m| sys_module.join(m).exists());
+    if hardware_module || has_hardware_virtualization(cpuinfo) {
+        return HostKvm {
+            kvm_usable: true,
+            flavor: Some(KvmFlavor::Hardware),
+            usable_for_linux: true,
+            reason: "hardware-assisted KVM".to_owned(),
+        };
+    }
     HostKvm {
         kvm_usable: true,
-        flavor: Some(flavor),
-        usable_for_linux: true,
-        reason,
+        flavor: Some(KvmFlavor::Unknown),
+        usable_for_linux: false,
+        reason: UNKNOWN_REASON.to_owned(),
     }
 }
 
@@ -162,9 +171,22 @@ mod tests {
             classify(none, "flags\t\t: fpu vmx\n").flavor,
             Some(KvmFlavor::Hardware)
         );
+        let dir = std::env::temp_dir().join(format!("crx-host-amd-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("kvm_amd")).unwrap();
+        let v = classify(&dir, "");
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            v.flavor,
+            Some(KvmFlavor::Hardware),
+            "module alone, /proc not mounted"
+        );
         let unknown = classify(none, "flags\t\t: fpu hypervisor\n");
         assert_eq!(unknown.flavor, Some(KvmFlavor::Unknown));
-        assert!(unknown.usable_for_linux);
+        assert!(
+            !unknown.usable_for_linux,
+            "software KVM is not trusted with Linux"
+        );
+        assert!(unknown.reason.contains("QEMU backend"));
     }
 
     #[test]
@@ -182,11 +204,17 @@ mod tests {
     }
 
     #[test]
-    fn this_host_is_pvm() {
-        // The development and CI machines run KVM through PVM (DESIGN.md); this test
-        // documents what crx-vmm sees there.
+    fn probe_agrees_with_the_running_kernel() {
+        // The development and CI machines run KVM through PVM (DESIGN.md): there the
+        // verdict must be "pvm, not usable"; on hardware KVM, "hardware, usable".
         let v = probe();
         assert!(v.kvm_usable, "{}", v.reason);
-        assert_eq!(v.flavor, Some(KvmFlavor::Pvm), "{}", v.reason);
+        if Path::new("/sys/module/kvm_pvm").exists() {
+            assert_eq!(v.flavor, Some(KvmFlavor::Pvm), "{}", v.reason);
+            assert!(!v.usable_for_linux);
+        } else {
+            assert_eq!(v.flavor, Some(KvmFlavor::Hardware), "{}", v.reason);
+            assert!(v.usable_for_linux);
+        }
     }
 }

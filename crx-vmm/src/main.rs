@@ -5,7 +5,7 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use crx_vmm::builder;
 use crx_vmm::cleanup::Cleaner;
 use crx_vmm::config::{host_ram_mib, SerialMode, VmConfig, VsockConfig};
@@ -14,8 +14,16 @@ use crx_vmm::host::{self, KvmFlavor};
 use crx_vmm::vstate::kvm::KvmHandle;
 
 #[derive(Parser, Debug)]
-#[command(name = "crx-vmm", version, about = "crx's KVM micro-VM monitor")]
+#[command(
+    name = "crx-vmm",
+    version,
+    about = "crx's KVM micro-VM monitor",
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Guest kernel: an ELF vmlinux with a PVH entry, or a bzImage.
     #[arg(long, required_unless_present = "probe_host")]
     kernel: Option<PathBuf>,
@@ -35,13 +43,13 @@ struct Cli {
     #[arg(long)]
     vsock_uds: Option<PathBuf>,
     /// Guest CID of the vsock device.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, requires = "vsock_uds")]
     vsock_cid: u64,
     /// Serial console: off (no UART, fastest), log (each line to the log), file:PATH.
     #[arg(long, default_value = "off")]
     serial: SerialMode,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
-    #[arg(long, default_value = "info")]
+    #[arg(long, default_value = "info", global = true)]
     log_level: String,
     /// Boot even on PVM, which cannot run a stock Linux guest's user space.
     #[arg(long)]
@@ -52,6 +60,24 @@ struct Cli {
     /// KVM device node.
     #[arg(long, default_value = "/dev/kvm")]
     kvm_device: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve crx's hybrid vsock to QEMU as a vhost-user-vsock back end (one QEMU
+    /// connection; exits when QEMU disconnects). Both sockets are removed on exit,
+    /// SIGKILL included.
+    VhostUserVsock {
+        /// vhost-user socket QEMU connects to (created).
+        #[arg(long)]
+        socket: PathBuf,
+        /// Hybrid vsock Unix socket for the host side (created).
+        #[arg(long)]
+        uds: PathBuf,
+        /// Guest CID.
+        #[arg(long, default_value_t = 3)]
+        guest_cid: u64,
+    },
 }
 
 fn error_chain(err: &dyn std::error::Error) -> String {
@@ -142,6 +168,7 @@ fn run(cli: Cli, cleaner: Option<&Cleaner>, signals: libc::sigset_t) -> i32 {
         Ok(format) => format,
         Err(e) => return fail(exit::EXIT_BAD_INPUT, &error_chain(&e)),
     };
+    crx_vmm::clock::step("config validated");
     let kvm = match KvmHandle::open(&cli.kvm_device) {
         Ok(kvm) => kvm,
         Err(e) => return fail(exit::EXIT_NO_KVM, &error_chain(&e)),
@@ -159,6 +186,7 @@ fn run(cli: Cli, cleaner: Option<&Cleaner>, signals: libc::sigset_t) -> i32 {
         tracing::warn!("{}", verdict.reason);
     }
 
+    crx_vmm::clock::step("host checked");
     let vmm = match builder::build(&config, format, &kvm, cleaner) {
         Ok(vmm) => vmm,
         Err(e) => return fail(e.exit_code(), &error_chain(&e)),
@@ -171,8 +199,10 @@ fn run(cli: Cli, cleaner: Option<&Cleaner>, signals: libc::sigset_t) -> i32 {
 
     let end = running.wait();
     let clean = running.boot_marker().shutdown_announced();
-    // The process exits right after this: no need to join the vCPU threads.
+    // The process exits right after this and exit_group ends the vCPU threads at once;
+    // joining them (what dropping `running` does) could wait on a busy host.
     running.release_host_paths();
+    std::mem::forget(running);
     let outcome = exit::outcome(&end, clean);
     if outcome.code == exit::EXIT_OK {
         tracing::info!(exit_code = outcome.code, "{}", outcome.message);
@@ -182,9 +212,75 @@ fn run(cli: Cli, cleaner: Option<&Cleaner>, signals: libc::sigset_t) -> i32 {
     outcome.code
 }
 
+/// `crx-vmm vhost-user-vsock`: exit 0 when QEMU disconnects, 2 on a bad socket path
+/// or CID, 1 on any other failure.
+fn vhost_user_vsock(socket: PathBuf, uds: PathBuf, guest_cid: u64, log_level: &str) -> i32 {
+    use crx_vmm::devices::virtio::vsock::VsockError;
+    use crx_vmm::vhost_user::{serve_vhost_user_vsock, VhostUserVsockError};
+    // SAFETY: called first thing in `main`, before any thread exists.
+    let cleaner = match unsafe { Cleaner::spawn() } {
+        Ok(cleaner) => cleaner,
+        Err(e) => {
+            return fail(
+                exit::EXIT_VMM_ERROR,
+                &format!("cannot start the cleanup process that removes the sockets: {e}"),
+            )
+        }
+    };
+    init_logging(log_level);
+    for path in [&socket, &uds] {
+        if path.symlink_metadata().is_ok() {
+            return fail(
+                exit::EXIT_BAD_INPUT,
+                &format!(
+                    "{} already exists (another VM's, or stale): remove it or choose another path",
+                    path.display()
+                ),
+            );
+        }
+        if let Err(e) = cleaner.register(path) {
+            return fail(
+                exit::EXIT_VMM_ERROR,
+                &format!(
+                    "cannot tell the cleanup process about {}: {e}",
+                    path.display()
+                ),
+            );
+        }
+    }
+    let result = serve_vhost_user_vsock(&socket, guest_cid, uds.clone());
+    let _ = std::fs::remove_file(&uds);
+    match result {
+        Ok(()) => {
+            tracing::info!("QEMU disconnected; vhost-user-vsock back end done");
+            exit::EXIT_OK
+        }
+        Err(e) => {
+            let code = match &e {
+                VhostUserVsockError::Muxer(
+                    VsockError::PathExists(_)
+                    | VsockError::NoDirectory(_)
+                    | VsockError::PathTooLong(_)
+                    | VsockError::InvalidCid(_),
+                ) => exit::EXIT_BAD_INPUT,
+                _ => exit::EXIT_VMM_ERROR,
+            };
+            fail(code, &error_chain(&e))
+        }
+    }
+}
+
 fn main() {
     crx_vmm::clock::mark_start();
     let cli = Cli::parse();
+    if let Some(Command::VhostUserVsock {
+        socket,
+        uds,
+        guest_cid,
+    }) = cli.command
+    {
+        std::process::exit(vhost_user_vsock(socket, uds, guest_cid, &cli.log_level));
+    }
     if cli.probe_host {
         println!("{}", host::probe_device(&cli.kvm_device).to_json());
         std::process::exit(exit::EXIT_OK);

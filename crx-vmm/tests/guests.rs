@@ -358,4 +358,45 @@ mod tests {
         assert_eq!(loaded, content);
         std::fs::remove_dir_all(dir).unwrap();
     }
+
+    #[test]
+    fn queue_notify_ioeventfd_fires_in_kvm_only_for_its_queue_index() {
+        // What the builder does for each virtio queue, seen from the guest: a 32-bit
+        // write of the queue index to slot base + 0x50 signals that queue's eventfd
+        // without a userspace exit; another index does not (it exits to the MMIO bus).
+        let kvm = kvm();
+        let vmm = Vmm::new(&kvm, 64, 1, None).unwrap();
+        let notify = 0xd000_0050u32;
+        let q0 = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let q1 = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        vmm.vm()
+            .register_mmio_ioevent(&q0, u64::from(notify), 0)
+            .unwrap();
+        vmm.vm()
+            .register_mmio_ioevent(&q1, u64::from(notify), 1)
+            .unwrap();
+        let mut c = Vec::new();
+        for value in [1u32, 1, 7] {
+            c.extend_from_slice(&[0xc7, 0x05]); // mov dword [notify], value
+            c.extend_from_slice(&notify.to_le_bytes());
+            c.extend_from_slice(&value.to_le_bytes());
+        }
+        c.extend_from_slice(&[0x66, 0xba, 0xf0, 0x03, 0xb0, 0x02, 0xee]); // clean shutdown follows
+        c.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe]);
+        vmm.memory()
+            .write_slice(&c, GuestAddress(CODE_ADDR))
+            .unwrap();
+        let entry = BootEntry::Pvh {
+            entry: CODE_ADDR,
+            start_info: 0,
+        };
+        vcpu::write_boot_tables(vmm.memory(), entry).unwrap();
+        vmm.vcpus()[0].configure(&kvm, 1, Some(entry)).unwrap();
+        let running = vmm.start().unwrap();
+        let end = running.wait_timeout(WAIT).expect("guest ended");
+        running.stop();
+        assert_eq!(end, VmEnd::I8042Reset);
+        assert_eq!(q1.read().unwrap(), 2, "two notifications of queue 1");
+        assert!(q0.read().is_err(), "queue 0 was never notified");
+    }
 }

@@ -55,6 +55,50 @@ impl Health for HealthService {
         resp.agent_version = env!("CARGO_PKG_VERSION").to_owned();
         resp.protocol_version = crx_protocols::PROTOCOL_VERSION;
         resp.kernel_release = self.kernel_release.clone();
+        // Read per call: CPUs can be hot-plugged.
+        resp.online_cpus = online_cpus().unwrap_or(0);
         Ok(resp)
+    }
+}
+
+/// Where the kernel lists the online CPUs, e.g. `0-3,6`.
+const CPU_ONLINE: &str = "/sys/devices/system/cpu/online";
+
+fn online_cpus() -> Option<u32> {
+    let text = std::fs::read_to_string(CPU_ONLINE).ok()?;
+    count_cpu_list(&text)
+}
+
+/// Counts the CPUs in a kernel CPU list (`0-3,6` is 5). None if malformed.
+fn count_cpu_list(text: &str) -> Option<u32> {
+    let mut count: u32 = 0;
+    for part in text.trim().split(',').filter(|p| !p.is_empty()) {
+        let n = match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (a.parse::<u32>().ok()?, b.parse::<u32>().ok()?);
+                b.checked_sub(a)?.checked_add(1)?
+            }
+            None => {
+                part.parse::<u32>().ok()?;
+                1
+            }
+        };
+        count = count.checked_add(n)?;
+    }
+    Some(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count_cpu_list;
+
+    #[test]
+    fn counts_kernel_cpu_lists() {
+        assert_eq!(count_cpu_list("0\n"), Some(1));
+        assert_eq!(count_cpu_list("0-1\n"), Some(2));
+        assert_eq!(count_cpu_list("0-3,6,8-9"), Some(7));
+        assert_eq!(count_cpu_list("3-1"), None);
+        assert_eq!(count_cpu_list("x"), None);
+        assert_eq!(count_cpu_list("0-"), None);
     }
 }

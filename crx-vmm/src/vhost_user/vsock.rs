@@ -22,13 +22,16 @@ use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventF
 
 use crate::devices::virtio::mmio::WarnLimiter;
 use crate::devices::virtio::vsock::{
-    MuxerConfig, VsockError, VsockMuxer, MAX_PKT_DATA, QUEUE_SIZES,
+    MuxerConfig, VsockError, VsockMuxer, MAX_PKT_DATA,
 };
 use crate::devices::virtio::VIRTIO_F_VERSION_1;
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 type Vring = VringRwLock<Mem>;
 
+/// QEMU sizes vhost-user-vsock queues itself (1024 on virtio-mmio, 128 on PCI in
+/// QEMU 7.2) and refuses to start if the back end's maximum is smaller.
+const MAX_QUEUE_SIZE: usize = 1024;
 const RX: usize = 0;
 const TX: usize = 1;
 const NUM_QUEUES: usize = 3;
@@ -150,7 +153,7 @@ impl VhostUserBackendMut for VhostUserVsockBackend {
     }
 
     fn max_queue_size(&self) -> usize {
-        usize::from(QUEUE_SIZES[0])
+        MAX_QUEUE_SIZE
     }
 
     fn features(&self) -> u64 {
@@ -362,7 +365,8 @@ mod tests {
                 Err(e) => {
                     let _ = qemu.kill();
                     let log = std::fs::read_to_string(&console_log).unwrap_or_default();
-                    panic!("guest never connected ({e}); console:\n{log}");
+                    let served = backend.is_finished().then(|| backend.join());
+                    panic!("guest never connected ({e}); back end: {served:?}; console:\n{log}");
                 }
             }
         };

@@ -60,6 +60,8 @@ pub fn first_missing_capability(has: impl Fn(Cap) -> bool) -> Option<&'static st
 /// An open, checked KVM system fd.
 pub struct KvmHandle {
     kvm: Kvm,
+    /// KVM_GET_SUPPORTED_CPUID does not change while we run; every vCPU needs it.
+    supported_cpuid: std::sync::OnceLock<CpuId>,
 }
 
 impl KvmHandle {
@@ -87,7 +89,10 @@ impl KvmHandle {
         if let Some(name) = first_missing_capability(|cap| kvm.check_extension(cap)) {
             return Err(KvmError::MissingCapability(name));
         }
-        Ok(Self { kvm })
+        Ok(Self {
+            kvm,
+            supported_cpuid: std::sync::OnceLock::new(),
+        })
     }
 
     pub fn kvm(&self) -> &Kvm {
@@ -101,9 +106,14 @@ impl KvmHandle {
 
     /// CPUID entries KVM can present to a guest on this host.
     pub fn supported_cpuid(&self) -> Result<CpuId, KvmError> {
-        self.kvm
+        if let Some(cpuid) = self.supported_cpuid.get() {
+            return Ok(cpuid.clone());
+        }
+        let cpuid = self
+            .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(KvmError::SupportedCpuid)
+            .map_err(KvmError::SupportedCpuid)?;
+        Ok(self.supported_cpuid.get_or_init(|| cpuid).clone())
     }
 
     /// Whether the in-kernel LAPIC offers the TSC-deadline timer.

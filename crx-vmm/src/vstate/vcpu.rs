@@ -262,47 +262,46 @@ impl Vcpu {
     }
 }
 
+/// Turns one KVM exit into a bus access or the end of the VM.
 fn handle_exit(vcpu: u8, exit: VcpuExit<'_>, ctx: &VcpuContext) -> Step {
-    {
-        match exit {
-            VcpuExit::IoIn(port, data) => {
-                if !ctx.pio.read(u64::from(port), data) {
-                    data.fill(0xff);
-                    note_unhandled("pio read", u64::from(port), data.len());
-                }
-                Step::Continue
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            if !ctx.pio.read(u64::from(port), data) {
+                data.fill(0xff);
+                note_unhandled("pio read", u64::from(port), data.len());
             }
-            VcpuExit::IoOut(port, data) => {
-                if !ctx.pio.write(u64::from(port), data) {
-                    note_unhandled("pio write", u64::from(port), data.len());
-                }
-                Step::Continue
-            }
-            VcpuExit::MmioRead(addr, data) => {
-                if !ctx.mmio.read(addr, data) {
-                    data.fill(0xff);
-                    note_unhandled("mmio read", addr, data.len());
-                }
-                Step::Continue
-            }
-            VcpuExit::MmioWrite(addr, data) => {
-                if !ctx.mmio.write(addr, data) {
-                    note_unhandled("mmio write", addr, data.len());
-                }
-                Step::Continue
-            }
-            VcpuExit::Shutdown => Step::End(VmEnd::Shutdown { vcpu }),
-            VcpuExit::SystemEvent(kind, _) => Step::End(VmEnd::SystemEvent { vcpu, kind }),
-            VcpuExit::Hlt => Step::End(VmEnd::Halt { vcpu }),
-            VcpuExit::InternalError => Step::InternalError,
-            VcpuExit::FailEntry(reason, _) => Step::End(VmEnd::FailEntry { vcpu, reason }),
-            VcpuExit::Intr => Step::Interrupted,
-            VcpuExit::IrqWindowOpen => Step::Continue,
-            other => Step::End(VmEnd::UnexpectedExit {
-                vcpu,
-                exit: format!("{other:?}"),
-            }),
+            Step::Continue
         }
+        VcpuExit::IoOut(port, data) => {
+            if !ctx.pio.write(u64::from(port), data) {
+                note_unhandled("pio write", u64::from(port), data.len());
+            }
+            Step::Continue
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            if !ctx.mmio.read(addr, data) {
+                data.fill(0xff);
+                note_unhandled("mmio read", addr, data.len());
+            }
+            Step::Continue
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            if !ctx.mmio.write(addr, data) {
+                note_unhandled("mmio write", addr, data.len());
+            }
+            Step::Continue
+        }
+        VcpuExit::Shutdown => Step::End(VmEnd::Shutdown { vcpu }),
+        VcpuExit::SystemEvent(kind, _) => Step::End(VmEnd::SystemEvent { vcpu, kind }),
+        VcpuExit::Hlt => Step::End(VmEnd::Halt { vcpu }),
+        VcpuExit::InternalError => Step::InternalError,
+        VcpuExit::FailEntry(reason, _) => Step::End(VmEnd::FailEntry { vcpu, reason }),
+        VcpuExit::Intr => Step::Interrupted,
+        VcpuExit::IrqWindowOpen => Step::Continue,
+        other => Step::End(VmEnd::UnexpectedExit {
+            vcpu,
+            exit: format!("{other:?}"),
+        }),
     }
 }
 

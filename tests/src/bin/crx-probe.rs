@@ -157,6 +157,7 @@ async fn health(addr: AgentAddress, started: Instant, timeout_ms: u64) -> anyhow
         "agent_version": ready.version.agent_version,
         "protocol_version": ready.version.protocol_version,
         "kernel": ready.version.kernel_release,
+        "online_cpus": ready.version.online_cpus,
         "attempts": ready.attempts,
         "elapsed_us": elapsed_us(started),
     }))
@@ -249,4 +250,93 @@ impl Drop for RemoveOnDrop<'_> {
 
 fn elapsed_us(started: Instant) -> u64 {
     u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("crx-probe-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn listen_prints_the_first_line_and_removes_its_socket() {
+        let dir = temp_dir("listen");
+        let path = dir.join("vm.vsock_1025");
+        let guest_path = path.clone();
+        let guest = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut conn = loop {
+                match std::os::unix::net::UnixStream::connect(&guest_path) {
+                    Ok(c) => break c,
+                    Err(_) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
+                    Err(e) => panic!("probe never listened: {e}"),
+                }
+            };
+            conn.write_all(b"first \"line\"\nsecond line\n").unwrap();
+        });
+        let started = Instant::now();
+        let value = runtime()
+            .block_on(listen_once(
+                &path,
+                started + Duration::from_secs(10),
+                started,
+            ))
+            .unwrap();
+        guest.join().unwrap();
+        assert_eq!(value["ok"], true);
+        assert_eq!(value["line"], "first \"line\"");
+        assert_eq!(value["complete"], true);
+        assert!(!path.exists(), "socket left behind");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn listen_gives_up_at_the_deadline_and_cleans_up() {
+        let dir = temp_dir("listen-timeout");
+        let path = dir.join("vm.vsock_1025");
+        let started = Instant::now();
+        let err = runtime()
+            .block_on(listen_once(
+                &path,
+                started + Duration::from_millis(100),
+                started,
+            ))
+            .expect_err("nobody connected, yet it succeeded");
+        assert!(err.to_string().contains("before the deadline"), "{err}");
+        assert!(!path.exists(), "socket left behind");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn listen_leaves_a_live_socket_alone() {
+        let dir = temp_dir("listen-live");
+        let path = dir.join("vm.vsock_1025");
+        let _other = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let started = Instant::now();
+        let err = runtime()
+            .block_on(listen_once(
+                &path,
+                started + Duration::from_millis(100),
+                started,
+            ))
+            .expect_err("took over a live socket");
+        assert!(err.to_string().contains("already listens"), "{err}");
+        assert!(path.exists(), "removed someone else's socket");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

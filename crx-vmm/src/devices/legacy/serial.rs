@@ -60,6 +60,22 @@ impl BusDevice for Serial {
 /// Longest console line logged as one record; longer lines are split.
 const MAX_LINE: usize = 1024;
 
+/// The guest is untrusted: its console line reaches the host's log (and maybe a
+/// terminal) with control characters, escape sequences included, made visible.
+fn printable(line: &[u8]) -> String {
+    String::from_utf8_lossy(line)
+        .trim_end_matches('\r')
+        .chars()
+        .map(|c| {
+            if c.is_control() && c != '\t' {
+                '\u{fffd}'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
 /// Sends guest console output to the log, one record per line.
 #[derive(Default)]
 pub struct LineLogger {
@@ -68,9 +84,7 @@ pub struct LineLogger {
 
 impl LineLogger {
     fn emit(&mut self) {
-        let text = String::from_utf8_lossy(&self.line);
-        let text = text.trim_end_matches('\r');
-        tracing::info!("guest: {text}");
+        tracing::info!("guest: {}", printable(&self.line));
         self.line.clear();
     }
 }
@@ -118,6 +132,12 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn console_lines_lose_control_characters() {
+        assert_eq!(printable(b"ok\x1b[31mred\r"), "ok\u{fffd}[31mred");
+        assert_eq!(printable(b"a\tb\xff"), "a\tb\u{fffd}");
     }
 
     #[test]
