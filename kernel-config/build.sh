@@ -122,9 +122,15 @@ export KBUILD_BUILD_TIMESTAMP="1970-01-01 00:00:00 UTC" KBUILD_BUILD_USER=crx \
 mk() { make -C "$tree" ARCH="$arch" "$@"; }
 
 log "configuring: tinyconfig + $(basename "$fragment")"
-mk -s tinyconfig >&2
-(cd "$tree" && ARCH="$arch" scripts/kconfig/merge_config.sh -m .config "$fragment" >/dev/null)
-mk -s olddefconfig >&2
+config_log="$tree/.crx-config.log"
+# tinyconfig and merge_config.sh chatter about every value they override; keep that in a
+# log and show it only when something fails.
+if ! { mk -s tinyconfig \
+        && (cd "$tree" && ARCH="$arch" scripts/kconfig/merge_config.sh -m .config "$fragment") \
+        && mk -s olddefconfig; } >"$config_log" 2>&1; then
+    cat "$config_log" >&2
+    die "kernel configuration failed (log: $config_log)"
+fi
 
 # Every line of the fragment must survive olddefconfig; kconfig silently drops a symbol
 # whose dependencies are unmet, which would give a kernel that boots but lacks a feature.

@@ -77,6 +77,17 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
+# PID 1 must start with stdin/stdout/stderr on /dev/console, whichever console it is.
+for fd in 0 1 2; do
+    [ "$(readlink /proc/1/fd/$fd)" = /dev/console ] || pid1_fds_bad="$pid1_fds_bad $fd"
+done
+if grep -qw console=ttynull /proc/cmdline; then
+    # Silent boot: the console is ttynull, so report on the serial port directly.
+    exec >/dev/ttyS0 2>&1
+    echo "CRX-SMOKE init-running (late marker: console is ttynull)"
+fi
+echo "CRX-SMOKE consoles: $(cut -c1-8 /proc/consoles | tr -s ' \n' ' ')"
+if [ -z "$pid1_fds_bad" ]; then ok pid1-console-fds; else bad pid1-console-fds "fds$pid1_fds_bad not on /dev/console"; fi
 echo "CRX-SMOKE uptime $(cut -d' ' -f1 /proc/uptime)"
 check proc test -r /proc/self/stat
 check cgroup2-mount mount -t cgroup2 cgroup2 /sys/fs/cgroup
@@ -151,9 +162,9 @@ machine=${CRX_SMOKE_MACHINE:-microvm,x-option-roms=off,pit=on,pic=on,rtc=on,isa-
 # $1 kernel, $2 initramfs, $3 vCPUs, $4 log file. Prints the ms from QEMU start to the
 # first line /init writes; fails if QEMU does not exit by itself (reboot -f) in time.
 boot() {
-    local kernel=$1 initrd=$2 smp=$3 out=$4 quiet=quiet rc=0 start line now
+    local kernel=$1 initrd=$2 smp=$3 out=$4 console=${5:-console=ttyS0} quiet=quiet rc=0 start line now
     [[ $verbose == 1 ]] && quiet=""
-    local cmdline="console=ttyS0 reboot=k panic=-1 $quiet crx.expect_cpus=0$([[ $smp == 1 ]] || echo "-$((smp - 1))")"
+    local cmdline="$console reboot=k panic=-1 $quiet crx.expect_cpus=0$([[ $smp == 1 ]] || echo "-$((smp - 1))")"
     start=$EPOCHREALTIME
     set +e
     timeout --kill-after=5 "$boot_timeout" "$qemu" \
@@ -191,7 +202,7 @@ failed=0
 report_checks() { # $1 log
     local fails
     fails=$(grep -c 'CRX-CHECK FAIL' "$1" || true)
-    grep -E 'CRX-SMOKE (uptime|cgroup|virtio|cpus|vda|virtio[0-9])' "$1" | cut -d' ' -f2- | sed 's/^/    /' >&2
+    grep -E 'CRX-SMOKE (uptime|consoles|cgroup|virtio|cpus|vda|virtio[0-9])' "$1" | cut -d' ' -f2- | sed 's/^/    /' >&2
     if ((fails)); then
         grep 'CRX-CHECK FAIL' "$1" | cut -d' ' -f2- | sed 's/^/    /' >&2
         failed=1
@@ -217,6 +228,16 @@ log "booting vmlinux with 2 vCPUs (MP table, SMP bring-up)"
 ms=$(boot "$kdir/vmlinux" "$work/test.cpio" 2 "$work/smp2.log")
 report_checks "$work/smp2.log"
 log "vmlinux -smp 2: QEMU start -> /init: $ms ms"
+
+log "booting vmlinux with console=ttynull (the silent production setting)"
+ms=$(boot "$kdir/vmlinux" "$work/test.cpio" 1 "$work/ttynull.log" console=ttynull)
+report_checks "$work/ttynull.log"
+# Nothing may reach the serial port before /init redirects there itself.
+if grep -v 'CRX-' "$work/ttynull.log" | grep -v 'qemu-system-x86_64: warning' | grep -q .; then
+    grep -v 'CRX-' "$work/ttynull.log" | head -n 5 >&2
+    die "with console=ttynull the kernel still wrote to the serial port"
+fi
+log "vmlinux console=ttynull: QEMU start -> /init reporting on ttyS0: $ms ms"
 
 if [[ ${CRX_SMOKE_COMPRESSION:-0} == 1 ]]; then
     # A payload the size of a static Rust agent (~8 MiB of real machine code) makes the

@@ -22,7 +22,6 @@ mod services;
 use std::ffi::OsString;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use tracing::level_filters::LevelFilter;
@@ -275,8 +274,6 @@ async fn serve_host(listen: ListenAddr) -> anyhow::Result<()> {
     }
     server.stop().await;
     tracing::info!("stopped");
-    // Let the log line out before the runtime drops.
-    tokio::time::sleep(Duration::ZERO).await;
     Ok(())
 }
 

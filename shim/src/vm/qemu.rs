@@ -47,7 +47,8 @@ impl QemuBackend {
             format!("crx-{},debug-threads=on", config.name),
             "-M".into(),
             format!(
-                "microvm,acpi=off,x-option-roms=off,pit=off,pic=off,rtc=off,isa-serial={},memory-backend=mem",
+                "microvm,acpi=off,x-option-roms=off,{},rtc=off,isa-serial={},memory-backend=mem",
+                legacy_timers(self.accel),
                 if serial_on { "on" } else { "off" }
             ),
             "-object".into(),
@@ -94,6 +95,16 @@ impl QemuBackend {
             kernel_cmdline(config),
         ]);
         args
+    }
+}
+
+/// Under KVM the guest gets its clock from kvm-clock and needs no legacy timer. Under
+/// TCG there is no kvm-clock: without the PIT the kernel cannot calibrate the TSC and
+/// hangs after "Marking TSC unstable", so TCG keeps the PIT and the PIC.
+fn legacy_timers(accel: QemuAccel) -> &'static str {
+    match accel {
+        QemuAccel::Kvm => "pit=off,pic=off",
+        QemuAccel::Tcg => "pit=on,pic=on",
     }
 }
 
