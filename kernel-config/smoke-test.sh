@@ -164,7 +164,9 @@ machine=${CRX_SMOKE_MACHINE:-microvm,x-option-roms=off,pit=on,pic=on,rtc=on,isa-
 boot() {
     local kernel=$1 initrd=$2 smp=$3 out=$4 console=${5:-console=ttyS0} quiet=quiet rc=0 start line now
     [[ $verbose == 1 ]] && quiet=""
-    local cmdline="$console reboot=k panic=-1 $quiet crx.expect_cpus=0$([[ $smp == 1 ]] || echo "-$((smp - 1))")"
+    local cpus=0 cmdline
+    ((smp == 1)) || cpus="0-$((smp - 1))"
+    cmdline="$console reboot=k panic=-1 $quiet crx.expect_cpus=$cpus"
     start=$EPOCHREALTIME
     set +e
     timeout --kill-after=5 "$boot_timeout" "$qemu" \

@@ -295,26 +295,88 @@ mod tests {
         assert_eq!(b.get_config(u32::MAX, 2), vec![0, 0]);
     }
 
-    /// A real guest under QEMU (TCG) driving this back end. Needs a kernel and an
-    /// initramfs whose init runs a vsock test program (connects to host port 1025,
-    /// then echoes on port 1024): set `CRX_VHU_KERNEL` and `CRX_VHU_INITRD`;
-    /// `CRX_VHU_DEVICE` picks `vhost-user-vsock-pci` (default, q35) or
-    /// `vhost-user-vsock-device` (microvm).
+    /// Builds an initramfs whose `/init` runs `test_guest.c` (static, with busybox for
+    /// the mounts and the final reboot).
+    fn build_test_initrd(dir: &Path) -> PathBuf {
+        use std::process::Command;
+        let root = dir.join("root");
+        for d in ["bin", "proc", "sys", "dev"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        let src = dir.join("guest.c");
+        std::fs::write(&src, include_str!("test_guest.c")).unwrap();
+        let ok = Command::new("gcc")
+            .args(["-static", "-O2", "-o"])
+            .arg(root.join("bin/vsock-guest"))
+            .arg(&src)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "gcc -static failed (needs gcc and glibc's static libc)");
+        std::fs::copy("/usr/bin/busybox", root.join("bin/busybox"))
+            .expect("needs a static /usr/bin/busybox (Debian busybox-static)");
+        let init = "#!/bin/busybox sh\n\
+            /bin/busybox mount -t proc proc /proc\n\
+            /bin/busybox mount -t sysfs sys /sys\n\
+            /bin/busybox mount -t devtmpfs dev /dev\n\
+            /bin/vsock-guest\n\
+            echo \"GUEST exit $?\"\n\
+            /bin/busybox reboot -f\n";
+        std::fs::write(root.join("init"), init).unwrap();
+        std::fs::set_permissions(
+            root.join("init"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let initrd = dir.join("initrd.cpio");
+        let ok = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "cd '{}' && find . | cpio -o -H newc 2>/dev/null > '{}'",
+                root.display(),
+                initrd.display()
+            ))
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "building the initramfs needs cpio");
+        initrd
+    }
+
+    /// The newest crx guest kernel the kernel-config build script cached.
+    fn cached_crx_kernel() -> Option<String> {
+        let mut found: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir("/var/cache/crx/kernel")
+            .ok()?
+            .flatten()
+            .map(|e| e.path().join("vmlinux"))
+            .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
+            .collect();
+        found.sort();
+        found.pop().map(|(_, p)| p.display().to_string())
+    }
+
+    /// A real guest under QEMU (TCG) driving this back end, the way the QEMU VM backend
+    /// runs pods: microvm, `vhost-user-vsock-device`, memory from a shared memfd.
+    ///
+    /// Kernel: `CRX_VHU_KERNEL`, else the newest `/var/cache/crx/kernel/*/vmlinux` (it
+    /// needs virtio-mmio command-line devices and vsock built in). Initramfs:
+    /// `CRX_VHU_INITRD`, else one built from `test_guest.c`. `CRX_VHU_DEVICE` may pick
+    /// `vhost-user-vsock-pci` (q35) instead, e.g. for a distribution kernel.
+    /// Run: `cargo test -p crx-vmm --lib qemu_guest -- --ignored --nocapture`.
     #[test]
-    #[ignore = "boots a guest under QEMU; needs CRX_VHU_KERNEL and CRX_VHU_INITRD"]
+    #[ignore = "boots a guest under QEMU TCG (a few seconds); needs qemu, gcc, busybox-static"]
     fn qemu_guest_talks_through_the_back_end() {
         use std::io::{BufRead, BufReader, Read, Write};
         use std::os::unix::net::{UnixListener, UnixStream};
         use std::time::{Duration, Instant};
 
-        let (Ok(kernel), Ok(initrd)) =
-            (std::env::var("CRX_VHU_KERNEL"), std::env::var("CRX_VHU_INITRD"))
-        else {
-            panic!("set CRX_VHU_KERNEL and CRX_VHU_INITRD");
-        };
-        let device =
-            std::env::var("CRX_VHU_DEVICE").unwrap_or_else(|_| "vhost-user-vsock-pci".into());
         let dir = TestDir::new("vhu-qemu");
+        let kernel = std::env::var("CRX_VHU_KERNEL")
+            .ok()
+            .or_else(cached_crx_kernel)
+            .expect("no guest kernel: set CRX_VHU_KERNEL or build kernel-config/");
+        let initrd = std::env::var("CRX_VHU_INITRD")
+            .unwrap_or_else(|_| build_test_initrd(&dir.0).display().to_string());
+        let device =
+            std::env::var("CRX_VHU_DEVICE").unwrap_or_else(|_| "vhost-user-vsock-device".into());
         let vhu = dir.0.join("vhu.sock");
         let uds = dir.0.join("v.sock");
         let mut port_path = uds.clone().into_os_string();
