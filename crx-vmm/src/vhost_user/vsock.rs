@@ -18,12 +18,12 @@ use virtio_queue::{QueueOwnedT, QueueT};
 use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use crate::devices::virtio::mmio::WarnLimiter;
-use crate::devices::virtio::vsock::{
-    MuxerConfig, VsockError, VsockMuxer, MAX_PKT_DATA,
-};
+use crate::devices::virtio::vsock::{MuxerConfig, VsockError, VsockMuxer, MAX_PKT_DATA};
 use crate::devices::virtio::VIRTIO_F_VERSION_1;
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -42,6 +42,10 @@ const MUXER_TOKEN: u16 = NUM_QUEUES as u16 + 1;
 /// Why the vhost-user-vsock back end stopped or could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum VhostUserVsockError {
+    #[error(
+        "vhost-user socket {0} already exists (another back end, or a stale socket to remove)"
+    )]
+    SocketExists(PathBuf),
     #[error("cannot set up the vsock muxer")]
     Muxer(#[source] VsockError),
     #[error("cannot create the back end's exit event")]
@@ -87,14 +91,17 @@ impl VhostUserVsockBackend {
         let mem = atomic.memory();
         let mut used = false;
         loop {
-            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem.clone());
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone());
             let Some(mut chain) = chain else { break };
             let head = chain.head_index();
             match VsockPacket::from_tx_virtq_chain(&*mem, &mut chain, MAX_PKT_DATA) {
                 Ok(pkt) => self.muxer.send_pkt(&pkt),
-                Err(e) => self
-                    .warn
-                    .warn(format_args!("vhost-user-vsock: dropped malformed tx packet: {e}")),
+                Err(e) => self.warn.warn(format_args!(
+                    "vhost-user-vsock: dropped malformed tx packet: {e}"
+                )),
             }
             vring.add_used(head, 0).map_err(io::Error::other)?;
             used = true;
@@ -116,7 +123,10 @@ impl VhostUserVsockBackend {
         let mem = atomic.memory();
         let mut used = false;
         while self.muxer.has_pending_rx() {
-            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem.clone());
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone());
             // No buffers: the guest's next rx kick brings us back.
             let Some(mut chain) = chain else { break };
             let head = chain.head_index();
@@ -129,8 +139,9 @@ impl VhostUserVsockBackend {
                     PKT_HEADER_SIZE as u32 + pkt.len()
                 }
                 Err(e) => {
-                    self.warn
-                        .warn(format_args!("vhost-user-vsock: dropped malformed rx buffer: {e}"));
+                    self.warn.warn(format_args!(
+                        "vhost-user-vsock: dropped malformed rx buffer: {e}"
+                    ));
                     0
                 }
             };
@@ -227,8 +238,13 @@ pub fn serve_vhost_user_vsock(
     guest_cid: u64,
     uds_path: PathBuf,
 ) -> Result<(), VhostUserVsockError> {
-    let muxer =
-        VsockMuxer::new(MuxerConfig::new(guest_cid, uds_path)).map_err(VhostUserVsockError::Muxer)?;
+    // vhost's listener would silently replace whatever is there; a live back end's
+    // socket must not be stolen.
+    if socket.symlink_metadata().is_ok() {
+        return Err(VhostUserVsockError::SocketExists(socket.to_path_buf()));
+    }
+    let muxer = VsockMuxer::new(MuxerConfig::new(guest_cid, uds_path))
+        .map_err(VhostUserVsockError::Muxer)?;
     let muxer_fd = muxer.as_raw_fd();
     let backend = Arc::new(RwLock::new(VhostUserVsockBackend::new(muxer)?));
     let daemon_err = |step: &'static str| {
@@ -265,8 +281,8 @@ fn serve_one(
     daemon: &mut VhostUserDaemon<Arc<RwLock<VhostUserVsockBackend>>>,
     socket: &Path,
 ) -> Result<(), vhost_user_backend::Error> {
-    let mut listener = Listener::new(socket, true)
-        .map_err(vhost_user_backend::Error::CreateVhostUserListener)?;
+    let mut listener =
+        Listener::new(socket, true).map_err(vhost_user_backend::Error::CreateVhostUserListener)?;
     daemon.start(&mut listener)?;
     match daemon.wait() {
         Err(vhost_user_backend::Error::HandleRequest(
@@ -288,11 +304,28 @@ mod tests {
         let b = VhostUserVsockBackend::new(muxer).unwrap();
         assert_eq!(b.num_queues(), 3);
         assert_ne!(b.features() & VIRTIO_F_VERSION_1, 0);
-        assert_ne!(b.features() & (1 << 30), 0, "VHOST_USER_F_PROTOCOL_FEATURES");
-        assert!(b.protocol_features().contains(VhostUserProtocolFeatures::CONFIG));
+        assert_ne!(
+            b.features() & (1 << 30),
+            0,
+            "VHOST_USER_F_PROTOCOL_FEATURES"
+        );
+        assert!(b
+            .protocol_features()
+            .contains(VhostUserProtocolFeatures::CONFIG));
         assert_eq!(b.get_config(0, 8), 7u64.to_le_bytes().to_vec());
         assert_eq!(b.get_config(4, 8), vec![0; 8]);
         assert_eq!(b.get_config(u32::MAX, 2), vec![0, 0]);
+    }
+
+    #[test]
+    fn refuses_an_existing_socket_path_and_leaves_it_alone() {
+        let dir = TestDir::new("vhu-exists");
+        let sock = dir.0.join("vhu.sock");
+        std::fs::write(&sock, b"someone else's").unwrap();
+        let err = serve_vhost_user_vsock(&sock, 3, dir.0.join("v.sock")).unwrap_err();
+        assert!(matches!(err, VhostUserVsockError::SocketExists(_)));
+        assert_eq!(std::fs::read(&sock).unwrap(), b"someone else's");
+        assert!(!dir.0.join("v.sock").exists());
     }
 
     /// Builds an initramfs whose `/init` runs `test_guest.c` (static, with busybox for
@@ -343,12 +376,13 @@ mod tests {
 
     /// The newest crx guest kernel the kernel-config build script cached.
     fn cached_crx_kernel() -> Option<String> {
-        let mut found: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir("/var/cache/crx/kernel")
-            .ok()?
-            .flatten()
-            .map(|e| e.path().join("vmlinux"))
-            .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
-            .collect();
+        let mut found: Vec<(std::time::SystemTime, PathBuf)> =
+            std::fs::read_dir("/var/cache/crx/kernel")
+                .ok()?
+                .flatten()
+                .map(|e| e.path().join("vmlinux"))
+                .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
+                .collect();
         found.sort();
         found.pop().map(|(_, p)| p.display().to_string())
     }
@@ -387,7 +421,10 @@ mod tests {
         let backend = std::thread::spawn(move || serve_vhost_user_vsock(&vhu2, 3, uds2));
         let t0 = Instant::now();
         while !vhu.exists() {
-            assert!(t0.elapsed() < Duration::from_secs(5), "back end socket never appeared");
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "back end socket never appeared"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         let (machine, console) = if device.ends_with("-pci") {
@@ -434,7 +471,9 @@ mod tests {
         };
         let guest_connected = t0.elapsed();
         from_guest.set_nonblocking(false).unwrap();
-        from_guest.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        from_guest
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
         let mut line = String::new();
         BufReader::new(&from_guest).read_line(&mut line).unwrap();
         assert_eq!(line, "guest-hello\n");
@@ -457,7 +496,10 @@ mod tests {
             if reply.starts_with(b"OK ") {
                 break c;
             }
-            assert!(t1.elapsed() < Duration::from_secs(60), "guest never listened on 1024");
+            assert!(
+                t1.elapsed() < Duration::from_secs(60),
+                "guest never listened on 1024"
+            );
             std::thread::sleep(Duration::from_millis(100));
         };
         let payload: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7 + 3) as u8).collect();
@@ -493,8 +535,14 @@ mod tests {
         eprintln!(
             "guest connected after {guest_connected:?}; 1 MB echo in {echo_time:?}; qemu {status}"
         );
-        assert!(log.contains("GUEST got from host: host-reply"), "console:\n{log}");
-        assert!(log.contains("GUEST echo done, 1000000 bytes"), "console:\n{log}");
+        assert!(
+            log.contains("GUEST got from host: host-reply"),
+            "console:\n{log}"
+        );
+        assert!(
+            log.contains("GUEST echo done, 1000000 bytes"),
+            "console:\n{log}"
+        );
         served.unwrap();
         assert!(!vhu.exists() && !uds.exists(), "sockets left behind");
     }

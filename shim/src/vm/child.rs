@@ -65,6 +65,8 @@ pub struct VmProcess {
     pidfd: OwnedFd,
     log_path: PathBuf,
     exit: Option<ProcessExit>,
+    /// Wall-clock time just before the fork, for comparing with VMM trace timestamps.
+    pub spawned_at: std::time::SystemTime,
 }
 
 impl VmProcess {
@@ -86,9 +88,14 @@ impl VmProcess {
                 Ok(())
             });
         }
+        let spawned_at = std::time::SystemTime::now();
         let child = cmd.spawn().map_err(spawn_err)?;
         let pidfd = pidfd_open(child.id()).map_err(spawn_err)?;
-        Ok(Self { name, child, pidfd, log_path: log_path.to_path_buf(), exit: None })
+        Ok(Self { name, child, pidfd, log_path: log_path.to_path_buf(), exit: None, spawned_at })
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
     }
 
     pub fn pid(&self) -> u32 {

@@ -115,6 +115,10 @@ impl Vm for CrxVm {
     fn resources(&self) -> VmResources {
         VmResources::measure(&self.pids(), self.guest_ram_kib)
     }
+
+    fn vmm_spawn(&self) -> (std::time::SystemTime, &Path) {
+        (self.vmm.spawned_at, self.vmm.log_path())
+    }
 }
 
 impl Drop for CrxVm {

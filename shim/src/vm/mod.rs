@@ -130,4 +130,7 @@ pub trait Vm: Send {
     fn stop(&mut self, grace: Duration) -> Result<VmExit, VmError>;
     /// Host memory of the VM's processes right now.
     fn resources(&self) -> VmResources;
+    /// When the VMM process itself (crx-vmm or QEMU) was spawned, and its log file:
+    /// benchmarks read the time of the first guest instruction from that log.
+    fn vmm_spawn(&self) -> (std::time::SystemTime, &Path);
 }

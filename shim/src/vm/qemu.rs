@@ -31,11 +31,13 @@ pub struct QemuBackend {
     pub tcg_tb_size_mib: u32,
     /// How long the vhost-user back end may take to create its socket.
     pub backend_ready_timeout: Duration,
+    /// Extra QEMU arguments (benchmarks add trace events).
+    pub extra_args: Vec<String>,
 }
 
 impl QemuBackend {
     pub fn new(accel: QemuAccel) -> Self {
-        Self { accel, tcg_tb_size_mib: 64, backend_ready_timeout: Duration::from_secs(5) }
+        Self { accel, tcg_tb_size_mib: 64, backend_ready_timeout: Duration::from_secs(5), extra_args: Vec::new() }
     }
 
     /// The QEMU command line for `config` (without the program name).
@@ -94,6 +96,7 @@ impl QemuBackend {
             "-append".into(),
             kernel_cmdline(config),
         ]);
+        args.extend(self.extra_args.iter().cloned());
         args
     }
 }
@@ -257,6 +260,10 @@ impl Vm for QemuVm {
 
     fn resources(&self) -> VmResources {
         VmResources::measure(&self.pids(), self.guest_ram_kib)
+    }
+
+    fn vmm_spawn(&self) -> (std::time::SystemTime, &Path) {
+        (self.qemu.spawned_at, self.qemu.log_path())
     }
 }
 

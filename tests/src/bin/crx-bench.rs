@@ -22,6 +22,12 @@ enum Command {
         #[arg(long, default_value_t = 128)]
         memory_mib: u32,
     },
+    /// crx-vmm vs QEMU microvm/KVM booting the same guest in the same nested-KVM L1:
+    /// setup to first guest instruction, spawn -> agent reply, VMM RSS, KVM exits.
+    Vmm {
+        #[arg(long, default_value_t = 10)]
+        iterations: usize,
+    },
 }
 
 fn main() -> Result<()> {
@@ -33,6 +39,7 @@ fn main() -> Result<()> {
             println!("crx-bench boot: {iterations} starts per backend, guest memory {memory_mib} MiB");
             bench::boot::run(iterations, &backends, memory_mib)?
         }
+        Command::Vmm { iterations } => bench::vmm::run(iterations)?,
     };
     println!("{result}");
     Ok(())

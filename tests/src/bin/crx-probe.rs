@@ -70,6 +70,23 @@ enum Cmd {
         #[arg(long, default_value_t = 10_000)]
         timeout_ms: u64,
     },
+    /// Inside the nested-KVM L1 of `crx-bench vmm`: boot one VMM repeatedly through the
+    /// shim's backend and print its figures.
+    VmBench {
+        /// `crx-vmm` or `qemu` (QEMU microvm with KVM).
+        #[arg(long)]
+        backend: String,
+        #[arg(long, default_value_t = 10)]
+        iterations: usize,
+        #[arg(long)]
+        kernel: PathBuf,
+        #[arg(long)]
+        initramfs: PathBuf,
+        #[arg(long)]
+        crx_vmm: PathBuf,
+        #[arg(long)]
+        qemu: PathBuf,
+    },
     /// Wait for a host-mode agent (Unix socket) to answer Health.
     UnixHealth {
         /// The agent's `--listen unix://` socket.
@@ -84,6 +101,20 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let started = Instant::now();
+    // vm-bench runs its own runtime per boot, so it is dispatched outside the async one.
+    if let Cmd::VmBench { backend, iterations, kernel, initramfs, crx_vmm, qemu } = &cli.command {
+        let paths = crx_tests::bench::vmm::paths(kernel, initramfs, crx_vmm, qemu);
+        return match crx_tests::bench::vmm::measure_in_l1(backend, *iterations, &paths) {
+            Ok(v) => {
+                println!("{v}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                println!("{}", json!({ "ok": false, "backend": backend, "error": format!("{e:#}") }));
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build();
@@ -146,6 +177,7 @@ async fn run(cmd: Cmd, started: Instant) -> anyhow::Result<Value> {
             let deadline = started + Duration::from_millis(timeout_ms);
             listen_once(&uds_port_path, deadline, started).await
         }
+        Cmd::VmBench { .. } => anyhow::bail!("vm-bench is dispatched before the async runtime"),
     }
 }
 

@@ -22,8 +22,8 @@ mod status;
 #[cfg(test)]
 mod tests;
 
-pub use status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK};
 use status::StatusStep;
+pub use status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK};
 
 /// Size of one virtio-mmio slot in guest physical address space.
 pub const MMIO_SLOT_SIZE: u64 = 0x1000;
@@ -131,7 +131,10 @@ impl WarnLimiter {
 
     pub(crate) fn warn(&mut self, what: std::fmt::Arguments<'_>) {
         let now = Instant::now();
-        if self.last.is_some_and(|t| now.duration_since(t) < Self::PERIOD) {
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Self::PERIOD)
+        {
             self.suppressed += 1;
             return;
         }
@@ -251,8 +254,9 @@ impl MmioTransport {
             REG_SHM_BASE_LOW | REG_SHM_BASE_HIGH => u32::MAX,
             REG_CONFIG_GENERATION => self.config_generation,
             _ => {
-                self.warn
-                    .warn(format_args!("virtio-mmio: read of unknown or write-only register {offset:#x}"));
+                self.warn.warn(format_args!(
+                    "virtio-mmio: read of unknown or write-only register {offset:#x}"
+                ));
                 0
             }
         }
@@ -264,17 +268,22 @@ impl MmioTransport {
             REG_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
             REG_DRIVER_FEATURES => self.write_driver_features(value),
             REG_QUEUE_SEL => self.queue_sel = value,
-            REG_QUEUE_NUM | REG_QUEUE_READY | REG_QUEUE_DESC_LOW | REG_QUEUE_DESC_HIGH
-            | REG_QUEUE_DRIVER_LOW | REG_QUEUE_DRIVER_HIGH | REG_QUEUE_DEVICE_LOW
+            REG_QUEUE_NUM
+            | REG_QUEUE_READY
+            | REG_QUEUE_DESC_LOW
+            | REG_QUEUE_DESC_HIGH
+            | REG_QUEUE_DRIVER_LOW
+            | REG_QUEUE_DRIVER_HIGH
+            | REG_QUEUE_DEVICE_LOW
             | REG_QUEUE_DEVICE_HIGH => self.write_queue_register(offset, value),
             REG_QUEUE_NOTIFY => self.notify_queue(value),
             REG_INTERRUPT_ACK => {
                 self.interrupt_status.fetch_and(!value, Ordering::SeqCst);
             }
             REG_STATUS => self.write_status(value),
-            _ => self
-                .warn
-                .warn(format_args!("virtio-mmio: write of unknown or read-only register {offset:#x}")),
+            _ => self.warn.warn(format_args!(
+                "virtio-mmio: write of unknown or read-only register {offset:#x}"
+            )),
         }
     }
 
@@ -307,8 +316,9 @@ impl MmioTransport {
         }
         let sel = self.queue_sel;
         let Some(q) = self.selected_queue() else {
-            self.warn
-                .warn(format_args!("virtio-mmio: queue register {offset:#x} for absent queue {sel}"));
+            self.warn.warn(format_args!(
+                "virtio-mmio: queue register {offset:#x} for absent queue {sel}"
+            ));
             return;
         };
         let set_low = |field: &mut u64| *field = (*field & !0xffff_ffff) | u64::from(value);
@@ -337,7 +347,9 @@ impl MmioTransport {
                     tracing::error!(queue = value, error = %e, "virtio-mmio: cannot signal queue event");
                 }
             }
-            None => self.warn.warn(format_args!("virtio-mmio: notify for absent queue {value}")),
+            None => self
+                .warn
+                .warn(format_args!("virtio-mmio: notify for absent queue {value}")),
         }
     }
 
@@ -427,11 +439,12 @@ impl MmioTransport {
                 }
                 let mut q = Queue::new(cfg.max_size)
                     .map_err(|source| QueueSetupError::MaxSize { index, source })?;
-                q.try_set_size(cfg.size).map_err(|_| QueueSetupError::Size {
-                    index,
-                    size: cfg.size,
-                    max: cfg.max_size,
-                })?;
+                q.try_set_size(cfg.size)
+                    .map_err(|_| QueueSetupError::Size {
+                        index,
+                        size: cfg.size,
+                        max: cfg.max_size,
+                    })?;
                 let align = |source| QueueSetupError::Alignment { index, source };
                 q.try_set_desc_table_address(GuestAddress(cfg.desc))
                     .map_err(align)?;
@@ -453,7 +466,10 @@ impl MmioTransport {
         if self.activated && !self.lock_device().reset() {
             // The device keeps running on the old queues; it must not be driven again
             // until the VMM restarts, so say so rather than pretend a clean slate.
-            tracing::error!(device = self.device_type, "virtio-mmio: device cannot be reset");
+            tracing::error!(
+                device = self.device_type,
+                "virtio-mmio: device cannot be reset"
+            );
             self.status = DEVICE_NEEDS_RESET;
             return;
         }
@@ -490,8 +506,10 @@ impl BusDevice for MmioTransport {
                 self.lock_device().read_config(offset - CONFIG_SPACE, data);
             } else {
                 data.fill(0);
-                self.warn
-                    .warn(format_args!("virtio-mmio: config read of {} bytes at {offset:#x}", data.len()));
+                self.warn.warn(format_args!(
+                    "virtio-mmio: config read of {} bytes at {offset:#x}",
+                    data.len()
+                ));
             }
             return;
         }
@@ -512,8 +530,10 @@ impl BusDevice for MmioTransport {
             if matches!(data.len(), 1 | 2 | 4 | 8) {
                 self.lock_device().write_config(offset - CONFIG_SPACE, data);
             } else {
-                self.warn
-                    .warn(format_args!("virtio-mmio: config write of {} bytes at {offset:#x}", data.len()));
+                self.warn.warn(format_args!(
+                    "virtio-mmio: config write of {} bytes at {offset:#x}",
+                    data.len()
+                ));
             }
             return;
         }
@@ -525,8 +545,9 @@ impl BusDevice for MmioTransport {
             return;
         };
         if offset % 4 != 0 {
-            self.warn
-                .warn(format_args!("virtio-mmio: unaligned register write at {offset:#x} ignored"));
+            self.warn.warn(format_args!(
+                "virtio-mmio: unaligned register write at {offset:#x} ignored"
+            ));
             return;
         }
         self.write_register(offset, u32::from_le_bytes(bytes));

@@ -88,7 +88,10 @@ mod tests {
         // Rewriting the same value is a no-op.
         assert_eq!(next_step(0xb, 0xb), StatusStep::Set(0xb));
         // A device that needs a reset accepts nothing new but FAILED or 0.
-        assert_eq!(next_step(0xb | DEVICE_NEEDS_RESET, 0xf), StatusStep::Invalid);
+        assert_eq!(
+            next_step(0xb | DEVICE_NEEDS_RESET, 0xf),
+            StatusStep::Invalid
+        );
         assert_eq!(
             next_step(0xb | DEVICE_NEEDS_RESET, 0x8b),
             StatusStep::Failed(0x8b | DEVICE_NEEDS_RESET)

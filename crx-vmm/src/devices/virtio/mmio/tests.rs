@@ -199,7 +199,10 @@ fn queue_notify_write_signals_the_queue_eventfd() {
     r.bring_up();
     r.w(REG_QUEUE_NOTIFY, 1);
     assert_eq!(r.t.queue_events()[1].read().unwrap(), 1);
-    assert!(r.t.queue_events()[0].read().is_err(), "queue 0 not signalled");
+    assert!(
+        r.t.queue_events()[0].read().is_err(),
+        "queue 0 not signalled"
+    );
     // The device got clones of the same eventfds.
     r.w(REG_QUEUE_NOTIFY, 0);
     assert_eq!(r.dev.lock().unwrap().queue_events[0].read().unwrap(), 1);
@@ -226,7 +229,10 @@ fn features_not_offered_or_missing_version_1_are_refused() {
     assert_eq!(r.r(REG_STATUS), 0x3);
     r.w(REG_STATUS, 0);
     assert_eq!(r.negotiate(VIRTIO_F_VERSION_1 | FEATURE_A), 0xb);
-    assert_eq!(r.dev.lock().unwrap().acked, Some(VIRTIO_F_VERSION_1 | FEATURE_A));
+    assert_eq!(
+        r.dev.lock().unwrap().acked,
+        Some(VIRTIO_F_VERSION_1 | FEATURE_A)
+    );
 }
 
 #[test]
@@ -329,7 +335,11 @@ fn activation_failure_sets_needs_reset() {
     r.dev.lock().unwrap().fail_activate = true;
     assert_eq!(r.bring_up(), 0xb | DEVICE_NEEDS_RESET);
     r.w(REG_STATUS, 0xf);
-    assert_eq!(r.dev.lock().unwrap().activations, 1, "no retry without reset");
+    assert_eq!(
+        r.dev.lock().unwrap().activations,
+        1,
+        "no retry without reset"
+    );
 }
 
 #[test]
@@ -343,7 +353,10 @@ fn reset_clears_transport_and_resets_the_device() {
     assert_eq!(r.r(REG_INTERRUPT_STATUS), 0);
     r.w(REG_QUEUE_SEL, 0);
     assert_eq!(r.r(REG_QUEUE_READY), 0);
-    assert!(r.t.queue_events()[0].read().is_err(), "stale notify dropped");
+    assert!(
+        r.t.queue_events()[0].read().is_err(),
+        "stale notify dropped"
+    );
     assert_eq!(r.dev.lock().unwrap().resets, 1);
     // And the device can be brought up again.
     assert_eq!(r.bring_up(), 0xf);

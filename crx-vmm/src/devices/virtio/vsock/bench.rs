@@ -274,7 +274,10 @@ pub fn run(dir: &Path, bytes: u64, rx_buf_size: usize) -> io::Result<BenchFigure
     // Handshake: the host client's CONNECT becomes a REQUEST to the guest.
     let req = g.next(deadline)?;
     if req.op != VSOCK_OP_REQUEST {
-        return Err(io::Error::other(format!("expected REQUEST, got op {}", req.op)));
+        return Err(io::Error::other(format!(
+            "expected REQUEST, got op {}",
+            req.op
+        )));
     }
     g.host_port = req.src_port;
     g.send(VSOCK_OP_RESPONSE, &[]);
@@ -301,7 +304,10 @@ pub fn run(dir: &Path, bytes: u64, rx_buf_size: usize) -> io::Result<BenchFigure
     // Guest → host, 64 KiB packets within the host's advertised credit. The packet
     // buffer is reused, as a guest reuses its tx buffers.
     let t1 = Instant::now();
-    let mut tx = OwnedPacket::tx(g.header(VSOCK_OP_RW, MAX_PKT_DATA), &[0xa5u8; MAX_PKT_DATA as usize]);
+    let mut tx = OwnedPacket::tx(
+        g.header(VSOCK_OP_RW, MAX_PKT_DATA),
+        &[0xa5u8; MAX_PKT_DATA as usize],
+    );
     let mut left = bytes;
     while left > 0 {
         let credit = g

@@ -13,6 +13,22 @@
 //! Everything the guest writes is untrusted: packets are bounded
 //! ([`MAX_PKT_DATA`]), addressed packets are checked against the guest's CID, and
 //! every connection's buffer is bounded by the credit it advertises.
+//!
+//! Behaviour a host user sees:
+//! - Host-initiated: connect to `uds_path`, write `CONNECT <port>\n` (decimal, at most
+//!   32 bytes with the newline, within 5 s, else the stream is closed). The guest gets
+//!   a REQUEST from an ephemeral host port (≥ 2^30); on its RESPONSE the client reads
+//!   `OK <hostport>\n` and the stream carries the guest's bytes. If the guest answers
+//!   RST, or nothing within 5 s, the stream is closed without a line.
+//! - Guest-initiated to host port P: connected (non-blocking) to `<uds_path>_P`; RST to
+//!   the guest if nothing listens there or its backlog is full.
+//! - Half-close works both ways: the host's `shutdown(SHUT_WR)` (or close) becomes a
+//!   SHUTDOWN(SEND) to the guest; the guest's SHUTDOWN(SEND) becomes `shutdown(SHUT_WR)`
+//!   on the host stream once its buffered bytes are written. A guest closing both ways
+//!   gets the RST Linux waits for; any protocol error resets the connection.
+//! - Limits ([`MuxerConfig`]): 1024 connections, 64 pending handshakes, 256 KiB of
+//!   guest→host buffer per connection ([`CONN_TX_BUF_SIZE`], the advertised credit);
+//!   host→guest bytes are read only into rx buffers the guest gave, within its credit.
 
 use std::path::PathBuf;
 

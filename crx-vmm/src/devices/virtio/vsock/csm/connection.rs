@@ -222,7 +222,8 @@ impl Connection {
         }
         let len = data.len();
         if len > self.tx_buf.free() {
-            tracing::warn!(?self.key, len, "vsock: guest overran its credit; resetting");
+            // Debug, not warn: a guest could repeat this on every connection it opens.
+            tracing::debug!(?self.key, len, "vsock: guest overran its credit; resetting");
             return GuestOutcome::Reset;
         }
         let mut written = 0;
@@ -328,7 +329,11 @@ impl Connection {
 
     /// Fills `pkt` (an rx buffer from the guest) with the next packet this connection
     /// owes the guest.
-    pub fn fill_rx<B: BitmapSlice>(&mut self, pkt: &mut VsockPacket<'_, B>, guest_cid: u64) -> RxOutcome {
+    pub fn fill_rx<B: BitmapSlice>(
+        &mut self,
+        pkt: &mut VsockPacket<'_, B>,
+        guest_cid: u64,
+    ) -> RxOutcome {
         let (op, flags, len) = if self.take(P_RST) {
             (VSOCK_OP_RST, 0, 0)
         } else if self.take(P_REQUEST) {

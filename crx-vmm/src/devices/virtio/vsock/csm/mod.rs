@@ -5,5 +5,5 @@
 mod connection;
 mod txbuf;
 
-pub use connection::{ConnKey, ConnState, Connection, GuestHeader, GuestOutcome, RxOutcome};
 pub(crate) use connection::write_header;
+pub use connection::{ConnKey, ConnState, Connection, GuestHeader, GuestOutcome, RxOutcome};

@@ -113,7 +113,10 @@ mod tests {
     #[test]
     fn wraps_around_and_keeps_order_and_bound() {
         let mut t = TxBuf::new(10);
-        let mut sink = Trickle { got: Vec::new(), room: 0 };
+        let mut sink = Trickle {
+            got: Vec::new(),
+            room: 0,
+        };
         assert!(t.push(&vs(&mut [1, 2, 3, 4, 5, 6, 7])));
         assert!(!t.push(&vs(&mut [0; 4])), "over capacity refused");
         sink.room = 5;

@@ -115,8 +115,16 @@ impl Driver {
             let h = self.alloc.alloc(PKT_HEADER_SIZE as u64);
             let d = self.alloc.alloc(u64::from(RX_DATA));
             let head = self.rxq.add_chain(&[
-                Buf { addr: h, len: PKT_HEADER_SIZE as u32, write: true },
-                Buf { addr: d, len: RX_DATA, write: true },
+                Buf {
+                    addr: h,
+                    len: PKT_HEADER_SIZE as u32,
+                    write: true,
+                },
+                Buf {
+                    addr: d,
+                    len: RX_DATA,
+                    write: true,
+                },
             ]);
             self.rx_bufs.insert(head, (h, d));
         }
@@ -135,13 +143,25 @@ impl Driver {
         let ha = self.alloc.alloc(PKT_HEADER_SIZE as u64);
         self.mem.write_slice(&h.to_bytes(), ha).unwrap();
         if data.is_empty() {
-            self.send_chain(&[Buf { addr: ha, len: PKT_HEADER_SIZE as u32, write: false }]);
+            self.send_chain(&[Buf {
+                addr: ha,
+                len: PKT_HEADER_SIZE as u32,
+                write: false,
+            }]);
         } else {
             let da = self.alloc.alloc(data.len() as u64);
             self.mem.write_slice(data, da).unwrap();
             self.send_chain(&[
-                Buf { addr: ha, len: PKT_HEADER_SIZE as u32, write: false },
-                Buf { addr: da, len: data.len() as u32, write: false },
+                Buf {
+                    addr: ha,
+                    len: PKT_HEADER_SIZE as u32,
+                    write: false,
+                },
+                Buf {
+                    addr: da,
+                    len: data.len() as u32,
+                    write: false,
+                },
             ]);
         }
     }
@@ -163,7 +183,11 @@ impl Driver {
         let mut hb = [0u8; PKT_HEADER_SIZE];
         self.mem.read_slice(&mut hb, ha).unwrap();
         let h = Hdr::from_bytes(&hb);
-        assert_eq!(len, PKT_HEADER_SIZE as u32 + h.len, "used length covers the packet");
+        assert_eq!(
+            len,
+            PKT_HEADER_SIZE as u32 + h.len,
+            "used length covers the packet"
+        );
         let mut data = vec![0u8; h.len as usize];
         self.mem.read_slice(&mut data, da).unwrap();
         Some((h, data))
@@ -174,7 +198,10 @@ impl Driver {
         c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         c.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
         let (req, _) = self.recv(Duration::from_secs(5)).expect("REQUEST");
-        assert_eq!((req.op, req.dst_port, req.dst_cid), (VSOCK_OP_REQUEST, port, CID));
+        assert_eq!(
+            (req.op, req.dst_port, req.dst_cid),
+            (VSOCK_OP_REQUEST, port, CID)
+        );
         let mut resp = Hdr::guest(CID, port, req.src_port, VSOCK_OP_RESPONSE);
         resp.buf_alloc = 64 * 1024;
         self.send(resp, &[]);
@@ -214,7 +241,12 @@ fn host_connect_and_data_through_queues() {
     d.add_rx_buffers(8);
     let (mut c, hp) = d.client_connect(1024);
     // The guest was interrupted for the used buffers.
-    assert_ne!(d.t.interrupt_status().load(std::sync::atomic::Ordering::SeqCst) & 1, 0);
+    assert_ne!(
+        d.t.interrupt_status()
+            .load(std::sync::atomic::Ordering::SeqCst)
+            & 1,
+        0
+    );
 
     c.write_all(b"from host").unwrap();
     let (h, data) = d.recv(Duration::from_secs(5)).expect("RW");
@@ -235,7 +267,10 @@ fn guest_connect_to_nobody_gets_rst_through_queues() {
     d.add_rx_buffers(2);
     d.send(Hdr::guest(CID, 7000, 1025, VSOCK_OP_REQUEST), &[]);
     let (h, _) = d.recv(Duration::from_secs(5)).expect("RST");
-    assert_eq!((h.op, h.src_port, h.dst_port, h.dst_cid), (VSOCK_OP_RST, 1025, 7000, CID));
+    assert_eq!(
+        (h.op, h.src_port, h.dst_port, h.dst_cid),
+        (VSOCK_OP_RST, 1025, 7000, CID)
+    );
 }
 
 #[test]
@@ -244,24 +279,48 @@ fn malformed_tx_chains_are_consumed_without_harm() {
     d.add_rx_buffers(4);
     let small = d.alloc.alloc(64);
     // Header descriptor shorter than a header.
-    d.send_chain(&[Buf { addr: small, len: 10, write: false }]);
+    d.send_chain(&[Buf {
+        addr: small,
+        len: 10,
+        write: false,
+    }]);
     // Device-writable tx descriptor.
-    d.send_chain(&[Buf { addr: small, len: 64, write: true }]);
+    d.send_chain(&[Buf {
+        addr: small,
+        len: 64,
+        write: true,
+    }]);
     // A header claiming data, with no data descriptor.
     let mut h = Hdr::guest(CID, 1, 2, VSOCK_OP_RW);
     h.len = 100;
     d.mem.write_slice(&h.to_bytes(), small).unwrap();
-    d.send_chain(&[Buf { addr: small, len: PKT_HEADER_SIZE as u32, write: false }]);
+    d.send_chain(&[Buf {
+        addr: small,
+        len: PKT_HEADER_SIZE as u32,
+        write: false,
+    }]);
     // A huge length.
     h.len = 1 << 30;
     let big = d.alloc.alloc(64);
     d.mem.write_slice(&h.to_bytes(), big).unwrap();
     d.send_chain(&[
-        Buf { addr: big, len: PKT_HEADER_SIZE as u32, write: false },
-        Buf { addr: small, len: 64, write: false },
+        Buf {
+            addr: big,
+            len: PKT_HEADER_SIZE as u32,
+            write: false,
+        },
+        Buf {
+            addr: small,
+            len: 64,
+            write: false,
+        },
     ]);
     // A descriptor pointing outside guest memory.
-    d.send_chain(&[Buf { addr: GuestAddress(0x1_0000_0000), len: 44, write: false }]);
+    d.send_chain(&[Buf {
+        addr: GuestAddress(0x1_0000_0000),
+        len: 44,
+        write: false,
+    }]);
     // All five come back used; the device still answers a good packet.
     let deadline = Instant::now() + Duration::from_secs(5);
     while d.txq.used_idx() < 5 {
@@ -286,10 +345,19 @@ fn full_rx_queue_waits_without_spinning_then_resumes() {
         poll_readable(d.irq.as_raw_fd(), 50);
     }
     let spent = vsock_thread_ticks() - before;
-    assert!(spent <= 5, "device thread burned {spent} ticks while rx was full");
-    assert_eq!(d.rxq.used_idx(), d.rx_seen, "nothing delivered without buffers");
+    assert!(
+        spent <= 5,
+        "device thread burned {spent} ticks while rx was full"
+    );
+    assert_eq!(
+        d.rxq.used_idx(),
+        d.rx_seen,
+        "nothing delivered without buffers"
+    );
     d.add_rx_buffers(2);
-    let (h, data) = d.recv(Duration::from_secs(5)).expect("data after buffers arrive");
+    let (h, data) = d
+        .recv(Duration::from_secs(5))
+        .expect("data after buffers arrive");
     assert_eq!((h.op, data.len()), (VSOCK_OP_RW, 3000));
 }
 
@@ -302,7 +370,11 @@ fn driver_reset_drops_host_connections_and_device_comes_back() {
     assert_eq!(r(&mut d.t, 0x70), 0);
     assert!(!d.dev.lock().unwrap().is_active());
     let mut b = [0u8; 1];
-    assert_eq!(c.read(&mut b).unwrap(), 0, "host client sees EOF after the reset");
+    assert_eq!(
+        c.read(&mut b).unwrap(),
+        0,
+        "host client sees EOF after the reset"
+    );
     // A fresh driver can bring the device up again on the same socket.
     d.rxq = TestQueue::new(&d.mem, GuestAddress(RX_BASE), 16);
     d.txq = TestQueue::new(&d.mem, GuestAddress(TX_BASE), 16);
@@ -324,6 +396,12 @@ fn activate_rejects_wrong_queue_count() {
         queue_events: vec![],
         interrupt,
     };
-    assert!(matches!(v.activate(ctx), Err(ActivateError::QueueCount { expected: 3, got: 0 })));
+    assert!(matches!(
+        v.activate(ctx),
+        Err(ActivateError::QueueCount {
+            expected: 3,
+            got: 0
+        })
+    ));
     assert!(!v.is_active());
 }

@@ -76,7 +76,10 @@ mod tests {
     #[test]
     fn parses_only_well_formed_lines() {
         assert_eq!(parse_connect(b"CONNECT 1024"), LineState::Connect(1024));
-        assert_eq!(parse_connect(b"CONNECT 4294967295"), LineState::Connect(u32::MAX));
+        assert_eq!(
+            parse_connect(b"CONNECT 4294967295"),
+            LineState::Connect(u32::MAX)
+        );
         for bad in [
             &b"CONNECT abc"[..],
             b"CONNECT ",

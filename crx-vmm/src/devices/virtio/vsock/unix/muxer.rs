@@ -194,9 +194,11 @@ impl VsockMuxer {
             self.remove(key);
         }
         for (_, hs) in self.handshakes.drain() {
-            let _ = self
-                .epoll
-                .ctl(ControlOperation::Delete, hs.stream.as_raw_fd(), EpollEvent::default());
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                hs.stream.as_raw_fd(),
+                EpollEvent::default(),
+            );
         }
         self.rxq.clear();
         self.rst_queue.clear();
@@ -343,8 +345,9 @@ impl VsockMuxer {
 
     fn guest_connect(&mut self, key: ConnKey, hdr: &GuestHeader) {
         if self.at_capacity() {
-            self.warn
-                .warn(format_args!("vsock: connection limit reached; refusing {key:?}"));
+            self.warn.warn(format_args!(
+                "vsock: connection limit reached; refusing {key:?}"
+            ));
             self.queue_rst(key);
             return;
         }
@@ -449,8 +452,9 @@ impl VsockMuxer {
                 }
             };
             if self.handshakes.len() >= self.cfg.max_handshakes || self.at_capacity() {
-                self.warn
-                    .warn(format_args!("vsock: too many host connections; closing a new one"));
+                self.warn.warn(format_args!(
+                    "vsock: too many host connections; closing a new one"
+                ));
                 continue;
             }
             if let Err(e) = self.start_handshake(stream) {
@@ -469,16 +473,19 @@ impl VsockMuxer {
             EpollEvent::new(EventSet::IN, token),
         )?;
         let deadline = Instant::now() + self.cfg.handshake_timeout;
-        self.handshakes.insert(token, Handshake::new(stream, deadline));
+        self.handshakes
+            .insert(token, Handshake::new(stream, deadline));
         self.arm_timer_for(deadline);
         Ok(())
     }
 
     fn end_handshake(&mut self, token: u64) -> Option<Handshake> {
         let hs = self.handshakes.remove(&token)?;
-        let _ = self
-            .epoll
-            .ctl(ControlOperation::Delete, hs.stream.as_raw_fd(), EpollEvent::default());
+        let _ = self.epoll.ctl(
+            ControlOperation::Delete,
+            hs.stream.as_raw_fd(),
+            EpollEvent::default(),
+        );
         Some(hs)
     }
 
@@ -502,8 +509,9 @@ impl VsockMuxer {
 
     fn start_local(&mut self, stream: UnixStream, peer_port: u32) {
         let Some(local_port) = self.alloc_local_port(peer_port) else {
-            self.warn
-                .warn(format_args!("vsock: no free host port; closing a host client"));
+            self.warn.warn(format_args!(
+                "vsock: no free host port; closing a host client"
+            ));
             return;
         };
         let key = ConnKey {
@@ -585,7 +593,10 @@ impl VsockMuxer {
             .collect();
         for key in late {
             if let Some(entry) = self.conns.get_mut(&key) {
-                tracing::debug!(?key, "vsock: guest did not answer a connection request in time");
+                tracing::debug!(
+                    ?key,
+                    "vsock: guest did not answer a connection request in time"
+                );
                 entry.deadline = None;
                 entry.conn.reset();
                 self.refresh(key);

@@ -73,11 +73,14 @@ impl Rig {
     }
 
     fn recv(&mut self) -> Hdr {
-        self.recv_within(WAIT, 4096).expect("a packet for the guest").hdr()
+        self.recv_within(WAIT, 4096)
+            .expect("a packet for the guest")
+            .hdr()
     }
 
     fn recv_pkt(&mut self) -> OwnedPacket {
-        self.recv_within(WAIT, 4096).expect("a packet for the guest")
+        self.recv_within(WAIT, 4096)
+            .expect("a packet for the guest")
     }
 
     fn client(&self, line: &[u8]) -> UnixStream {
@@ -200,7 +203,10 @@ fn host_connect_data_both_ways_and_clean_shutdown() {
     // Host half-closes: the guest learns it will get no more data.
     c.shutdown(std::net::Shutdown::Write).unwrap();
     let sh = r.recv();
-    assert_eq!((sh.op, sh.flags), (VSOCK_OP_SHUTDOWN, VSOCK_FLAGS_SHUTDOWN_SEND));
+    assert_eq!(
+        (sh.op, sh.flags),
+        (VSOCK_OP_SHUTDOWN, VSOCK_FLAGS_SHUTDOWN_SEND)
+    );
     // The other direction still works after the half-close.
     r.send(rw(1024, hp, 11), b"still here");
     let mut buf = [0u8; 10];
@@ -211,7 +217,10 @@ fn host_connect_data_both_ways_and_clean_shutdown() {
     sd.flags = VSOCK_FLAGS_SHUTDOWN_RCV | VSOCK_FLAGS_SHUTDOWN_SEND;
     r.send(sd, &[]);
     let rst = r.recv();
-    assert_eq!((rst.op, rst.src_port, rst.dst_port), (VSOCK_OP_RST, hp, 1024));
+    assert_eq!(
+        (rst.op, rst.src_port, rst.dst_port),
+        (VSOCK_OP_RST, hp, 1024)
+    );
     assert!(sees_eof(&mut c));
     assert_eq!(r.m.connection_count(), 0);
 }
@@ -274,7 +283,10 @@ fn host_to_guest_bulk_respects_guest_credit() {
         }
     }
     assert_eq!(got, data, "byte-exact");
-    assert!(stalls >= 15, "credit limited the transfer ({stalls} stalls)");
+    assert!(
+        stalls >= 15,
+        "credit limited the transfer ({stalls} stalls)"
+    );
     drop(writer.join().unwrap());
 }
 
@@ -362,7 +374,10 @@ fn guest_connect_to_port_nobody_listens_on_gets_rst() {
     let mut r = rig();
     r.send(Hdr::guest(CID, 5001, 1026, VSOCK_OP_REQUEST), &[]);
     let rst = r.recv();
-    assert_eq!((rst.op, rst.src_port, rst.dst_port), (VSOCK_OP_RST, 1026, 5001));
+    assert_eq!(
+        (rst.op, rst.src_port, rst.dst_port),
+        (VSOCK_OP_RST, 1026, 5001)
+    );
     assert_eq!(r.m.connection_count(), 0);
 }
 
@@ -426,7 +441,10 @@ fn guest_rst_to_request_closes_the_client() {
     let req = r.recv();
     r.send(Hdr::guest(CID, 99, req.src_port, VSOCK_OP_RST), &[]);
     assert!(sees_eof(&mut c));
-    assert!(r.recv_within(Duration::from_millis(100), 4096).is_none(), "no RST answers an RST");
+    assert!(
+        r.recv_within(Duration::from_millis(100), 4096).is_none(),
+        "no RST answers an RST"
+    );
 }
 
 #[test]
@@ -500,7 +518,10 @@ fn full_guest_rx_does_not_keep_the_muxer_fd_busy() {
     // The guest has no rx buffers: nobody calls recv_pkt. More host data must not
     // wake the muxer's fd again for this connection.
     c.write_all(&[9u8; 1000]).unwrap();
-    assert!(!poll_fd(r.m.as_raw_fd(), 100), "muxer fd readable while rx is stalled");
+    assert!(
+        !poll_fd(r.m.as_raw_fd(), 100),
+        "muxer fd readable while rx is stalled"
+    );
     // Once the guest gives a buffer, data flows again.
     let p = r.recv_pkt();
     assert_eq!(p.hdr().op, VSOCK_OP_RW);
@@ -525,7 +546,11 @@ fn connection_limit_refuses_extra_guest_connections() {
     answers.sort();
     assert_eq!(
         answers,
-        vec![(1, VSOCK_OP_RESPONSE), (2, VSOCK_OP_RESPONSE), (3, VSOCK_OP_RST)]
+        vec![
+            (1, VSOCK_OP_RESPONSE),
+            (2, VSOCK_OP_RESPONSE),
+            (3, VSOCK_OP_RST)
+        ]
     );
     assert_eq!(r.m.connection_count(), 2);
 }
@@ -543,7 +568,12 @@ fn random_guest_packets_never_panic() {
     };
     for _ in 0..5000 {
         let v = next();
-        let mut h = Hdr::guest(CID, [1024, 5, (v >> 8) as u32][v as usize % 3], hp, (v >> 16) as u16 % 9);
+        let mut h = Hdr::guest(
+            CID,
+            [1024, 5, (v >> 8) as u32][v as usize % 3],
+            hp,
+            (v >> 16) as u16 % 9,
+        );
         h.flags = (v >> 24) as u32 % 5;
         h.buf_alloc = (v >> 32) as u32;
         h.fwd_cnt = (v >> 40) as u32;
