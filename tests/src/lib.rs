@@ -2,6 +2,5 @@
 
 pub mod artifacts;
 pub mod bench;
-pub mod host;
 pub mod l1;
 pub mod vm_harness;

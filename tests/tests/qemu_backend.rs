@@ -144,3 +144,20 @@ fn missing_kernel_is_named_before_anything_starts() -> Result<()> {
     ensure!(processes_mentioning(&dir.path().display().to_string()).is_empty(), "a process was started");
     Ok(())
 }
+
+#[test]
+fn auto_picks_qemu_tcg_on_this_pvm_host_and_says_why() -> Result<()> {
+    use crx_shim::vm::{choose_backend, probe_kvm, BackendKind, Hypervisor, KvmVerdict};
+    let verdict = probe_kvm();
+    // This suite runs on PVM hosts (CI) and on hardware KVM; each must pick its backend.
+    let choice = choose_backend(Hypervisor::Auto, &verdict).map_err(anyhow::Error::msg)?;
+    eprintln!("auto: {} — {}", choice.kind, choice.reason);
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        ensure!(matches!(verdict, KvmVerdict::Unusable(_)), "PVM host probed as {verdict:?}");
+        ensure!(choice.kind == BackendKind::Qemu(QemuAccel::Tcg), "auto picked {} on PVM", choice.kind);
+        ensure!(choice.reason.contains("PVM") && choice.reason.contains("TCG"), "reason does not say why: {}", choice.reason);
+    } else if verdict == KvmVerdict::Usable {
+        ensure!(choice.kind == BackendKind::CrxVmm, "auto picked {} on hardware KVM", choice.kind);
+    }
+    Ok(())
+}

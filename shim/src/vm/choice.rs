@@ -36,6 +36,18 @@ pub enum KvmVerdict {
     Missing(String),
 }
 
+/// Asks crx-vmm's host probe what this host's KVM can do for a Linux guest.
+pub fn probe_kvm() -> KvmVerdict {
+    let host = crx_vmm::host::probe();
+    if host.usable_for_linux {
+        KvmVerdict::Usable
+    } else if host.kvm_usable {
+        KvmVerdict::Unusable(host.reason)
+    } else {
+        KvmVerdict::Missing(host.reason)
+    }
+}
+
 /// The backend picked, with the reason to log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendChoice {

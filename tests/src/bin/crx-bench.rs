@@ -34,7 +34,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Boot { iterations, memory_mib } => {
-            let kvm_usable = crx_tests::host::kvm_runs_linux_guests();
+            let kvm_usable = crx_shim::vm::probe_kvm() == crx_shim::vm::KvmVerdict::Usable;
             let backends = bench::boot::available_backends(kvm_usable);
             println!("crx-bench boot: {iterations} starts per backend, guest memory {memory_mib} MiB");
             bench::boot::run(iterations, &backends, memory_mib)?

@@ -6,17 +6,11 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use crx_shim::vm::{choose_backend, BackendKind, CrxVmmBackend, Hypervisor, KvmVerdict, QemuBackend, VmBackend};
+use crx_shim::vm::{choose_backend, probe_kvm, BackendKind, CrxVmmBackend, Hypervisor, QemuBackend, VmBackend};
 use crx_tests::vm_harness::{self, boot, shutdown, vm_config, RunDir};
 
 fn main() -> Result<()> {
-    let verdict = if crx_tests::host::kvm_runs_linux_guests() {
-        KvmVerdict::Usable
-    } else if std::path::Path::new("/sys/module/kvm_pvm").exists() {
-        KvmVerdict::Unusable("this host's /dev/kvm is PVM (kvm_pvm), which cannot run a stock guest's user space".into())
-    } else {
-        KvmVerdict::Missing("/dev/kvm is not available".into())
-    };
+    let verdict = probe_kvm();
     let choice = choose_backend(Hypervisor::Auto, &verdict).map_err(anyhow::Error::msg)?;
     println!("backend: {} — {}", choice.kind, choice.reason);
     let backend: Box<dyn VmBackend> = match choice.kind {
