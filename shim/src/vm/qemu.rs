@@ -199,16 +199,35 @@ struct QemuVm {
 }
 
 impl QemuVm {
-    /// Ends whatever still runs after `first` ended, and remembers how the VM ended.
-    fn finish(&mut self, first_is_qemu: bool, requested: bool, grace: Duration) -> Result<VmExit, VmError> {
+    /// Ends whatever still runs once one process ended (or a stop was requested), and
+    /// remembers how the VM ended. The two processes end together more often than not:
+    /// QEMU's exit closes the vhost-user socket and the back end then exits cleanly, so
+    /// either may be reaped first. The report names the process that failed, or QEMU
+    /// when neither did.
+    fn finish(&mut self, requested: bool, grace: Duration) -> Result<VmExit, VmError> {
         if let Some(exit) = &self.exit {
             return Ok(exit.clone());
         }
-        let (first, other) =
-            if first_is_qemu { (&mut self.qemu, &mut self.backend) } else { (&mut self.backend, &mut self.qemu) };
-        let status = first.terminate(grace)?;
-        other.terminate(grace)?;
-        let exit = VmExit { process: first.name, status, requested, log_tail: first.log_tail() };
+        if requested {
+            // QEMU first: with the guest gone, the back end has nothing left to serve.
+            self.qemu.terminate(grace)?;
+        } else {
+            // Give the partner of the process that ended a moment to end by itself.
+            wait_any(&mut [&mut self.qemu], Some(PARTNER_EXIT_WINDOW))?;
+            wait_any(&mut [&mut self.backend], Some(PARTNER_EXIT_WINDOW))?;
+        }
+        let qemu_ended_by_itself = self.qemu.try_exit()?.is_some();
+        let qemu_status = self.qemu.terminate(grace)?;
+        let backend_status = self.backend.terminate(grace)?;
+        // A back end that failed is the cause, unless QEMU had already failed by itself
+        // (then the back end only followed it down).
+        let qemu_failed_first = qemu_ended_by_itself && !qemu_status.success();
+        let (culprit, status) = if !requested && !backend_status.success() && !qemu_failed_first {
+            (&self.backend, backend_status)
+        } else {
+            (&self.qemu, qemu_status)
+        };
+        let exit = VmExit { process: culprit.name, status, requested, log_tail: culprit.log_tail() };
         if exit.is_failure() {
             tracing::error!(%exit, "VM ended unexpectedly");
         } else {
@@ -219,6 +238,9 @@ impl QemuVm {
         Ok(exit)
     }
 }
+
+/// How long the partner of a process that ended may take to notice and end too.
+const PARTNER_EXIT_WINDOW: Duration = Duration::from_millis(500);
 
 pub(super) fn remove_sockets(sockets: &[PathBuf]) {
     for s in sockets {
@@ -249,13 +271,12 @@ impl Vm for QemuVm {
         }
         match wait_any(&mut [&mut self.qemu, &mut self.backend], Some(timeout))? {
             None => Ok(None),
-            Some(i) => self.finish(i == 0, false, Duration::from_secs(2)).map(Some),
+            Some(_) => self.finish(false, Duration::from_secs(2)).map(Some),
         }
     }
 
     fn stop(&mut self, grace: Duration) -> Result<VmExit, VmError> {
-        // QEMU first: with the guest gone, the back end has nothing left to serve.
-        self.finish(true, true, grace)
+        self.finish(true, grace)
     }
 
     fn resources(&self) -> VmResources {
@@ -270,7 +291,7 @@ impl Vm for QemuVm {
 impl Drop for QemuVm {
     fn drop(&mut self) {
         if self.exit.is_none() {
-            let _ = self.finish(true, true, Duration::from_millis(500));
+            let _ = self.finish(true, Duration::from_millis(500));
         }
         remove_sockets(&self.sockets);
     }
