@@ -23,13 +23,24 @@ pub struct BackendFigures {
     pub total_pss_kib: Summary,
 }
 
-pub fn run(iterations: usize, backends: &[BackendKind], memory_mib: u32) -> Result<serde_json::Value> {
+pub fn run(
+    iterations: usize,
+    backends: &[BackendKind],
+    memory_mib: u32,
+    tcg_tb_size_mib: Option<u32>,
+) -> Result<serde_json::Value> {
     let rt = vm_harness::runtime()?;
     let mut results = Vec::new();
     for &kind in backends {
         let backend: Box<dyn VmBackend> = match kind {
             BackendKind::CrxVmm => Box::new(CrxVmmBackend::default()),
-            BackendKind::Qemu(accel) => Box::new(QemuBackend::new(accel)),
+            BackendKind::Qemu(accel) => {
+                let mut q = QemuBackend::new(accel);
+                if let Some(mib) = tcg_tb_size_mib {
+                    q.tcg_tb_size_mib = mib;
+                }
+                Box::new(q)
+            }
         };
         let dir = RunDir::new("bench-boot")?;
         let (mut ready, mut rss, mut touched, mut pss) = (vec![], vec![], vec![], vec![]);
@@ -71,7 +82,13 @@ pub fn run(iterations: usize, backends: &[BackendKind], memory_mib: u32) -> Resu
         );
         results.push(f);
     }
-    Ok(json!({ "benchmark": "boot", "iterations": iterations, "guest_memory_mib": memory_mib, "backends": results }))
+    Ok(json!({
+        "benchmark": "boot",
+        "iterations": iterations,
+        "guest_memory_mib": memory_mib,
+        "tcg_tb_size_mib": tcg_tb_size_mib.unwrap_or(QemuBackend::new(QemuAccel::Tcg).tcg_tb_size_mib),
+        "backends": results,
+    }))
 }
 
 /// The backends this host can run, best first, with the reason for the others.
