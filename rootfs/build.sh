@@ -39,6 +39,8 @@ trap cleanup EXIT
 
 umask 022
 install -m 0755 "$agent" "$stage/init"
+# Debug info is useless in the guest and would be copied into guest RAM at every boot.
+strip --strip-all "$stage/init"
 # Mount points the agent uses (sysfs brings /sys/fs/cgroup with it).
 mkdir -m 0755 "$stage/proc" "$stage/sys" "$stage/dev" "$stage/run"
 mkdir -m 1777 "$stage/tmp"

@@ -422,11 +422,11 @@ pub fn kernel_cmdline(
     cmdline
         .insert_str(BASE_CMDLINE)
         .map_err(BuildError::Cmdline)?;
-    if serial {
-        cmdline
-            .insert_str("console=ttyS0")
-            .map_err(BuildError::Cmdline)?;
-    }
+    // Without a serial device the guest still needs a console, or PID 1 starts with no
+    // fds 0-2; ttynull is a silent one.
+    cmdline
+        .insert_str(if serial { "console=ttyS0" } else { "console=ttynull" })
+        .map_err(BuildError::Cmdline)?;
     let (kernel_args, init_args) = split_init_args(extra);
     if !kernel_args.is_empty() {
         cmdline
@@ -533,9 +533,9 @@ mod tests {
              virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 -- --agent-debug"
         );
         let plain = kernel_cmdline(false, "", &[]).unwrap();
-        assert_eq!(text(&plain), BASE_CMDLINE);
+        assert_eq!(text(&plain), format!("{BASE_CMDLINE} console=ttynull"));
         let init_only = kernel_cmdline(false, "-- x", &[]).unwrap();
-        assert_eq!(text(&init_only), "reboot=k panic=-1 -- x");
+        assert_eq!(text(&init_only), "reboot=k panic=-1 console=ttynull -- x");
     }
 
     #[test]

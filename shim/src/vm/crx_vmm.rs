@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::child::{wait_any, VmProcess};
 use super::config::{SerialOutput, GUEST_CID};
-use super::qemu::{kernel_cmdline, remove_sockets};
+use super::qemu::remove_sockets;
 use super::{BackendKind, Vm, VmBackend, VmConfig, VmError, VmExit, VmResources};
 
 /// Starts pod VMs with `crx-vmm`.
@@ -60,8 +60,7 @@ impl VmBackend for CrxVmmBackend {
 /// crx-vmm puts its own defaults (reboot, panic, console) on the command line; pass it
 /// only the agent's part.
 fn cmdline_without_defaults(config: &VmConfig) -> String {
-    let full = kernel_cmdline(&VmConfig { serial: SerialOutput::Off, ..config.clone() });
-    full.trim_start_matches("reboot=k panic=-1 quiet").trim().to_string()
+    config.kernel_cmdline.trim().to_string()
 }
 
 struct CrxVm {
@@ -132,6 +131,7 @@ impl Drop for CrxVm {
 
 #[cfg(test)]
 mod tests {
+    use super::super::qemu::kernel_cmdline;
     use super::*;
 
     #[test]
@@ -150,6 +150,8 @@ mod tests {
         };
         assert_eq!(cmdline_without_defaults(&config), "crx.log=debug");
         assert_eq!(kernel_cmdline(&config), "reboot=k panic=-1 quiet console=ttyS0 crx.log=debug");
+        let silent = VmConfig { serial: SerialOutput::Off, ..config };
+        assert_eq!(kernel_cmdline(&silent), "reboot=k panic=-1 quiet console=ttynull crx.log=debug");
         let _ = GUEST_CID;
     }
 }

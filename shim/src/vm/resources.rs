@@ -48,31 +48,55 @@ impl VmResources {
 /// Reads one process's figures; None if it is gone.
 pub fn measure_process(name: &'static str, pid: u32, guest_ram_kib: u64) -> Option<ProcessFigures> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let mappings = parse_smaps(&smaps);
+    // A process that maps a memfd keeps guest RAM there (QEMU, vhost-user back ends);
+    // only otherwise is a large anonymous mapping taken for guest RAM (a TCG code buffer
+    // is anonymous and can be as large as a small guest).
+    let has_memfd = mappings.iter().any(|m| m.path.starts_with("/memfd:"));
     let mut figures = ProcessFigures { name, pid, ..Default::default() };
-    let mut mapping_is_guest_ram = false;
+    for m in &mappings {
+        figures.rss_kib += m.rss_kib;
+        figures.pss_kib += m.pss_kib;
+        let guest_ram = if has_memfd {
+            m.path.starts_with("/memfd:")
+        } else {
+            is_anonymous_guest_ram(&m.path, m.size_kib, guest_ram_kib)
+        };
+        if guest_ram {
+            figures.guest_ram_rss_kib += m.rss_kib;
+        }
+    }
+    Some(figures)
+}
+
+struct Mapping {
+    path: String,
+    size_kib: u64,
+    rss_kib: u64,
+    pss_kib: u64,
+}
+
+fn parse_smaps(smaps: &str) -> Vec<Mapping> {
+    let mut mappings: Vec<Mapping> = Vec::new();
     for line in smaps.lines() {
         let mut words = line.split_whitespace();
         let Some(first) = words.next() else { continue };
         if first.contains('-') && !first.ends_with(':') {
             // A mapping header: "start-end perms offset dev inode [path]".
-            let path = line.split_whitespace().nth(5).unwrap_or("");
-            let size_kib = mapping_size_kib(first);
-            mapping_is_guest_ram = is_guest_ram(path, size_kib, guest_ram_kib);
+            let path = line.split_whitespace().nth(5).unwrap_or("").to_string();
+            mappings.push(Mapping { path, size_kib: mapping_size_kib(first), rss_kib: 0, pss_kib: 0 });
             continue;
         }
         let value: u64 = words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
-        match first {
-            "Rss:" => {
-                figures.rss_kib += value;
-                if mapping_is_guest_ram {
-                    figures.guest_ram_rss_kib += value;
-                }
+        if let Some(m) = mappings.last_mut() {
+            match first {
+                "Rss:" => m.rss_kib += value,
+                "Pss:" => m.pss_kib += value,
+                _ => {}
             }
-            "Pss:" => figures.pss_kib += value,
-            _ => {}
         }
     }
-    Some(figures)
+    mappings
 }
 
 fn mapping_size_kib(range: &str) -> u64 {
@@ -83,13 +107,10 @@ fn mapping_size_kib(range: &str) -> u64 {
     }
 }
 
-/// Guest RAM is a memfd mapping (QEMU's memory backend, crx-vmm's `crx-guest-ram`) or,
-/// failing a name, an anonymous mapping at least half the guest's size (guest RAM may
-/// be split around the 32-bit MMIO hole; nothing else a VMM maps is that large).
-fn is_guest_ram(path: &str, size_kib: u64, guest_ram_kib: u64) -> bool {
-    if path.starts_with("/memfd:") {
-        return true;
-    }
+/// Without a memfd, guest RAM is an anonymous mapping at least half the guest's size
+/// (guest RAM may be split around the 32-bit MMIO hole; nothing else crx-vmm maps is
+/// that large).
+fn is_anonymous_guest_ram(path: &str, size_kib: u64, guest_ram_kib: u64) -> bool {
     path.is_empty() && guest_ram_kib > 0 && size_kib >= guest_ram_kib / 2 && size_kib <= guest_ram_kib
 }
 
@@ -107,10 +128,13 @@ mod tests {
 
     #[test]
     fn guest_ram_is_recognised_by_name_or_size() {
-        assert!(is_guest_ram("/memfd:crx-guest-ram", 4, 0));
-        assert!(is_guest_ram("", 262144, 262144));
-        assert!(!is_guest_ram("", 8192, 262144));
-        assert!(!is_guest_ram("/usr/lib/libc.so.6", 262144, 262144));
+        assert!(is_anonymous_guest_ram("", 262144, 262144));
+        assert!(!is_anonymous_guest_ram("", 8192, 262144));
+        assert!(!is_anonymous_guest_ram("/usr/lib/libc.so.6", 262144, 262144));
+        let smaps = "7f00-7f10 rw-s 0 0:1 5 /memfd:mem (deleted)\nRss: 40 kB\nPss: 20 kB\n\
+                     8f00-9f00 rw-p 0 0:0 0\nRss: 100 kB\nPss: 100 kB\n";
+        let m = parse_smaps(smaps);
+        assert_eq!((m.len(), m[0].path.as_str(), m[0].rss_kib, m[1].pss_kib), (2, "/memfd:mem", 40, 100));
         assert_eq!(mapping_size_kib("1000-3000"), 8);
     }
 }
