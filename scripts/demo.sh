@@ -4,10 +4,6 @@
 # talks to its agent and powers it off, printing each step. Safe to run again.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
-need_root
-install_packages
-build_kernel
-build_guest_and_tools
-export CRX_BIN_CRX_VMM="$CRX_MUSL_BIN/crx-vmm"
+prepare_everything
 cd "$CRX_ROOT"
 cargo run --quiet --release -p crx-tests --bin crx-demo

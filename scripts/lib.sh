@@ -55,3 +55,14 @@ build_guest_and_tools() {
     "$CRX_ROOT/rootfs/build.sh" "$CRX_MUSL_BIN/crx-agent" "$CRX_INITRAMFS" >&2
     export CRX_INITRAMFS CRX_MUSL_BIN
 }
+
+# Everything both top-level scripts need before they run anything: root, packages, the
+# guest kernel, the static binaries and the initramfs, with their paths exported.
+prepare_everything() {
+    need_root
+    install_packages
+    build_kernel
+    build_guest_and_tools
+    export CRX_BIN_CRX_VMM="$CRX_MUSL_BIN/crx-vmm" CRX_BIN_CRX_PROBE="$CRX_MUSL_BIN/crx-probe" \
+           CRX_BIN_CRX_AGENT="$CRX_MUSL_BIN/crx-agent"
+}

@@ -6,14 +6,7 @@
 # when its config or source changes.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
-need_root
-install_packages
-build_kernel
-build_guest_and_tools
-
-export CRX_INITRAMFS CRX_KERNEL
-export CRX_BIN_CRX_VMM="$CRX_MUSL_BIN/crx-vmm" CRX_BIN_CRX_PROBE="$CRX_MUSL_BIN/crx-probe" \
-       CRX_BIN_CRX_AGENT="$CRX_MUSL_BIN/crx-agent"
+prepare_everything
 
 log "running the test suite"
 cd "$CRX_ROOT"

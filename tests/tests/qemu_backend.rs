@@ -134,6 +134,26 @@ fn kill_9_of_the_vhost_user_back_end_is_reported_within_seconds() -> Result<()> 
 }
 
 #[test]
+fn sigterm_to_the_back_end_stops_the_vm_cleanly() -> Result<()> {
+    let rt = vm_harness::runtime()?;
+    let dir = RunDir::new("qemu-term-backend")?;
+    let config = vm_config(dir.path(), "term-backend", 1, 128, "")?;
+    let (mut vm, _agent, _) = boot(&rt, &tcg(), &config)?;
+    let pids = vm.pids();
+    let backend = pids.iter().find(|(n, _)| *n == "vhost-user-vsock").map(|(_, p)| *p).context("back end pid")?;
+    // SAFETY: kill(2) on a pid this test's VM owns and that is still running.
+    unsafe { libc::kill(backend as i32, libc::SIGTERM) };
+    let exit = vm.wait_timeout(Duration::from_secs(5))?.context("SIGTERM of the back end was not noticed within 5 s")?;
+    ensure!(exit.process == "vhost-user-vsock" && exit.status == ProcessExit::Code(0), "{exit}");
+    ensure!(!exit.is_failure(), "a requested back-end stop reads as a failure: {exit}");
+    for (name, pid) in pids {
+        ensure!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "{name} is still running");
+    }
+    ensure!(sockets_in(dir.path()).is_empty(), "sockets left: {:?}", sockets_in(dir.path()));
+    Ok(())
+}
+
+#[test]
 fn missing_kernel_is_named_before_anything_starts() -> Result<()> {
     let dir = RunDir::new("qemu-nokernel")?;
     let mut config = vm_config(dir.path(), "nokernel", 1, 128, "")?;

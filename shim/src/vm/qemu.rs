@@ -226,10 +226,11 @@ impl QemuVm {
         let qemu_ended_by_itself = self.qemu.try_exit()?.is_some();
         let qemu_status = self.qemu.terminate(grace)?;
         let backend_status = self.backend.terminate(grace)?;
-        // A back end that failed is the cause, unless QEMU had already failed by itself
-        // (then the back end only followed it down).
-        let qemu_failed_first = qemu_ended_by_itself && !qemu_status.success();
-        let (culprit, status) = if !requested && !backend_status.success() && !qemu_failed_first {
+        // The back end is named when it ended first (QEMU was still running), or when it
+        // failed while QEMU ended cleanly; otherwise QEMU's end is the VM's.
+        let backend_first = !requested
+            && (!qemu_ended_by_itself || (!backend_status.success() && qemu_status.success()));
+        let (culprit, status) = if backend_first {
             (&self.backend, backend_status)
         } else {
             (&self.qemu, qemu_status)

@@ -242,7 +242,7 @@ impl PayloadBuilder {
 }
 
 /// The `run.sh` of a payload kept in the repository, `tests/l1/payloads/<name>/run.sh`
-/// (e.g. `vmm-health`, the crx-vmm lane's template, for [`VmmLane::payload`]).
+/// (e.g. `vmm-lane`, the crx-vmm VM lane, for [`VmmLane::payload`]).
 pub fn payload_script(name: &str) -> Result<String, PayloadError> {
     let path = scripts_dir().join("payloads").join(name).join("run.sh");
     fs::read_to_string(&path).map_err(|source| PayloadError::Copy {
