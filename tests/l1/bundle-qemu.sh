@@ -32,9 +32,9 @@ while read -r line; do
 done < <(ldd "$qemu_path")
 [[ -n "$loader" ]] || die "ldd named no dynamic loader for $qemu_path"
 
-# microvm boots through qboot (bios-microvm.bin); the others serve -kernel on other
-# machines and are a few KiB each.
-for fw in bios-microvm.bin linuxboot_dma.bin pvh.bin; do
+# microvm boots through qboot: upstream names it bios-microvm.bin, Debian's QEMU 7.2
+# loads it as qboot.rom. The others serve -kernel on other machines; a few KiB each.
+for fw in bios-microvm.bin qboot.rom linuxboot_dma.bin pvh.bin; do
     [[ -f "$firmware_dir/$fw" ]] || die "$firmware_dir/$fw missing: apt-get install qemu-system-data"
     cp -L "$firmware_dir/$fw" "$dest/share/"
 done
