@@ -141,14 +141,18 @@ pub fn run(iterations: usize) -> Result<Value> {
     use crate::l1::{L1Rig, RunOptions, VmmLane};
     let rig = L1Rig::prepare().context("preparing the nested-KVM L1 rig")?;
     let lane = VmmLane::from_artifacts()?;
+    // One VMM that hangs must not cost the other's figures.
+    let per_backend_s = 120 + 60 * iterations;
     let script = format!(
         "#!/bin/sh\n\
          # crx-bench vmm: both VMMs, same guest, same L1.\n\
          mount -t debugfs none /sys/kernel/debug 2>/dev/null\n\
          rc=0\n\
          for b in crx-vmm qemu; do\n\
-           out=$(./bin/crx-probe vm-bench --backend $b --iterations {iterations} --kernel guest/vmlinux \
---initramfs guest/initramfs.cpio --crx-vmm ./bin/crx-vmm --qemu ./qemu/qemu-system-x86_64) || rc=1\n\
+           out=$(timeout {per_backend_s} ./bin/crx-probe vm-bench --backend $b --iterations {iterations} \
+--kernel guest/vmlinux --initramfs guest/initramfs.cpio --crx-vmm ./bin/crx-vmm \
+--qemu ./qemu/qemu-system-x86_64) || rc=1\n\
+           [ -n \"$out\" ] || out=\"{{\\\"backend\\\":\\\"$b\\\",\\\"error\\\":\\\"no result within {per_backend_s} s\\\"}}\"\n\
            echo \"CRX-L1-RESULT $out\"\n\
          done\n\
          exit $rc\n"
@@ -157,13 +161,18 @@ pub fn run(iterations: usize) -> Result<Value> {
     builder.qemu("qemu")?;
     let payload = builder.build()?;
     println!("crx-bench vmm: {iterations} boots of each VMM inside one nested-KVM L1 (TCG-emulated AMD SVM)");
-    let opts = RunOptions { timeout: Duration::from_secs(600 + 60 * iterations as u64), ..RunOptions::default() };
-    let l1 = rig.run_ok(payload.path(), &opts).context("the L1 benchmark run")?;
+    let opts = RunOptions { timeout: Duration::from_secs(120 + 2 * per_backend_s as u64), ..RunOptions::default() };
+    let l1 = rig.run(payload.path(), &opts).context("the L1 benchmark run")?;
     let find = |name: &str| -> Result<&Value> {
-        l1.results
+        let r = l1
+            .results
             .iter()
             .find(|r| r["backend"] == name)
-            .with_context(|| format!("no {name} figures from L1; console:\n{}", l1.console_tail(40)))
+            .with_context(|| format!("no {name} figures from L1; console:\n{}", l1.console_tail(40)))?;
+        if let Some(err) = r.get("error") {
+            bail!("{name} could not be measured in L1: {err}; console:\n{}", l1.console_tail(40));
+        }
+        Ok(r)
     };
     let (crx, qemu) = (find("crx-vmm")?, find("qemu")?);
     let median = |v: &Value, key: &str| v[key]["median"].as_f64();
