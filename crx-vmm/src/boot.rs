@@ -19,6 +19,7 @@ use crate::arch::x86_64::pvh;
 use crate::arch::x86_64::regs::BootEntry;
 use crate::arch::x86_64::zero_page::{self, ZeroPageError, ZeroPageParams};
 use crate::config::KernelFormat;
+use crate::kernel_map;
 
 /// The 64-bit entry of a bzImage's protected-mode kernel is 0x200 past its start.
 const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
@@ -39,6 +40,8 @@ pub enum BootError {
         #[source]
         source: linux_loader::loader::Error,
     },
+    #[error("cannot map the kernel into guest memory")]
+    MapKernel(#[source] crate::kernel_map::KernelMapError),
     #[error("kernel {} is an ELF without a PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY): build it with CONFIG_PVH=y, or pass its bzImage", .0.display())]
     NoPvhEntry(PathBuf),
     #[error("cannot open initramfs {}", .path.display())]
@@ -104,16 +107,28 @@ pub fn load(mem: &GuestMemoryMmap, p: &BootParams<'_>) -> Result<BootEntry, Boot
         path: p.kernel.to_owned(),
         source,
     };
-    let (result, setup) = match p.format {
-        KernelFormat::Elf => {
-            let r = Elf::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START)))
-                .map_err(load_err)?;
-            (r, None)
-        }
+    let (loaded, setup) = match p.format {
+        KernelFormat::Elf => match kernel_map::map_elf(mem, &kernel, HIMEM_START)
+            .map_err(BootError::MapKernel)?
+        {
+            Some(mapped) => (
+                Loaded {
+                    kernel_load: HIMEM_START,
+                    kernel_end: mapped.kernel_end,
+                    pvh_entry: mapped.pvh_entry,
+                },
+                None,
+            ),
+            None => {
+                let r = Elf::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START)))
+                    .map_err(load_err)?;
+                (Loaded::from(&r), None)
+            }
+        },
         KernelFormat::BzImage => {
             let r = BzImage::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START)))
                 .map_err(load_err)?;
-            (r, r.setup_header)
+            (Loaded::from(&r), r.setup_header)
         }
     };
 
@@ -122,7 +137,7 @@ pub fn load(mem: &GuestMemoryMmap, p: &BootParams<'_>) -> Result<BootEntry, Boot
         Some(path) => Some(load_initramfs(
             mem,
             path,
-            result.kernel_end,
+            loaded.kernel_end,
             ram_end,
             setup.as_ref(),
         )?),
@@ -136,14 +151,14 @@ pub fn load(mem: &GuestMemoryMmap, p: &BootParams<'_>) -> Result<BootEntry, Boot
         .map_err(BootError::Write)?;
     let memory_map = layout::memory_map(p.memory_mib);
 
-    match (p.format, result.pvh_boot_cap, setup) {
-        (KernelFormat::Elf, PvhBootCapability::PvhEntryPresent(entry), _) => {
+    match (p.format, loaded.pvh_entry, setup) {
+        (KernelFormat::Elf, Some(entry), _) => {
             let module = initramfs.map(|(addr, size)| pvh::Module { addr, size });
             let info = pvh::build(PVH_INFO_ADDR, CMDLINE_ADDR, module, &memory_map);
             mem.write_slice(&info, GuestAddress(PVH_INFO_ADDR))
                 .map_err(BootError::Write)?;
             Ok(BootEntry::Pvh {
-                entry: entry.0,
+                entry,
                 start_info: PVH_INFO_ADDR,
             })
         }
@@ -167,10 +182,27 @@ pub fn load(mem: &GuestMemoryMmap, p: &BootParams<'_>) -> Result<BootEntry, Boot
             mem.write_obj(bp, GuestAddress(ZERO_PAGE_ADDR))
                 .map_err(BootError::Write)?;
             Ok(BootEntry::Linux64 {
-                entry: result.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
+                entry: loaded.kernel_load + BZIMAGE_64BIT_ENTRY_OFFSET,
                 zero_page: ZERO_PAGE_ADDR,
             })
         }
+    }
+}
+
+/// Where the kernel went, however it was loaded.
+struct Loaded {
+    kernel_load: u64,
+    kernel_end: u64,
+    pvh_entry: Option<u64>,
+}
+
+impl From<&linux_loader::loader::KernelLoaderResult> for Loaded {
+    fn from(r: &linux_loader::loader::KernelLoaderResult) -> Self {
+        let pvh_entry = match r.pvh_boot_cap {
+            PvhBootCapability::PvhEntryPresent(entry) => Some(entry.0),
+            _ => None,
+        };
+        Loaded { kernel_load: r.kernel_load.0, kernel_end: r.kernel_end, pvh_entry }
     }
 }
 
@@ -203,12 +235,18 @@ fn load_initramfs(
             ram_end,
         }
     })?;
-    read_into(mem, GuestAddress(addr), &mut file, size as usize).map_err(|source| {
-        BootError::ReadInitramfs {
-            path: path.to_owned(),
-            source,
-        }
-    })?;
+    // Mapped like the kernel (the guest frees it after unpacking, so most pages are
+    // read once and never copied); copied if the mapping is refused.
+    let mapped = kernel_map::map_file_range(mem, addr, &file, 0, size.div_ceil(PAGE_SIZE) * PAGE_SIZE);
+    if let Err(e) = mapped {
+        tracing::debug!(error = %e, "initramfs not mapped; copying it");
+        read_into(mem, GuestAddress(addr), &mut file, size as usize).map_err(|source| {
+            BootError::ReadInitramfs {
+                path: path.to_owned(),
+                source,
+            }
+        })?;
+    }
     Ok((addr, size))
 }
 

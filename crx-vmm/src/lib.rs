@@ -18,5 +18,6 @@ pub mod config;
 pub mod devices;
 pub mod exit;
 pub mod host;
+pub mod kernel_map;
 pub mod vhost_user;
 pub mod vstate;

@@ -53,14 +53,15 @@ pub fn measure_process(name: &'static str, pid: u32, guest_ram_kib: u64) -> Opti
     // only otherwise is a large anonymous mapping taken for guest RAM (a TCG code buffer
     // is anonymous and can be as large as a small guest).
     let has_memfd = mappings.iter().any(|m| m.path.starts_with("/memfd:"));
+    let guest_window = if has_memfd { None } else { anonymous_guest_window(&mappings, guest_ram_kib) };
     let mut figures = ProcessFigures { name, pid, ..Default::default() };
-    for m in &mappings {
+    for (i, m) in mappings.iter().enumerate() {
         figures.rss_kib += m.rss_kib;
         figures.pss_kib += m.pss_kib;
         let guest_ram = if has_memfd {
             m.path.starts_with("/memfd:")
         } else {
-            is_anonymous_guest_ram(&m.path, m.size_kib, guest_ram_kib)
+            guest_window.as_ref().is_some_and(|w| w.contains(&i))
         };
         if guest_ram {
             figures.guest_ram_rss_kib += m.rss_kib;
@@ -69,7 +70,42 @@ pub fn measure_process(name: &'static str, pid: u32, guest_ram_kib: u64) -> Opti
     Some(figures)
 }
 
+/// crx-vmm's guest RAM is one anonymous mapping that the kernel and initramfs files
+/// are mapped into, which splits it: the guest RAM is the run of address-contiguous
+/// mappings around its largest anonymous piece whose sizes add up to exactly the
+/// guest's size. Falls back to the large anonymous pieces alone (e.g. RAM split around
+/// the 32-bit MMIO hole).
+fn anonymous_guest_window(mappings: &[Mapping], guest_ram_kib: u64) -> Option<std::ops::RangeInclusive<usize>> {
+    let anchor = (0..mappings.len())
+        .filter(|&i| is_anonymous_guest_ram(&mappings[i].path, mappings[i].size_kib, guest_ram_kib))
+        .max_by_key(|&i| mappings[i].size_kib)?;
+    let contiguous = |a: usize, b: usize| mappings[a].end == mappings[b].start;
+    let mut first = anchor;
+    while first > 0 && contiguous(first - 1, first) {
+        first -= 1;
+    }
+    let mut last = anchor;
+    while last + 1 < mappings.len() && contiguous(last, last + 1) {
+        last += 1;
+    }
+    for start in first..=anchor {
+        let mut total = 0;
+        for end in start..=last {
+            total += mappings[end].size_kib;
+            if end >= anchor && total == guest_ram_kib {
+                return Some(start..=end);
+            }
+            if total > guest_ram_kib {
+                break;
+            }
+        }
+    }
+    Some(anchor..=anchor)
+}
+
 struct Mapping {
+    start: u64,
+    end: u64,
     path: String,
     size_kib: u64,
     rss_kib: u64,
@@ -84,7 +120,8 @@ fn parse_smaps(smaps: &str) -> Vec<Mapping> {
         if first.contains('-') && !first.ends_with(':') {
             // A mapping header: "start-end perms offset dev inode [path]".
             let path = line.split_whitespace().nth(5).unwrap_or("").to_string();
-            mappings.push(Mapping { path, size_kib: mapping_size_kib(first), rss_kib: 0, pss_kib: 0 });
+            let (start, end) = mapping_range(first);
+            mappings.push(Mapping { start, end, path, size_kib: (end - start) / 1024, rss_kib: 0, pss_kib: 0 });
             continue;
         }
         let value: u64 = words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
@@ -99,11 +136,11 @@ fn parse_smaps(smaps: &str) -> Vec<Mapping> {
     mappings
 }
 
-fn mapping_size_kib(range: &str) -> u64 {
+fn mapping_range(range: &str) -> (u64, u64) {
     let mut parts = range.split('-').map(|h| u64::from_str_radix(h, 16).unwrap_or(0));
     match (parts.next(), parts.next()) {
-        (Some(start), Some(end)) if end > start => (end - start) / 1024,
-        _ => 0,
+        (Some(start), Some(end)) if end > start => (start, end),
+        _ => (0, 0),
     }
 }
 
@@ -135,6 +172,14 @@ mod tests {
                      8f00-9f00 rw-p 0 0:0 0\nRss: 100 kB\nPss: 100 kB\n";
         let m = parse_smaps(smaps);
         assert_eq!((m.len(), m[0].path.as_str(), m[0].rss_kib, m[1].pss_kib), (2, "/memfd:mem", 40, 100));
-        assert_eq!(mapping_size_kib("1000-3000"), 8);
+        assert_eq!(mapping_range("1000-3000"), (0x1000, 0x3000));
+        // crx-vmm: 1 MiB guest RAM split by a file mapping; a neighbour is not guest RAM.
+        let smaps = "0-1000 rw-p 0 0:0 0\nRss: 4 kB\n\
+                     100000-140000 rw-p 0 0:0 0\nRss: 8 kB\n\
+                     140000-150000 rw-p 0 8:1 9 /var/cache/crx/vmlinux\nRss: 64 kB\n\
+                     150000-200000 rw-p 0 0:0 0\nRss: 16 kB\n\
+                     200000-210000 rw-p 0 0:0 0\nRss: 32 kB\n";
+        let m = parse_smaps(smaps);
+        assert_eq!(anonymous_guest_window(&m, 1024), Some(1..=3));
     }
 }
