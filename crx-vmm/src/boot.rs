@@ -108,23 +108,23 @@ pub fn load(mem: &GuestMemoryMmap, p: &BootParams<'_>) -> Result<BootEntry, Boot
         source,
     };
     let (loaded, setup) = match p.format {
-        KernelFormat::Elf => match kernel_map::map_elf(mem, &kernel, HIMEM_START)
-            .map_err(BootError::MapKernel)?
-        {
-            Some(mapped) => (
-                Loaded {
-                    kernel_load: HIMEM_START,
-                    kernel_end: mapped.kernel_end,
-                    pvh_entry: mapped.pvh_entry,
-                },
-                None,
-            ),
-            None => {
-                let r = Elf::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START)))
-                    .map_err(load_err)?;
-                (Loaded::from(&r), None)
+        KernelFormat::Elf => {
+            match kernel_map::map_elf(mem, &kernel, HIMEM_START).map_err(BootError::MapKernel)? {
+                Some(mapped) => (
+                    Loaded {
+                        kernel_load: HIMEM_START,
+                        kernel_end: mapped.kernel_end,
+                        pvh_entry: mapped.pvh_entry,
+                    },
+                    None,
+                ),
+                None => {
+                    let r = Elf::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START)))
+                        .map_err(load_err)?;
+                    (Loaded::from(&r), None)
+                }
             }
-        },
+        }
         KernelFormat::BzImage => {
             let r = BzImage::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START)))
                 .map_err(load_err)?;
@@ -202,7 +202,11 @@ impl From<&linux_loader::loader::KernelLoaderResult> for Loaded {
             PvhBootCapability::PvhEntryPresent(entry) => Some(entry.0),
             _ => None,
         };
-        Loaded { kernel_load: r.kernel_load.0, kernel_end: r.kernel_end, pvh_entry }
+        Loaded {
+            kernel_load: r.kernel_load.0,
+            kernel_end: r.kernel_end,
+            pvh_entry,
+        }
     }
 }
 
@@ -237,7 +241,8 @@ fn load_initramfs(
     })?;
     // Mapped like the kernel (the guest frees it after unpacking, so most pages are
     // read once and never copied); copied if the mapping is refused.
-    let mapped = kernel_map::map_file_range(mem, addr, &file, 0, size.div_ceil(PAGE_SIZE) * PAGE_SIZE);
+    let mapped =
+        kernel_map::map_file_range(mem, addr, &file, 0, size.div_ceil(PAGE_SIZE) * PAGE_SIZE);
     if let Err(e) = mapped {
         tracing::debug!(error = %e, "initramfs not mapped; copying it");
         read_into(mem, GuestAddress(addr), &mut file, size as usize).map_err(|source| {

@@ -425,7 +425,11 @@ pub fn kernel_cmdline(
     // Without a serial device the guest still needs a console, or PID 1 starts with no
     // fds 0-2; ttynull is a silent one.
     cmdline
-        .insert_str(if serial { "console=ttyS0" } else { "console=ttynull" })
+        .insert_str(if serial {
+            "console=ttyS0"
+        } else {
+            "console=ttynull"
+        })
         .map_err(BuildError::Cmdline)?;
     let (kernel_args, init_args) = split_init_args(extra);
     if !kernel_args.is_empty() {

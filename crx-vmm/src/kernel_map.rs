@@ -61,7 +61,11 @@ struct Segment {
 
 /// Maps an x86_64 ELF kernel's PT_LOAD segments into `mem`. `Ok(None)`: not mappable
 /// (not ELF64 x86_64, or a layout mapping cannot express); nothing was changed.
-pub fn map_elf(mem: &GuestMemoryMmap, file: &File, min_addr: u64) -> Result<Option<MappedElf>, KernelMapError> {
+pub fn map_elf(
+    mem: &GuestMemoryMmap,
+    file: &File,
+    min_addr: u64,
+) -> Result<Option<MappedElf>, KernelMapError> {
     let file_len = file.metadata().map_err(KernelMapError::Read)?.len();
     let mut ehdr = [0u8; 64];
     read_at(file, 0, &mut ehdr)?;
@@ -80,11 +84,24 @@ pub fn map_elf(mem: &GuestMemoryMmap, file: &File, min_addr: u64) -> Result<Opti
     let mut segments = Vec::new();
     let mut pvh_entry = None;
     for ph in phdrs.chunks_exact(56) {
-        let (p_type, offset, paddr, filesz, memsz) =
-            (u32le(ph, 0), u64le(ph, 8), u64le(ph, 24), u64le(ph, 32), u64le(ph, 40));
+        let (p_type, offset, paddr, filesz, memsz) = (
+            u32le(ph, 0),
+            u64le(ph, 8),
+            u64le(ph, 24),
+            u64le(ph, 32),
+            u64le(ph, 40),
+        );
         match p_type {
-            PT_LOAD if memsz > 0 => segments.push(Segment { offset, paddr, filesz, memsz }),
-            PT_NOTE if filesz <= 64 * 1024 && offset.checked_add(filesz).is_some_and(|e| e <= file_len) => {
+            PT_LOAD if memsz > 0 => segments.push(Segment {
+                offset,
+                paddr,
+                filesz,
+                memsz,
+            }),
+            PT_NOTE
+                if filesz <= 64 * 1024
+                    && offset.checked_add(filesz).is_some_and(|e| e <= file_len) =>
+            {
                 let mut notes = vec![0u8; filesz as usize];
                 read_at(file, offset, &mut notes)?;
                 pvh_entry = pvh_entry.or_else(|| find_pvh_entry(&notes));
@@ -111,8 +128,15 @@ pub fn map_elf(mem: &GuestMemoryMmap, file: &File, min_addr: u64) -> Result<Opti
                 .map_err(KernelMapError::Clear)?;
         }
     }
-    let kernel_end = segments.iter().map(|s| s.paddr + s.memsz).max().unwrap_or(min_addr);
-    Ok(Some(MappedElf { kernel_end, pvh_entry }))
+    let kernel_end = segments
+        .iter()
+        .map(|s| s.paddr + s.memsz)
+        .max()
+        .unwrap_or(min_addr);
+    Ok(Some(MappedElf {
+        kernel_end,
+        pvh_entry,
+    }))
 }
 
 /// Every segment inside one guest-RAM region, above `min_addr`, within the file, with
@@ -120,12 +144,21 @@ pub fn map_elf(mem: &GuestMemoryMmap, file: &File, min_addr: u64) -> Result<Opti
 fn mappable(segments: &[Segment], file_len: u64, min_addr: u64, mem: &GuestMemoryMmap) -> bool {
     let mut pages: Vec<(u64, u64)> = Vec::new();
     for s in segments {
-        let Some(mem_end) = s.paddr.checked_add(s.memsz) else { return false };
-        let file_ok = s.offset.checked_add(s.filesz).is_some_and(|e| e <= file_len);
-        if !file_ok || s.filesz > s.memsz || s.paddr < min_addr || s.paddr % PAGE != s.offset % PAGE {
+        let Some(mem_end) = s.paddr.checked_add(s.memsz) else {
+            return false;
+        };
+        let file_ok = s
+            .offset
+            .checked_add(s.filesz)
+            .is_some_and(|e| e <= file_len);
+        if !file_ok || s.filesz > s.memsz || s.paddr < min_addr || s.paddr % PAGE != s.offset % PAGE
+        {
             return false;
         }
-        if mem.get_slice(GuestAddress(s.paddr), s.memsz as usize).is_err() {
+        if mem
+            .get_slice(GuestAddress(s.paddr), s.memsz as usize)
+            .is_err()
+        {
             return false;
         }
         pages.push((s.paddr / PAGE, mem_end.div_ceil(PAGE)));
@@ -145,16 +178,20 @@ pub fn map_file_range(
 ) -> Result<(), KernelMapError> {
     let map_err = |source| KernelMapError::Map { addr, len, source };
     if addr % PAGE != 0 || file_offset % PAGE != 0 {
-        return Err(map_err(std::io::Error::from(std::io::ErrorKind::InvalidInput)));
+        return Err(map_err(std::io::Error::from(
+            std::io::ErrorKind::InvalidInput,
+        )));
     }
-    let len_usize = usize::try_from(len).map_err(|_| map_err(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
+    let len_usize = usize::try_from(len)
+        .map_err(|_| map_err(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
     // The whole range must lie in one region so that it is one contiguous host range.
     let host = mem
         .get_slice(GuestAddress(addr), len_usize)
         .map_err(|e| map_err(std::io::Error::other(e)))?
         .ptr_guard_mut()
         .as_ptr();
-    let offset = libc::off_t::try_from(file_offset).map_err(|_| map_err(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
+    let offset = libc::off_t::try_from(file_offset)
+        .map_err(|_| map_err(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
     // SAFETY: `host..host+len` is part of guest RAM, a mapping this process owns and
     // that no Rust reference covers (guest memory is only reached through volatile
     // accessors). MAP_FIXED replaces those pages with a private, copy-on-write view of
@@ -179,7 +216,11 @@ pub fn map_file_range(
 /// The PVH entry from an ELF note section: name "Xen", type 18, a 32- or 64-bit address.
 fn find_pvh_entry(mut notes: &[u8]) -> Option<u64> {
     while notes.len() >= 12 {
-        let (namesz, descsz, ntype) = (u32le(notes, 0) as usize, u32le(notes, 4) as usize, u32le(notes, 8));
+        let (namesz, descsz, ntype) = (
+            u32le(notes, 0) as usize,
+            u32le(notes, 4) as usize,
+            u32le(notes, 8),
+        );
         let name_end = 12usize.checked_add(namesz.checked_next_multiple_of(4)?)?;
         let desc_end = name_end.checked_add(descsz.checked_next_multiple_of(4)?)?;
         if desc_end > notes.len() {
@@ -200,7 +241,8 @@ fn find_pvh_entry(mut notes: &[u8]) -> Option<u64> {
 
 fn read_at(file: &File, offset: u64, buf: &mut [u8]) -> Result<(), KernelMapError> {
     use std::os::unix::fs::FileExt;
-    file.read_exact_at(buf, offset).map_err(KernelMapError::Read)
+    file.read_exact_at(buf, offset)
+        .map_err(KernelMapError::Read)
 }
 
 fn round_up(x: u64) -> u64 {
@@ -252,7 +294,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("crx-kmap-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("blob");
-        let data: Vec<u8> = (0..3 * PAGE as usize + 100).map(|i| (i % 251) as u8).collect();
+        let data: Vec<u8> = (0..3 * PAGE as usize + 100)
+            .map(|i| (i % 251) as u8)
+            .collect();
         std::fs::write(&path, &data).unwrap();
         let file = File::open(&path).unwrap();
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
@@ -262,7 +306,8 @@ mod tests {
         assert_eq!(back, data);
         // Past EOF within the last page reads as zero; a guest write never reaches the file.
         let mut tail = [0xffu8; 16];
-        mem.read_slice(&mut tail, GuestAddress(0x10000 + data.len() as u64)).unwrap();
+        mem.read_slice(&mut tail, GuestAddress(0x10000 + data.len() as u64))
+            .unwrap();
         assert_eq!(tail, [0u8; 16]);
         mem.write_slice(&[0xaa; 8], GuestAddress(0x10000)).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), data);

@@ -251,14 +251,19 @@ fn vhost_user_vsock(socket: PathBuf, uds: PathBuf, guest_cid: u64, log_level: &s
     // A host stop request (SIGTERM/SIGINT/SIGHUP) ends the back end cleanly: exit 0,
     // and the cleanup process removes both sockets as this process goes.
     let signals = block_stop_signals();
-    let spawned = std::thread::Builder::new().name("crx-signals".into()).spawn(move || {
-        let mut sig: libc::c_int = 0;
-        // SAFETY: `signals` is an initialized signal set and `sig` a valid out pointer.
-        if unsafe { libc::sigwait(&signals, &mut sig) } == 0 {
-            tracing::info!(signal = sig, "stop requested; vhost-user-vsock back end exits");
-            std::process::exit(exit::EXIT_OK);
-        }
-    });
+    let spawned = std::thread::Builder::new()
+        .name("crx-signals".into())
+        .spawn(move || {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: `signals` is an initialized signal set and `sig` a valid out pointer.
+            if unsafe { libc::sigwait(&signals, &mut sig) } == 0 {
+                tracing::info!(
+                    signal = sig,
+                    "stop requested; vhost-user-vsock back end exits"
+                );
+                std::process::exit(exit::EXIT_OK);
+            }
+        });
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "cannot start the signal thread; SIGTERM will end the back end uncleanly");
     }

@@ -9,16 +9,26 @@ use anyhow::{bail, Context, Result};
 
 /// The workspace root (this crate lives in `<root>/tests`).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 fn cache_dir() -> PathBuf {
-    std::env::var_os("CRX_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| "/var/cache/crx".into())
+    std::env::var_os("CRX_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/cache/crx".into())
 }
 
-const BUILD_HINT: &str = "build everything with `sudo scripts/test.sh` (or `scripts/build-guest.sh`)";
+const BUILD_HINT: &str =
+    "build everything with `sudo scripts/test.sh` (or `scripts/build-guest.sh`)";
 
-fn from_env_or(var: &str, candidates: impl IntoIterator<Item = PathBuf>, what: &str) -> Result<PathBuf> {
+fn from_env_or(
+    var: &str,
+    candidates: impl IntoIterator<Item = PathBuf>,
+    what: &str,
+) -> Result<PathBuf> {
     if let Some(p) = std::env::var_os(var) {
         let p = PathBuf::from(p);
         if !p.is_file() {
@@ -35,15 +45,20 @@ fn from_env_or(var: &str, candidates: impl IntoIterator<Item = PathBuf>, what: &
 /// The guest kernel (`vmlinux`, PVH entry): `$CRX_KERNEL`, else the newest one in the
 /// kernel cache.
 pub fn guest_kernel() -> Result<PathBuf> {
-    let mut cached: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(cache_dir().join("kernel"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path().join("vmlinux"))
-        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
-        .collect();
+    let mut cached: Vec<(std::time::SystemTime, PathBuf)> =
+        std::fs::read_dir(cache_dir().join("kernel"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path().join("vmlinux"))
+            .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
+            .collect();
     cached.sort();
-    from_env_or("CRX_KERNEL", cached.into_iter().rev().map(|(_, p)| p), "guest kernel (vmlinux)")
+    from_env_or(
+        "CRX_KERNEL",
+        cached.into_iter().rev().map(|(_, p)| p),
+        "guest kernel (vmlinux)",
+    )
 }
 
 /// The guest initramfs with `crx-agent` as `/init`.
@@ -60,7 +75,9 @@ pub fn static_binary(name: &str) -> Result<PathBuf> {
     let var = format!("CRX_BIN_{}", name.to_uppercase().replace('-', "_"));
     from_env_or(
         &var,
-        [workspace_root().join("target/x86_64-unknown-linux-musl/release").join(name)],
+        [workspace_root()
+            .join("target/x86_64-unknown-linux-musl/release")
+            .join(name)],
         &format!("static {name} binary"),
     )
 }
@@ -84,6 +101,8 @@ pub fn require_dev_kvm() -> Result<()> {
         .read(true)
         .write(true)
         .open(kvm)
-        .context("cannot open /dev/kvm read-write: run the tests as root or add this user to the kvm group")?;
+        .context(
+        "cannot open /dev/kvm read-write: run the tests as root or add this user to the kvm group",
+    )?;
     Ok(())
 }

@@ -34,7 +34,13 @@ impl Drop for RunDir {
 
 /// A VM config from the built artifacts. `CRX_TEST_SERIAL=1` keeps the guest console in
 /// `<run dir>/console.log` for debugging.
-pub fn vm_config(run_dir: &Path, name: &str, vcpus: u8, memory_mib: u32, cmdline: &str) -> Result<VmConfig> {
+pub fn vm_config(
+    run_dir: &Path,
+    name: &str,
+    vcpus: u8,
+    memory_mib: u32,
+    cmdline: &str,
+) -> Result<VmConfig> {
     let serial = if std::env::var_os("CRX_TEST_SERIAL").is_some() {
         SerialOutput::File(run_dir.join("console.log"))
     } else {
@@ -56,7 +62,10 @@ pub fn vm_config(run_dir: &Path, name: &str, vcpus: u8, memory_mib: u32, cmdline
 
 /// A tokio runtime for the ttrpc client side of a test.
 pub fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")
 }
 
 /// How long a guest may take to answer under TCG on a busy 2-core machine.
@@ -75,37 +84,53 @@ pub fn boot(
         uds_path: vm.agent_socket().to_path_buf(),
         port: crx_protocols::AGENT_VSOCK_PORT,
     };
-    let ready = rt.block_on(hybrid_vsock::wait_for_agent(&addr, Instant::now() + AGENT_DEADLINE));
+    let ready = rt.block_on(hybrid_vsock::wait_for_agent(
+        &addr,
+        Instant::now() + AGENT_DEADLINE,
+    ));
     match ready {
         Ok(agent) => Ok((vm, agent, start.elapsed())),
         Err(e) => {
             let ended = vm.wait_timeout(Duration::ZERO).ok().flatten();
-            let console = std::fs::read_to_string(config.run_dir.join("console.log")).unwrap_or_default();
+            let console =
+                std::fs::read_to_string(config.run_dir.join("console.log")).unwrap_or_default();
             Err(anyhow::anyhow!(
                 "agent never answered: {e}; VM state: {}; console tail: {}",
                 ended.map_or("still running".to_string(), |x| x.to_string()),
-                console.lines().rev().take(15).collect::<Vec<_>>().join(" / ")
+                console
+                    .lines()
+                    .rev()
+                    .take(15)
+                    .collect::<Vec<_>>()
+                    .join(" / ")
             ))
         }
     }
 }
 
 /// Asks the agent to power the VM off and waits for the VM to end by itself.
-pub fn shutdown(rt: &tokio::runtime::Runtime, vm: &mut dyn Vm, agent: &ReadyAgent) -> Result<crx_shim::vm::VmExit> {
+pub fn shutdown(
+    rt: &tokio::runtime::Runtime,
+    vm: &mut dyn Vm,
+    agent: &ReadyAgent,
+) -> Result<crx_shim::vm::VmExit> {
     let deadline = Instant::now() + Duration::from_secs(10);
     rt.block_on(agent.clients.agent.shutdown(
         hybrid_vsock::context_until(deadline),
         &crx_protocols::v1::agent::ShutdownRequest::new(),
     ))
     .context("Agent.Shutdown")?;
-    vm.wait_timeout(Duration::from_secs(30))?.context("the VM did not end within 30 s of a clean shutdown")
+    vm.wait_timeout(Duration::from_secs(30))?
+        .context("the VM did not end within 30 s of a clean shutdown")
 }
 
 /// Processes whose command line mentions `needle` (e.g. a test's run directory).
 pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
         if pid == std::process::id() {
             continue;
         }

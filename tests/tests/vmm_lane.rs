@@ -21,9 +21,17 @@ mod tests {
                 .payload(&script)
                 .and_then(|b| b.build())
                 .map_err(|e| format!("assembling the vmm-lane payload: {e}"))?;
-            let opts = RunOptions { timeout: Duration::from_secs(900), ..RunOptions::default() };
+            let opts = RunOptions {
+                timeout: Duration::from_secs(900),
+                ..RunOptions::default()
+            };
             let run = rig.run(payload.path(), &opts).map_err(|e| format!("{e}"))?;
-            eprintln!("vmm lane: rc {} in {:.1} s; results {}", run.rc, run.wall.as_secs_f64(), Value::from(run.results.clone()));
+            eprintln!(
+                "vmm lane: rc {} in {:.1} s; results {}",
+                run.rc,
+                run.wall.as_secs_f64(),
+                Value::from(run.results.clone())
+            );
             Ok(run)
         });
         run.as_ref().unwrap_or_else(|e| panic!("{e}"))
@@ -32,10 +40,18 @@ mod tests {
     /// The named check's result, which must say ok.
     fn check(name: &str) -> &'static Value {
         let run = lane_run();
-        let result = run
-            .result(name)
-            .unwrap_or_else(|| panic!("the L1 payload reported no {name:?} result; console:\n{}", run.console_tail(60)));
-        assert_eq!(result["ok"], Value::Bool(true), "{name} failed: {result}\nconsole:\n{}", run.console_tail(60));
+        let result = run.result(name).unwrap_or_else(|| {
+            panic!(
+                "the L1 payload reported no {name:?} result; console:\n{}",
+                run.console_tail(60)
+            )
+        });
+        assert_eq!(
+            result["ok"],
+            Value::Bool(true),
+            "{name} failed: {result}\nconsole:\n{}",
+            run.console_tail(60)
+        );
         result
     }
 
@@ -43,11 +59,21 @@ mod tests {
     fn boots_answers_health_over_hybrid_vsock_and_powers_off_cleanly() {
         let r = check("health-1vcpu");
         assert_eq!(r["vmm_rc"], 0, "{r}");
-        assert_eq!(r["health"]["protocol_version"], crx_protocols::PROTOCOL_VERSION, "{r}");
+        assert_eq!(
+            r["health"]["protocol_version"],
+            crx_protocols::PROTOCOL_VERSION,
+            "{r}"
+        );
         assert_eq!(r["procs_left"], 0, "{r}");
         // The boot marker reached crx-vmm: it logged the agent's ready time and exits.
-        assert!(r["ready_us"].as_u64().is_some_and(|us| us > 0), "crx-vmm logged no ready_us: {r}");
-        assert!(r["first_insn_us"].as_u64().is_some_and(|us| us > 0), "crx-vmm logged no first_insn_us: {r}");
+        assert!(
+            r["ready_us"].as_u64().is_some_and(|us| us > 0),
+            "crx-vmm logged no ready_us: {r}"
+        );
+        assert!(
+            r["first_insn_us"].as_u64().is_some_and(|us| us > 0),
+            "crx-vmm logged no first_insn_us: {r}"
+        );
     }
 
     #[test]
@@ -55,7 +81,10 @@ mod tests {
         let r = check("connect-2vcpu");
         assert_eq!(r["online_cpus"], 2, "{r}");
         let first_line = r["listen"]["line"].as_str().unwrap_or_default();
-        assert!(!first_line.trim().is_empty(), "the guest's connection carried no line: {r}");
+        assert!(
+            !first_line.trim().is_empty(),
+            "the guest's connection carried no line: {r}"
+        );
     }
 
     #[test]

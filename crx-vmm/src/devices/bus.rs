@@ -120,11 +120,17 @@ mod tests {
         bus.insert(dev.clone(), 0x1000, 0x100).unwrap();
         assert_eq!(
             bus.insert(dev.clone(), 0x10ff, 0x10),
-            Err(BusError::Overlap { base: 0x10ff, len: 0x10 })
+            Err(BusError::Overlap {
+                base: 0x10ff,
+                len: 0x10
+            })
         );
         assert_eq!(
             bus.insert(dev.clone(), 0xfff, 2),
-            Err(BusError::Overlap { base: 0xfff, len: 2 })
+            Err(BusError::Overlap {
+                base: 0xfff,
+                len: 2
+            })
         );
         bus.insert(dev.clone(), 0x1100, 0x10).unwrap();
 
@@ -135,6 +141,9 @@ mod tests {
         assert_eq!(dev.lock().unwrap().last_write, Some((5, vec![9])));
         assert!(!bus.read(0x1110, &mut buf));
         assert!(!bus.read(0xfff, &mut buf));
-        assert!(matches!(bus.insert(dev, u64::MAX, 2), Err(BusError::InvalidRange { .. })));
+        assert!(matches!(
+            bus.insert(dev, u64::MAX, 2),
+            Err(BusError::InvalidRange { .. })
+        ));
     }
 }

@@ -74,15 +74,30 @@ impl VmProcess {
     /// if the thread that spawned it dies, so callers spawn from a long-lived thread.
     pub fn spawn(name: &'static str, cmd: &mut Command, log_path: &Path) -> Result<Self, VmError> {
         let binary = PathBuf::from(cmd.get_program());
-        let spawn_err = |source| VmError::Spawn { process: name, binary: binary.clone(), source };
-        let log = File::options().create(true).append(true).open(log_path).map_err(spawn_err)?;
+        let spawn_err = |source| VmError::Spawn {
+            process: name,
+            binary: binary.clone(),
+            source,
+        };
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(log_path)
+            .map_err(spawn_err)?;
         let log2 = log.try_clone().map_err(spawn_err)?;
         cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
         // SAFETY: the closure runs in the child between fork and exec and only calls
         // prctl(2), which is async-signal-safe.
         unsafe {
             cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                if libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) != 0
+                {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
@@ -91,7 +106,14 @@ impl VmProcess {
         let spawned_at = std::time::SystemTime::now();
         let child = cmd.spawn().map_err(spawn_err)?;
         let pidfd = pidfd_open(child.id()).map_err(spawn_err)?;
-        Ok(Self { name, child, pidfd, log_path: log_path.to_path_buf(), exit: None, spawned_at })
+        Ok(Self {
+            name,
+            child,
+            pidfd,
+            log_path: log_path.to_path_buf(),
+            exit: None,
+            spawned_at,
+        })
     }
 
     pub fn log_path(&self) -> &Path {
@@ -119,7 +141,13 @@ impl VmProcess {
         // SAFETY: pidfd_send_signal on a pidfd we own; a pidfd cannot refer to a
         // recycled pid, so this never signals an unrelated process.
         unsafe {
-            libc::syscall(libc::SYS_pidfd_send_signal, self.pidfd.as_raw_fd(), sig, std::ptr::null::<u8>(), 0);
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.as_raw_fd(),
+                sig,
+                std::ptr::null::<u8>(),
+                0,
+            );
         }
     }
 
@@ -133,7 +161,9 @@ impl VmProcess {
             self.signal(libc::SIGKILL);
             wait_any(&mut [&mut *self], None)?;
         }
-        self.try_exit()?.ok_or_else(|| VmError::Wait(std::io::Error::other("process did not end after SIGKILL")))
+        self.try_exit()?.ok_or_else(|| {
+            VmError::Wait(std::io::Error::other("process did not end after SIGKILL"))
+        })
     }
 
     /// The last lines of the process's log (at most 2 KiB), for error messages.
@@ -163,7 +193,10 @@ fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
 
 /// Waits until one of `procs` ends or `timeout` passes; returns the index of one that
 /// ended (already reaped) or None on timeout.
-pub fn wait_any(procs: &mut [&mut VmProcess], timeout: Option<Duration>) -> Result<Option<usize>, VmError> {
+pub fn wait_any(
+    procs: &mut [&mut VmProcess],
+    timeout: Option<Duration>,
+) -> Result<Option<usize>, VmError> {
     let deadline = timeout.map(|t| Instant::now() + t);
     loop {
         for (i, p) in procs.iter_mut().enumerate() {
@@ -173,7 +206,11 @@ pub fn wait_any(procs: &mut [&mut VmProcess], timeout: Option<Duration>) -> Resu
         }
         let mut fds: Vec<libc::pollfd> = procs
             .iter()
-            .map(|p| libc::pollfd { fd: p.pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 })
+            .map(|p| libc::pollfd {
+                fd: p.pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
             .collect();
         let wait_ms = match deadline {
             None => -1,
@@ -197,7 +234,9 @@ pub fn wait_any(procs: &mut [&mut VmProcess], timeout: Option<Duration>) -> Resu
 }
 
 fn read_tail(path: &Path, max: u64) -> String {
-    let Ok(mut f) = File::open(path) else { return String::new() };
+    let Ok(mut f) = File::open(path) else {
+        return String::new();
+    };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     if f.seek(SeekFrom::Start(len.saturating_sub(max))).is_err() {
         return String::new();

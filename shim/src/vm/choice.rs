@@ -20,7 +20,9 @@ impl std::str::FromStr for Hypervisor {
             "auto" => Ok(Hypervisor::Auto),
             "crx-vmm" => Ok(Hypervisor::CrxVmm),
             "qemu" => Ok(Hypervisor::Qemu),
-            other => Err(format!("unknown hypervisor {other:?}: expected \"auto\", \"crx-vmm\" or \"qemu\"")),
+            other => Err(format!(
+                "unknown hypervisor {other:?}: expected \"auto\", \"crx-vmm\" or \"qemu\""
+            )),
         }
     }
 }
@@ -96,18 +98,32 @@ mod tests {
     fn auto_prefers_crx_vmm_and_falls_back_to_tcg_with_the_reason() {
         let c = choose_backend(Hypervisor::Auto, &KvmVerdict::Usable).unwrap();
         assert_eq!(c.kind, BackendKind::CrxVmm);
-        let c = choose_backend(Hypervisor::Auto, &KvmVerdict::Unusable("this KVM is PVM".into())).unwrap();
+        let c = choose_backend(
+            Hypervisor::Auto,
+            &KvmVerdict::Unusable("this KVM is PVM".into()),
+        )
+        .unwrap();
         assert_eq!(c.kind, BackendKind::Qemu(QemuAccel::Tcg));
-        assert!(c.reason.contains("this KVM is PVM") && c.reason.contains("TCG"), "{}", c.reason);
+        assert!(
+            c.reason.contains("this KVM is PVM") && c.reason.contains("TCG"),
+            "{}",
+            c.reason
+        );
         let c = choose_backend(Hypervisor::Qemu, &KvmVerdict::Usable).unwrap();
         assert_eq!(c.kind, BackendKind::Qemu(QemuAccel::Kvm));
     }
 
     #[test]
     fn crx_vmm_without_kvm_is_an_error_naming_the_fix() {
-        let e = choose_backend(Hypervisor::CrxVmm, &KvmVerdict::Missing("/dev/kvm does not exist".into()))
-            .unwrap_err();
-        assert!(e.contains("/dev/kvm does not exist") && e.contains("\"qemu\""), "{e}");
+        let e = choose_backend(
+            Hypervisor::CrxVmm,
+            &KvmVerdict::Missing("/dev/kvm does not exist".into()),
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("/dev/kvm does not exist") && e.contains("\"qemu\""),
+            "{e}"
+        );
         assert!("kvm".parse::<Hypervisor>().is_err());
         assert_eq!("qemu".parse::<Hypervisor>(), Ok(Hypervisor::Qemu));
     }

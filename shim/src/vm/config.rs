@@ -60,7 +60,9 @@ impl VmConfig {
             )));
         }
         if self.kernel_cmdline.contains('\n') {
-            return Err(VmError::InvalidConfig("the kernel command line must be one line".into()));
+            return Err(VmError::InvalidConfig(
+                "the kernel command line must be one line".into(),
+            ));
         }
         Ok(())
     }
@@ -68,11 +70,20 @@ impl VmConfig {
     /// Creates the run directory (mode 0700) and clears sockets a dead VM left there.
     pub fn prepare_run_dir(&self) -> Result<(), VmError> {
         use std::os::unix::fs::DirBuilderExt;
-        let err = |source| VmError::RunDir { path: self.run_dir.clone(), source };
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.run_dir).map_err(err)?;
+        let err = |source| VmError::RunDir {
+            path: self.run_dir.clone(),
+            source,
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.run_dir)
+            .map_err(err)?;
         for stale in [self.agent_socket(), self.run_dir.join("vhost-vsock.sock")] {
             match std::fs::remove_file(&stale) {
-                Ok(()) => tracing::warn!(path = ?stale, "removed a socket a previous VM left behind"),
+                Ok(()) => {
+                    tracing::warn!(path = ?stale, "removed a socket a previous VM left behind")
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(err(e)),
             }
@@ -82,7 +93,11 @@ impl VmConfig {
 }
 
 fn readable_file(what: &'static str, path: &Path) -> Result<(), VmError> {
-    let bad = |reason: String| VmError::BadPath { what, path: path.to_path_buf(), reason };
+    let bad = |reason: String| VmError::BadPath {
+        what,
+        path: path.to_path_buf(),
+        reason,
+    };
     let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
     if !meta.is_file() {
         return Err(bad("not a regular file".into()));
@@ -93,7 +108,11 @@ fn readable_file(what: &'static str, path: &Path) -> Result<(), VmError> {
 
 pub(super) fn executable(what: &'static str, path: &Path) -> Result<(), VmError> {
     use std::os::unix::fs::PermissionsExt;
-    let bad = |reason: String| VmError::BadPath { what, path: path.to_path_buf(), reason };
+    let bad = |reason: String| VmError::BadPath {
+        what,
+        path: path.to_path_buf(),
+        reason,
+    };
     let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
     if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
         return Err(bad("not an executable file".into()));

@@ -77,7 +77,12 @@ impl CrxVm {
             return Ok(exit.clone());
         }
         let status = self.vmm.terminate(grace)?;
-        let exit = VmExit { process: self.vmm.name, status, requested, log_tail: self.vmm.log_tail() };
+        let exit = VmExit {
+            process: self.vmm.name,
+            status,
+            requested,
+            log_tail: self.vmm.log_tail(),
+        };
         remove_sockets(&self.sockets);
         self.exit = Some(exit.clone());
         Ok(exit)
@@ -149,9 +154,18 @@ mod tests {
             qemu_binary: "/bin/true".into(),
         };
         assert_eq!(cmdline_without_defaults(&config), "crx.log=debug");
-        assert_eq!(kernel_cmdline(&config), "reboot=k panic=-1 quiet console=ttyS0 crx.log=debug");
-        let silent = VmConfig { serial: SerialOutput::Off, ..config };
-        assert_eq!(kernel_cmdline(&silent), "reboot=k panic=-1 quiet console=ttynull crx.log=debug");
+        assert_eq!(
+            kernel_cmdline(&config),
+            "reboot=k panic=-1 quiet console=ttyS0 crx.log=debug"
+        );
+        let silent = VmConfig {
+            serial: SerialOutput::Off,
+            ..config
+        };
+        assert_eq!(
+            kernel_cmdline(&silent),
+            "reboot=k panic=-1 quiet console=ttynull crx.log=debug"
+        );
         let _ = GUEST_CID;
     }
 }

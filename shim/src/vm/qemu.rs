@@ -39,7 +39,12 @@ pub struct QemuBackend {
 
 impl QemuBackend {
     pub fn new(accel: QemuAccel) -> Self {
-        Self { accel, tcg_tb_size_mib: 32, backend_ready_timeout: Duration::from_secs(5), extra_args: Vec::new() }
+        Self {
+            accel,
+            tcg_tb_size_mib: 32,
+            backend_ready_timeout: Duration::from_secs(5),
+            extra_args: Vec::new(),
+        }
     }
 
     /// The QEMU command line for `config` (without the program name).
@@ -74,7 +79,12 @@ impl QemuBackend {
         match self.accel {
             QemuAccel::Kvm => {
                 // MSR_IA32_ARCH_CAPABILITIES cannot be set on some nested hosts (PVM).
-                args.extend(["-accel".into(), "kvm".into(), "-cpu".into(), "host,-arch-capabilities".into()]);
+                args.extend([
+                    "-accel".into(),
+                    "kvm".into(),
+                    "-cpu".into(),
+                    "host,-arch-capabilities".into(),
+                ]);
             }
             QemuAccel::Tcg => {
                 let thread = if config.vcpus > 1 { "multi" } else { "single" };
@@ -88,7 +98,9 @@ impl QemuBackend {
         }
         match &config.serial {
             SerialOutput::Off => args.extend(["-serial".into(), "none".into()]),
-            SerialOutput::File(path) => args.extend(["-serial".into(), format!("file:{}", path.display())]),
+            SerialOutput::File(path) => {
+                args.extend(["-serial".into(), format!("file:{}", path.display())])
+            }
         }
         args.extend([
             "-chardev".into(),
@@ -124,7 +136,11 @@ pub(super) fn kernel_cmdline(config: &VmConfig) -> String {
     let mut line = String::from("reboot=k panic=-1 quiet");
     // Without a serial device the guest still needs a console, or PID 1 starts with no
     // fds 0-2; ttynull is a silent one.
-    line.push_str(if config.serial == SerialOutput::Off { " console=ttynull" } else { " console=ttyS0" });
+    line.push_str(if config.serial == SerialOutput::Off {
+        " console=ttynull"
+    } else {
+        " console=ttyS0"
+    });
     if !config.kernel_cmdline.is_empty() {
         line.push(' ');
         line.push_str(&config.kernel_cmdline);
@@ -139,7 +155,10 @@ impl VmBackend for QemuBackend {
 
     fn start(&self, config: &VmConfig) -> Result<Box<dyn Vm>, VmError> {
         config.validate()?;
-        executable("QEMU binary (qemu-system-x86_64, Debian package qemu-system-x86)", &config.qemu_binary)?;
+        executable(
+            "QEMU binary (qemu-system-x86_64, Debian package qemu-system-x86)",
+            &config.qemu_binary,
+        )?;
         config.prepare_run_dir()?;
         let agent_socket = config.agent_socket();
         let vhost_socket = config.run_dir.join("vhost-vsock.sock");
@@ -153,8 +172,11 @@ impl VmBackend for QemuBackend {
             .arg(&agent_socket)
             .arg("--guest-cid")
             .arg(GUEST_CID.to_string());
-        let mut backend =
-            VmProcess::spawn("vhost-user-vsock", &mut backend_cmd, &config.run_dir.join("vhost-user-vsock.log"))?;
+        let mut backend = VmProcess::spawn(
+            "vhost-user-vsock",
+            &mut backend_cmd,
+            &config.run_dir.join("vhost-user-vsock.log"),
+        )?;
         wait_for_socket(&mut backend, &vhost_socket, self.backend_ready_timeout)?;
 
         let mut qemu_cmd = Command::new(&config.qemu_binary);
@@ -175,20 +197,32 @@ impl VmBackend for QemuBackend {
 }
 
 /// Waits for a back end to bind its socket, or to die trying.
-fn wait_for_socket(process: &mut VmProcess, socket: &Path, timeout: Duration) -> Result<(), VmError> {
+fn wait_for_socket(
+    process: &mut VmProcess,
+    socket: &Path,
+    timeout: Duration,
+) -> Result<(), VmError> {
     let deadline = Instant::now() + timeout;
     while !socket.exists() {
         if wait_any(&mut [&mut *process], Some(Duration::from_millis(2)))?.is_some() {
             let status = process.try_exit()?.unwrap_or(super::ProcessExit::Code(-1));
             return Err(VmError::EndedEarly {
-                exit: VmExit { process: process.name, status, requested: false, log_tail: process.log_tail() },
+                exit: VmExit {
+                    process: process.name,
+                    status,
+                    requested: false,
+                    log_tail: process.log_tail(),
+                },
             });
         }
         if Instant::now() >= deadline {
             return Err(VmError::NotReady {
                 process: process.name,
                 timeout,
-                detail: format!("socket {socket:?} never appeared; log: {}", process.log_tail()),
+                detail: format!(
+                    "socket {socket:?} never appeared; log: {}",
+                    process.log_tail()
+                ),
             });
         }
     }
@@ -235,7 +269,12 @@ impl QemuVm {
         } else {
             (&self.qemu, qemu_status)
         };
-        let exit = VmExit { process: culprit.name, status, requested, log_tail: culprit.log_tail() };
+        let exit = VmExit {
+            process: culprit.name,
+            status,
+            requested,
+            log_tail: culprit.log_tail(),
+        };
         if exit.is_failure() {
             tracing::error!(%exit, "VM ended unexpectedly");
         } else {
@@ -270,7 +309,10 @@ impl Vm for QemuVm {
     }
 
     fn pids(&self) -> Vec<(&'static str, u32)> {
-        vec![(self.qemu.name, self.qemu.pid()), (self.backend.name, self.backend.pid())]
+        vec![
+            (self.qemu.name, self.qemu.pid()),
+            (self.backend.name, self.backend.pid()),
+        ]
     }
 
     fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<VmExit>, VmError> {

@@ -34,10 +34,16 @@ pub struct VmResources {
 
 impl VmResources {
     pub fn measure(pids: &[(&'static str, u32)], guest_ram_kib: u64) -> Self {
-        let processes: Vec<ProcessFigures> =
-            pids.iter().filter_map(|&(name, pid)| measure_process(name, pid, guest_ram_kib)).collect();
+        let processes: Vec<ProcessFigures> = pids
+            .iter()
+            .filter_map(|&(name, pid)| measure_process(name, pid, guest_ram_kib))
+            .collect();
         Self {
-            guest_touched_kib: processes.iter().map(|p| p.guest_ram_rss_kib).max().unwrap_or(0),
+            guest_touched_kib: processes
+                .iter()
+                .map(|p| p.guest_ram_rss_kib)
+                .max()
+                .unwrap_or(0),
             vmm_own_rss_kib: processes.iter().map(|p| p.own_rss_kib()).sum(),
             total_pss_kib: processes.iter().map(|p| p.pss_kib).sum(),
             processes,
@@ -53,8 +59,16 @@ pub fn measure_process(name: &'static str, pid: u32, guest_ram_kib: u64) -> Opti
     // only otherwise is a large anonymous mapping taken for guest RAM (a TCG code buffer
     // is anonymous and can be as large as a small guest).
     let has_memfd = mappings.iter().any(|m| m.path.starts_with("/memfd:"));
-    let guest_window = if has_memfd { None } else { anonymous_guest_window(&mappings, guest_ram_kib) };
-    let mut figures = ProcessFigures { name, pid, ..Default::default() };
+    let guest_window = if has_memfd {
+        None
+    } else {
+        anonymous_guest_window(&mappings, guest_ram_kib)
+    };
+    let mut figures = ProcessFigures {
+        name,
+        pid,
+        ..Default::default()
+    };
     for (i, m) in mappings.iter().enumerate() {
         figures.rss_kib += m.rss_kib;
         figures.pss_kib += m.pss_kib;
@@ -75,7 +89,10 @@ pub fn measure_process(name: &'static str, pid: u32, guest_ram_kib: u64) -> Opti
 /// mappings around its largest anonymous piece whose sizes add up to exactly the
 /// guest's size. Falls back to the large anonymous pieces alone (e.g. RAM split around
 /// the 32-bit MMIO hole).
-fn anonymous_guest_window(mappings: &[Mapping], guest_ram_kib: u64) -> Option<std::ops::RangeInclusive<usize>> {
+fn anonymous_guest_window(
+    mappings: &[Mapping],
+    guest_ram_kib: u64,
+) -> Option<std::ops::RangeInclusive<usize>> {
     let anchor = (0..mappings.len())
         .filter(|&i| is_anonymous_guest_ram(&mappings[i].path, mappings[i].size_kib, guest_ram_kib))
         .max_by_key(|&i| mappings[i].size_kib)?;
@@ -90,8 +107,8 @@ fn anonymous_guest_window(mappings: &[Mapping], guest_ram_kib: u64) -> Option<st
     }
     for start in first..=anchor {
         let mut total = 0;
-        for end in start..=last {
-            total += mappings[end].size_kib;
+        for (end, m) in mappings.iter().enumerate().take(last + 1).skip(start) {
+            total += m.size_kib;
             if end >= anchor && total == guest_ram_kib {
                 return Some(start..=end);
             }
@@ -121,7 +138,14 @@ fn parse_smaps(smaps: &str) -> Vec<Mapping> {
             // A mapping header: "start-end perms offset dev inode [path]".
             let path = line.split_whitespace().nth(5).unwrap_or("").to_string();
             let (start, end) = mapping_range(first);
-            mappings.push(Mapping { start, end, path, size_kib: (end - start) / 1024, rss_kib: 0, pss_kib: 0 });
+            mappings.push(Mapping {
+                start,
+                end,
+                path,
+                size_kib: (end - start) / 1024,
+                rss_kib: 0,
+                pss_kib: 0,
+            });
             continue;
         }
         let value: u64 = words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
@@ -137,7 +161,9 @@ fn parse_smaps(smaps: &str) -> Vec<Mapping> {
 }
 
 fn mapping_range(range: &str) -> (u64, u64) {
-    let mut parts = range.split('-').map(|h| u64::from_str_radix(h, 16).unwrap_or(0));
+    let mut parts = range
+        .split('-')
+        .map(|h| u64::from_str_radix(h, 16).unwrap_or(0));
     match (parts.next(), parts.next()) {
         (Some(start), Some(end)) if end > start => (start, end),
         _ => (0, 0),
@@ -148,7 +174,10 @@ fn mapping_range(range: &str) -> (u64, u64) {
 /// (guest RAM may be split around the 32-bit MMIO hole; nothing else crx-vmm maps is
 /// that large).
 fn is_anonymous_guest_ram(path: &str, size_kib: u64, guest_ram_kib: u64) -> bool {
-    path.is_empty() && guest_ram_kib > 0 && size_kib >= guest_ram_kib / 2 && size_kib <= guest_ram_kib
+    path.is_empty()
+        && guest_ram_kib > 0
+        && size_kib >= guest_ram_kib / 2
+        && size_kib <= guest_ram_kib
 }
 
 #[cfg(test)]
@@ -158,7 +187,10 @@ mod tests {
     #[test]
     fn own_process_figures_are_read() {
         let me = measure_process("test", std::process::id(), 0).unwrap();
-        assert!(me.rss_kib > 0 && me.pss_kib > 0 && me.pss_kib <= me.rss_kib, "{me:?}");
+        assert!(
+            me.rss_kib > 0 && me.pss_kib > 0 && me.pss_kib <= me.rss_kib,
+            "{me:?}"
+        );
         assert_eq!(me.guest_ram_rss_kib, 0);
         assert!(measure_process("gone", u32::MAX / 2, 0).is_none());
     }
@@ -167,11 +199,18 @@ mod tests {
     fn guest_ram_is_recognised_by_name_or_size() {
         assert!(is_anonymous_guest_ram("", 262144, 262144));
         assert!(!is_anonymous_guest_ram("", 8192, 262144));
-        assert!(!is_anonymous_guest_ram("/usr/lib/libc.so.6", 262144, 262144));
+        assert!(!is_anonymous_guest_ram(
+            "/usr/lib/libc.so.6",
+            262144,
+            262144
+        ));
         let smaps = "7f00-7f10 rw-s 0 0:1 5 /memfd:mem (deleted)\nRss: 40 kB\nPss: 20 kB\n\
                      8f00-9f00 rw-p 0 0:0 0\nRss: 100 kB\nPss: 100 kB\n";
         let m = parse_smaps(smaps);
-        assert_eq!((m.len(), m[0].path.as_str(), m[0].rss_kib, m[1].pss_kib), (2, "/memfd:mem", 40, 100));
+        assert_eq!(
+            (m.len(), m[0].path.as_str(), m[0].rss_kib, m[1].pss_kib),
+            (2, "/memfd:mem", 40, 100)
+        );
         assert_eq!(mapping_range("1000-3000"), (0x1000, 0x3000));
         // crx-vmm: 1 MiB guest RAM split by a file mapping; a neighbour is not guest RAM.
         let smaps = "0-1000 rw-p 0 0:0 0\nRss: 4 kB\n\

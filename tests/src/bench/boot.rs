@@ -63,7 +63,13 @@ pub fn run(
                 vm.stop(Duration::from_secs(2))?;
             }
         }
-        let empty = Summary { n: 0, median: 0.0, p90: 0.0, min: 0.0, max: 0.0 };
+        let empty = Summary {
+            n: 0,
+            median: 0.0,
+            p90: 0.0,
+            min: 0.0,
+            max: 0.0,
+        };
         let f = BackendFigures {
             backend: kind.to_string(),
             ready_ms: Summary::of_durations_ms(&ready).unwrap_or(empty),

@@ -2,5 +2,5 @@
 //! prints its figures for people, and ends with one JSON object for machines.
 
 pub mod boot;
-pub mod vmm;
 pub mod stats;
+pub mod vmm;

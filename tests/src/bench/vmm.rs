@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
-use crx_shim::vm::{BackendKind, CrxVmmBackend, QemuAccel, QemuBackend, SerialOutput, Vm, VmBackend, VmConfig};
+use crx_shim::vm::{
+    BackendKind, CrxVmmBackend, QemuAccel, QemuBackend, SerialOutput, Vm, VmBackend, VmConfig,
+};
 use serde_json::{json, Value};
 
 use super::stats::Summary;
@@ -35,7 +37,8 @@ pub fn measure_in_l1(backend_name: &str, iterations: usize, paths: &InL1Paths) -
         other => bail!("unknown backend {other:?} (crx-vmm or qemu)"),
     };
     let rt = vm_harness::runtime()?;
-    let (mut ready, mut first, mut rss, mut touched, mut exits) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut ready, mut first, mut rss, mut touched, mut exits) =
+        (vec![], vec![], vec![], vec![], vec![]);
     for i in 0..iterations {
         let run_dir = PathBuf::from(format!("/run/vm-bench/{backend_name}-{i}"));
         let config = VmConfig {
@@ -56,7 +59,9 @@ pub fn measure_in_l1(backend_name: &str, iterations: usize, paths: &InL1Paths) -
                 let mut q = QemuBackend::new(accel);
                 // The first KVM_RUN, with a wall-clock stamp: QEMU's first guest
                 // instruction. Only that event is traced, so the cost is a few lines.
-                q.extra_args = ["-msg", "timestamp=on", "-trace", "kvm_vcpu_ioctl"].map(String::from).to_vec();
+                q.extra_args = ["-msg", "timestamp=on", "-trace", "kvm_vcpu_ioctl"]
+                    .map(String::from)
+                    .to_vec();
                 Box::new(q)
             }
         };
@@ -104,12 +109,19 @@ pub fn measure_in_l1(backend_name: &str, iterations: usize, paths: &InL1Paths) -
 /// same counter for both VMMs (crx-vmm also logs its own, from the stats fd).
 fn debugfs_exits(pid: u32) -> Option<u64> {
     let prefix = format!("{pid}-");
-    std::fs::read_dir("/sys/kernel/debug/kvm").ok()?.flatten().find_map(|e| {
-        if !e.file_name().to_string_lossy().starts_with(&prefix) {
-            return None;
-        }
-        std::fs::read_to_string(e.path().join("exits")).ok()?.trim().parse().ok()
-    })
+    std::fs::read_dir("/sys/kernel/debug/kvm")
+        .ok()?
+        .flatten()
+        .find_map(|e| {
+            if !e.file_name().to_string_lossy().starts_with(&prefix) {
+                return None;
+            }
+            std::fs::read_to_string(e.path().join("exits"))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        })
 }
 
 /// Time from the VMM's spawn to its first guest instruction: crx-vmm logs
@@ -120,12 +132,18 @@ fn first_guest_instruction(vm: &dyn Vm, kind: BackendKind) -> Option<Duration> {
     let text = std::fs::read_to_string(log).ok()?;
     match kind {
         BackendKind::CrxVmm => {
-            let us = text.split("first_insn_us=").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?;
+            let us = text
+                .split("first_insn_us=")
+                .nth(1)?
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?;
             Some(Duration::from_micros(us.parse().ok()?))
         }
         BackendKind::Qemu(_) => {
             // "<pid>@<secs>.<micros>:kvm_vcpu_ioctl cpu_index 0, type 0xae80, arg (nil)"
-            let line = text.lines().find(|l| l.contains("kvm_vcpu_ioctl") && l.contains("type 0xae80,"))?;
+            let line = text
+                .lines()
+                .find(|l| l.contains("kvm_vcpu_ioctl") && l.contains("type 0xae80,"))?;
             let stamp = line.split('@').nth(1)?.split(':').next()?;
             let (secs, micros) = stamp.split_once('.')?;
             let at = SystemTime::UNIX_EPOCH
@@ -161,25 +179,44 @@ pub fn run(iterations: usize) -> Result<Value> {
     builder.qemu("qemu")?;
     let payload = builder.build()?;
     println!("crx-bench vmm: {iterations} boots of each VMM inside one nested-KVM L1 (TCG-emulated AMD SVM)");
-    let opts = RunOptions { timeout: Duration::from_secs(120 + 2 * per_backend_s as u64), ..RunOptions::default() };
-    let l1 = rig.run(payload.path(), &opts).context("the L1 benchmark run")?;
+    let opts = RunOptions {
+        timeout: Duration::from_secs(120 + 2 * per_backend_s as u64),
+        ..RunOptions::default()
+    };
+    let l1 = rig
+        .run(payload.path(), &opts)
+        .context("the L1 benchmark run")?;
     let find = |name: &str| -> Result<&Value> {
         let r = l1
             .results
             .iter()
             .find(|r| r["backend"] == name)
-            .with_context(|| format!("no {name} figures from L1; console:\n{}", l1.console_tail(40)))?;
+            .with_context(|| {
+                format!(
+                    "no {name} figures from L1; console:\n{}",
+                    l1.console_tail(40)
+                )
+            })?;
         if let Some(err) = r.get("error") {
-            bail!("{name} could not be measured in L1: {err}; console:\n{}", l1.console_tail(40));
+            bail!(
+                "{name} could not be measured in L1: {err}; console:\n{}",
+                l1.console_tail(40)
+            );
         }
         Ok(r)
     };
     let (crx, qemu) = (find("crx-vmm")?, find("qemu")?);
     let median = |v: &Value, key: &str| v[key]["median"].as_f64();
     let ratio = |key: &str| Some(median(crx, key)? / median(qemu, key)?);
-    println!("level: L2 guest on KVM inside an L1 under QEMU TCG — compare these only with each other");
+    println!(
+        "level: L2 guest on KVM inside an L1 under QEMU TCG — compare these only with each other"
+    );
     for (label, key, unit) in [
-        ("setup: exec -> first guest instruction", "first_insn_ms", "ms"),
+        (
+            "setup: exec -> first guest instruction",
+            "first_insn_ms",
+            "ms",
+        ),
         ("spawn -> agent health reply", "ready_ms", "ms"),
         ("VMM RSS without guest RAM", "vmm_rss_kib", "KiB"),
         ("guest memory touched at ready", "guest_touched_kib", "KiB"),

@@ -36,10 +36,16 @@ enum Command {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Boot { iterations, memory_mib, tcg_tb_size_mib } => {
+        Command::Boot {
+            iterations,
+            memory_mib,
+            tcg_tb_size_mib,
+        } => {
             let kvm_usable = crx_shim::vm::probe_kvm() == crx_shim::vm::KvmVerdict::Usable;
             let backends = bench::boot::available_backends(kvm_usable);
-            println!("crx-bench boot: {iterations} starts per backend, guest memory {memory_mib} MiB");
+            println!(
+                "crx-bench boot: {iterations} starts per backend, guest memory {memory_mib} MiB"
+            );
             bench::boot::run(iterations, &backends, memory_mib, tcg_tb_size_mib)?
         }
         Command::Vmm { iterations } => bench::vmm::run(iterations)?,

@@ -6,7 +6,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use crx_shim::vm::{choose_backend, probe_kvm, BackendKind, CrxVmmBackend, Hypervisor, QemuBackend, VmBackend};
+use crx_shim::vm::{
+    choose_backend, probe_kvm, BackendKind, CrxVmmBackend, Hypervisor, QemuBackend, VmBackend,
+};
 use crx_tests::vm_harness::{self, boot, shutdown, vm_config, RunDir};
 
 fn main() -> Result<()> {
@@ -23,8 +25,13 @@ fn main() -> Result<()> {
     let config = vm_config(dir.path(), "demo", 1, 128, "")?;
     println!("kernel:    {}", config.kernel.display());
     println!("initramfs: {}", config.initramfs.display());
-    let (mut vm, agent, took) = boot(&rt, backend.as_ref(), &config).context("booting the pod VM")?;
-    println!("pod VM up: {:?}, agent answered Health.Check after {:.0} ms", vm.pids(), took.as_secs_f64() * 1000.0);
+    let (mut vm, agent, took) =
+        boot(&rt, backend.as_ref(), &config).context("booting the pod VM")?;
+    println!(
+        "pod VM up: {:?}, agent answered Health.Check after {:.0} ms",
+        vm.pids(),
+        took.as_secs_f64() * 1000.0
+    );
     let v = &agent.version;
     println!(
         "agent:     crx-agent {} (protocol {}) on Linux {}",
@@ -41,7 +48,10 @@ fn main() -> Result<()> {
         eprintln!("clean shutdown failed ({e:#}); stopping the VM");
         vm.stop(Duration::from_secs(2)).map_err(anyhow::Error::from)
     })?;
-    println!("shutdown:  {exit} after {:.0} ms", t.elapsed().as_secs_f64() * 1000.0);
+    println!(
+        "shutdown:  {exit} after {:.0} ms",
+        t.elapsed().as_secs_f64() * 1000.0
+    );
     anyhow::ensure!(!exit.is_failure(), "the VM did not end cleanly: {exit}");
     Ok(())
 }

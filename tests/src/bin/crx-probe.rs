@@ -102,7 +102,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let started = Instant::now();
     // vm-bench runs its own runtime per boot, so it is dispatched outside the async one.
-    if let Cmd::VmBench { backend, iterations, kernel, initramfs, crx_vmm, qemu } = &cli.command {
+    if let Cmd::VmBench {
+        backend,
+        iterations,
+        kernel,
+        initramfs,
+        crx_vmm,
+        qemu,
+    } = &cli.command
+    {
         let paths = crx_tests::bench::vmm::paths(kernel, initramfs, crx_vmm, qemu);
         return match crx_tests::bench::vmm::measure_in_l1(backend, *iterations, &paths) {
             Ok(v) => {
@@ -110,7 +118,10 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                println!("{}", json!({ "ok": false, "backend": backend, "error": format!("{e:#}") }));
+                println!(
+                    "{}",
+                    json!({ "ok": false, "backend": backend, "error": format!("{e:#}") })
+                );
                 ExitCode::FAILURE
             }
         };
