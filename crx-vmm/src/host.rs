@@ -47,6 +47,12 @@ pub struct HostKvm {
     pub reason: String,
 }
 
+/// Why a PVM host cannot run crx's guest, without the advice for crx-vmm's own CLI.
+pub const PVM_CAUSE: &str = "this host's KVM is PVM (kvm_pvm, pagetable-based virtual machine), which cannot run a stock Linux guest's user space (its first system call faults)";
+
+/// Why a KVM without hardware virtualization cannot run crx's guest.
+pub const UNKNOWN_CAUSE: &str = "KVM works but this CPU shows no hardware virtualization (no vmx/svm flag in /proc/cpuinfo, no kvm_intel/kvm_amd module)";
+
 /// The one line printed when crx-vmm refuses to boot on PVM.
 pub const PVM_REASON: &str = "this host's KVM is PVM (kvm_pvm, pagetable-based virtual machine), which cannot run a stock Linux guest's user space (its first system call faults): run pods on the QEMU backend (hypervisor = \"qemu\" or \"auto\"), or pass --allow-pvm to boot anyway";
 
@@ -132,6 +138,16 @@ fn json_string(s: &str) -> String {
 }
 
 impl HostKvm {
+    /// The cause alone (no advice about crx-vmm flags), for callers that choose a
+    /// backend themselves, like the shim.
+    pub fn cause(&self) -> &str {
+        match self.flavor {
+            Some(KvmFlavor::Pvm) => PVM_CAUSE,
+            Some(KvmFlavor::Unknown) => UNKNOWN_CAUSE,
+            _ => &self.reason,
+        }
+    }
+
     /// One-line JSON: `{"kvm_usable":..,"flavor":..,"usable_for_linux":..,"reason":..}`.
     pub fn to_json(&self) -> String {
         format!(
@@ -158,6 +174,8 @@ mod tests {
         assert_eq!(v.flavor, Some(KvmFlavor::Pvm));
         assert!(!v.usable_for_linux);
         assert!(v.reason.contains("QEMU backend"));
+        // The reason is the cause plus advice; the cause alone carries no crx-vmm flags.
+        assert!(v.reason.starts_with(v.cause()) && !v.cause().contains("--allow-pvm"));
     }
 
     #[test]

@@ -44,9 +44,9 @@ pub fn probe_kvm() -> KvmVerdict {
     if host.usable_for_linux {
         KvmVerdict::Usable
     } else if host.kvm_usable {
-        KvmVerdict::Unusable(host.reason)
+        KvmVerdict::Unusable(host.cause().to_owned())
     } else {
-        KvmVerdict::Missing(host.reason)
+        KvmVerdict::Missing(host.cause().to_owned())
     }
 }
 
