@@ -12,9 +12,11 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+pub mod block;
 pub mod mmio;
 #[cfg(test)]
 pub mod test_utils;
+pub mod rng;
 pub mod vsock;
 
 /// `VIRTIO_F_VERSION_1`: every crx device is a modern device.

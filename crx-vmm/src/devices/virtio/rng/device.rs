@@ -1,0 +1,140 @@
+//! [`Rng`]: the virtio-rng device model. It has no config space; the work happens on
+//! the `crx-rng` thread (`event_loop`) that activation starts.
+
+use std::thread::JoinHandle;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::event_loop::EventLoop;
+use super::{QUEUE_SIZES, VIRTIO_ID_RNG};
+use crate::devices::virtio::mmio::WarnLimiter;
+use crate::devices::virtio::{ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1};
+
+struct Worker {
+    exit: EventFd,
+    handle: JoinHandle<()>,
+}
+
+/// A virtio entropy device fed by the host's `getrandom(2)`.
+#[derive(Default)]
+pub struct Rng {
+    acked_features: u64,
+    worker: Option<Worker>,
+}
+
+impl Rng {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether the device thread is running.
+    pub fn is_active(&self) -> bool {
+        self.worker.is_some()
+    }
+
+    /// The feature bits the driver accepted.
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    /// Stops the device thread and waits for it. Requests still on the queue stay
+    /// there; a later activation gets fresh queues from the transport.
+    pub fn stop(&mut self) {
+        let Some(worker) = self.worker.take() else {
+            return;
+        };
+        if let Err(e) = worker.exit.write(1) {
+            // The thread still runs: keep it, so `reset` can say the device is not reset.
+            tracing::error!(error = %e, "rng: cannot signal the device thread to stop");
+            self.worker = Some(worker);
+            return;
+        }
+        if worker.handle.join().is_err() {
+            tracing::error!("rng: device thread panicked");
+        }
+    }
+}
+
+impl Drop for Rng {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_RNG
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn avail_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
+
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        // virtio-rng has no device-specific configuration.
+        data.fill(0);
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        tracing::debug!(offset, "rng: guest wrote the (empty) config space; ignored");
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        if ctx.queues.len() != QUEUE_SIZES.len() || ctx.queue_events.len() != QUEUE_SIZES.len() {
+            return Err(ActivateError::QueueCount {
+                expected: QUEUE_SIZES.len(),
+                got: ctx.queues.len().min(ctx.queue_events.len()),
+            });
+        }
+        if self.worker.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        let exit = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Thread)?;
+        let thread_exit = exit.try_clone().map_err(ActivateError::Thread)?;
+        let ActivateContext {
+            mem,
+            queues,
+            queue_events,
+            interrupt,
+        } = ctx;
+        let (Some(queue), Some(queue_event)) =
+            (queues.into_iter().next(), queue_events.into_iter().next())
+        else {
+            // Unreachable after the length check; kept as an error rather than a panic.
+            return Err(ActivateError::QueueCount {
+                expected: QUEUE_SIZES.len(),
+                got: 0,
+            });
+        };
+        let event_loop = EventLoop::new(
+            mem,
+            queue,
+            queue_event,
+            interrupt,
+            thread_exit,
+            WarnLimiter::new(),
+        );
+        let handle = std::thread::Builder::new()
+            .name("crx-rng".into())
+            .spawn(move || event_loop.run())
+            .map_err(ActivateError::Thread)?;
+        self.worker = Some(Worker { exit, handle });
+        Ok(())
+    }
+
+    fn reset(&mut self) -> bool {
+        // Nothing survives a reset but the device itself: stopping the thread drops
+        // the old queues, and the transport hands new ones at the next DRIVER_OK.
+        self.stop();
+        self.acked_features = 0;
+        !self.is_active()
+    }
+}
