@@ -28,7 +28,9 @@ use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::boot_marker::{BootMarker, BootMarkerState, ExitCounters};
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{LineLogger, Serial};
+use crate::devices::virtio::block::{Backing, Block, BlockError};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_SLOT_SIZE};
+use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::VirtioDevice;
 use crate::exit::{self, VmEnd};
@@ -77,6 +79,12 @@ pub enum BuildError {
     },
     #[error("cannot set up the vsock device")]
     Vsock(#[source] VsockError),
+    #[error("cannot set up virtio-blk drive {index}")]
+    Block {
+        index: usize,
+        #[source]
+        source: BlockError,
+    },
     #[error("cannot tell the cleanup process about {}", .path.display())]
     Cleaner {
         path: PathBuf,
@@ -105,6 +113,14 @@ impl BuildError {
                 | VsockError::InvalidCid(_),
             ) => exit::EXIT_BAD_INPUT,
             BuildError::SerialFile { .. } => exit::EXIT_BAD_INPUT,
+            BuildError::Block {
+                source:
+                    BlockError::Open { .. }
+                    | BlockError::NotFileOrBlockDevice(_)
+                    | BlockError::SerialTooLong(_)
+                    | BlockError::Size { .. },
+                ..
+            } => exit::EXIT_BAD_INPUT,
             _ => exit::EXIT_VMM_ERROR,
         }
     }
@@ -467,11 +483,14 @@ pub fn build(
         serial_output(&config.serial)?,
     )?;
 
-    let virtio_slots: Vec<_> = config
-        .vsock
-        .iter()
-        .filter_map(|_| vmm.next_virtio_slot())
-        .collect();
+    // Devices take slots in attach order (drives, rng, vsock); the guest finds each
+    // one's type in its slot, so the command line only has to list them all.
+    let virtio_count =
+        config.drives.len() + usize::from(config.rng) + usize::from(config.vsock.is_some());
+    let virtio_slots = (0..virtio_count)
+        .map(|i| u32::try_from(i).ok().and_then(layout::virtio_slot))
+        .collect::<Option<Vec<_>>>()
+        .ok_or(BuildError::NoVirtioSlot)?;
     let cmdline = kernel_cmdline(
         config.serial != SerialMode::Off,
         &config.cmdline_extra,
@@ -498,6 +517,27 @@ pub fn build(
     tracing::debug!(cmdline = %cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default(), ?entry, "guest loaded");
 
     clock::step("vcpus configured");
+    for (index, drive) in config.drives.iter().enumerate() {
+        let err = |source| BuildError::Block { index, source };
+        let block = match &drive.path {
+            Some(path) => Block::new(
+                &drive.serial,
+                Backing::open(path, drive.read_only).map_err(err)?,
+            ),
+            None => Block::new_empty(&drive.serial),
+        }
+        .map_err(err)?;
+        let block = if drive.read_only {
+            block.read_only()
+        } else {
+            block
+        };
+        vmm.attach_virtio(Arc::new(Mutex::new(block)))?;
+    }
+    if config.rng {
+        vmm.attach_virtio(Arc::new(Mutex::new(Rng::new())))?;
+    }
+    // The vsock socket comes last: nothing after it may fail and leave it behind.
     if let Some(vsock) = &config.vsock {
         if let Some(cleaner) = cleaner {
             cleaner

@@ -56,6 +56,51 @@ pub struct VmConfig {
     pub memory_mib: u64,
     pub vsock: Option<VsockConfig>,
     pub serial: SerialMode,
+    /// virtio-blk drives, in slot order.
+    pub drives: Vec<DriveConfig>,
+    /// A virtio-rng device (entropy from the host's getrandom).
+    pub rng: bool,
+}
+
+/// One virtio-blk drive: `path=FILE[,ro][,serial=ID]`, or `empty[,ro][,serial=ID]` for a
+/// slot whose backing is attached after boot (a CSI block volume).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DriveConfig {
+    pub path: Option<PathBuf>,
+    pub read_only: bool,
+    pub serial: String,
+}
+
+impl FromStr for DriveConfig {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut drive = DriveConfig {
+            path: None,
+            read_only: false,
+            serial: String::new(),
+        };
+        let mut empty = false;
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("path", p)) if !p.is_empty() => drive.path = Some(PathBuf::from(p)),
+                Some(("serial", id)) => drive.serial = id.to_string(),
+                None if part == "ro" => drive.read_only = true,
+                None if part == "empty" => empty = true,
+                _ => {
+                    return Err(format!(
+                        "`{part}` in drive `{s}`: use path=FILE[,ro][,serial=ID] or empty[,ro][,serial=ID]"
+                    ))
+                }
+            }
+        }
+        if empty == drive.path.is_some() {
+            return Err(format!(
+                "drive `{s}` needs exactly one of path=FILE or empty"
+            ));
+        }
+        Ok(drive)
+    }
 }
 
 /// How a kernel image announces itself.
@@ -262,6 +307,8 @@ mod tests {
             memory_mib: 128,
             vsock: None,
             serial: SerialMode::Off,
+            drives: Vec::new(),
+            rng: false,
         }
     }
 
@@ -371,5 +418,24 @@ mod tests {
             Err(ConfigError::TooManyVcpus { max: 8, .. })
         ));
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn drive_specs_parse_and_bad_ones_say_how_to_fix_them() {
+        let d: DriveConfig = "path=/var/lib/vol.img,ro,serial=vol0".parse().unwrap();
+        assert_eq!(
+            d,
+            DriveConfig {
+                path: Some("/var/lib/vol.img".into()),
+                read_only: true,
+                serial: "vol0".into()
+            }
+        );
+        let e: DriveConfig = "empty".parse().unwrap();
+        assert_eq!((e.path, e.read_only), (None, false));
+        for bad in ["", "ro", "path=", "empty,path=/x", "path=/x,rw", "size=3"] {
+            let err = bad.parse::<DriveConfig>().unwrap_err();
+            assert!(err.contains("path=FILE"), "{bad}: {err}");
+        }
     }
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use clap::{Parser, Subcommand};
 use crx_vmm::builder;
 use crx_vmm::cleanup::Cleaner;
-use crx_vmm::config::{host_ram_mib, SerialMode, VmConfig, VsockConfig};
+use crx_vmm::config::{host_ram_mib, DriveConfig, SerialMode, VmConfig, VsockConfig};
 use crx_vmm::exit::{self, VmEnd};
 use crx_vmm::host::{self, KvmFlavor};
 use crx_vmm::vstate::kvm::KvmHandle;
@@ -45,6 +45,13 @@ struct Cli {
     /// Guest CID of the vsock device.
     #[arg(long, default_value_t = 3, requires = "vsock_uds")]
     vsock_cid: u64,
+    /// A virtio-blk drive: path=FILE[,ro][,serial=ID], or empty[,ro][,serial=ID] for a
+    /// slot filled after boot. Repeat for several drives.
+    #[arg(long = "drive")]
+    drives: Vec<DriveConfig>,
+    /// Give the guest a virtio-rng device (entropy from the host's getrandom).
+    #[arg(long)]
+    rng: bool,
     /// Serial console: off (no UART, fastest), log (each line to the log), file:PATH.
     #[arg(long, default_value = "off")]
     serial: SerialMode,
@@ -163,6 +170,8 @@ fn run(cli: Cli, cleaner: Option<&Cleaner>, signals: libc::sigset_t) -> i32 {
             uds_path,
         }),
         serial: cli.serial,
+        drives: cli.drives,
+        rng: cli.rng,
     };
     let format = match config.validate(host_ram_mib()) {
         Ok(format) => format,

@@ -527,6 +527,71 @@ mod tests {
     }
 
     #[test]
+    fn drives_and_rng_attach_and_a_bad_drive_is_named() {
+        common::require_kvm();
+        let dir = common::test_dir("drives");
+        let kernel = common::write_pvh_kernel(&dir, Tail::CleanShutdown);
+        let disk = dir.join("disk.img");
+        std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+        let socket = dir.join("d.sock");
+        let drive = format!("path={},serial=vol0", disk.display());
+        let tag = new_tag();
+        let out = command(
+            &tag,
+            &[
+                "--kernel",
+                kernel.to_str().unwrap(),
+                "--allow-pvm",
+                "--drive",
+                &drive,
+                "--drive",
+                "empty,ro",
+                "--rng",
+                "--vsock-uds",
+                socket.to_str().unwrap(),
+            ],
+        )
+        .output()
+        .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+        assert_nothing_left(&tag, &socket);
+
+        let missing = format!("path={}", dir.join("nope.img").display());
+        expect_failure(
+            &dir,
+            &[
+                "--kernel",
+                kernel.to_str().unwrap(),
+                "--allow-pvm",
+                "--drive",
+                &missing,
+            ],
+            2,
+            "nope.img",
+        );
+        // A malformed spec is refused by argument parsing, before anything starts.
+        let out = command(
+            &new_tag(),
+            &[
+                "--kernel",
+                kernel.to_str().unwrap(),
+                "--allow-pvm",
+                "--drive",
+                "ro",
+            ],
+        )
+        .output()
+        .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        assert!(
+            stderr_of(&out).contains("needs exactly one of path=FILE or empty"),
+            "{}",
+            stderr_of(&out)
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn vhost_user_vsock_back_end_removes_its_sockets_when_killed() {
         let dir = common::test_dir("vhost-user");
         let socket = dir.join("vhost.sock");

@@ -244,6 +244,8 @@ mod tests {
             memory_mib: 128,
             vsock: None,
             serial: SerialMode::Off,
+            drives: Vec::new(),
+            rng: false,
         }
     }
 

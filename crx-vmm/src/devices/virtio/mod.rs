@@ -14,9 +14,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub mod block;
 pub mod mmio;
+pub mod rng;
 #[cfg(test)]
 pub mod test_utils;
-pub mod rng;
 pub mod vsock;
 
 /// `VIRTIO_F_VERSION_1`: every crx device is a modern device.
