@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub mod block;
 pub mod mmio;
+pub mod queue_thread;
 pub mod rng;
 #[cfg(test)]
 pub mod test_utils;

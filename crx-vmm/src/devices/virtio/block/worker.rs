@@ -6,13 +6,11 @@
 //! returned, so an acknowledged flush is on the host's stable storage. Data moves
 //! between the backing and guest memory directly, with no buffer sized by the guest.
 
-use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::Shared;
@@ -21,10 +19,8 @@ use super::{
     Backing, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
 };
 use crate::devices::virtio::mmio::WarnLimiter;
+use crate::devices::virtio::queue_thread::serve_until_exit;
 use crate::devices::virtio::Interrupt;
-
-const TOKEN_QUEUE: u64 = 0;
-const TOKEN_EXIT: u64 = 1;
 
 pub(super) struct Worker {
     pub mem: GuestMemoryMmap,
@@ -56,51 +52,12 @@ impl Done {
 
 impl Worker {
     pub fn run(mut self) {
-        let epoll = match self.setup_epoll() {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::error!(error = %e, "virtio-blk: cannot set up the device thread's epoll");
-                return;
-            }
+        let (Ok(queue_event), Ok(exit)) = (self.queue_event.try_clone(), self.exit.try_clone())
+        else {
+            tracing::error!("virtio-blk: cannot duplicate the device thread's eventfds");
+            return;
         };
-        // Requests the guest queued before its notification could reach us.
-        self.process_queue();
-        let mut events = [EpollEvent::default(); 4];
-        loop {
-            let n = match epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::error!(error = %e, "virtio-blk: epoll_wait failed; stopping");
-                    return;
-                }
-            };
-            for ev in &events[..n] {
-                match ev.data() {
-                    TOKEN_EXIT => return,
-                    _ => {
-                        // Draining the counter; a failed read only means it was zero.
-                        let _ = self.queue_event.read();
-                        self.process_queue();
-                    }
-                }
-            }
-        }
-    }
-
-    fn setup_epoll(&self) -> std::io::Result<Epoll> {
-        let epoll = Epoll::new()?;
-        epoll.ctl(
-            ControlOperation::Add,
-            self.queue_event.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, TOKEN_QUEUE),
-        )?;
-        epoll.ctl(
-            ControlOperation::Add,
-            self.exit.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, TOKEN_EXIT),
-        )?;
-        Ok(epoll)
+        serve_until_exit("virtio-blk", &queue_event, &exit, || self.process_queue());
     }
 
     /// Serves every chain on the queue, then interrupts the guest once.

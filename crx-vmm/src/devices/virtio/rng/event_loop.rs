@@ -4,20 +4,16 @@
 //! notification it serves every chain on the available ring, then raises the used-ring
 //! interrupt once for the whole batch.
 
-use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{RngError, MAX_REQUEST_BYTES};
 use crate::devices::virtio::mmio::WarnLimiter;
+use crate::devices::virtio::queue_thread::serve_until_exit;
 use crate::devices::virtio::Interrupt;
-
-const TOKEN_QUEUE: u64 = 0;
-const TOKEN_EXIT: u64 = 1;
 
 pub struct EventLoop {
     mem: GuestMemoryMmap,
@@ -62,51 +58,12 @@ impl EventLoop {
 
     /// Runs until the exit eventfd fires.
     pub fn run(mut self) {
-        let epoll = match self.setup_epoll() {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::error!(error = %e, "rng: cannot set up the device thread's epoll");
-                return;
-            }
+        let (Ok(queue_event), Ok(exit)) = (self.queue_event.try_clone(), self.exit.try_clone())
+        else {
+            tracing::error!("rng: cannot duplicate the device thread's eventfds");
+            return;
         };
-        // Requests the guest queued before its notification could reach us.
-        self.process_queue();
-        let mut events = [EpollEvent::default(); 2];
-        loop {
-            let n = match epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::error!(error = %e, "rng: device thread epoll_wait failed; stopping");
-                    return;
-                }
-            };
-            for ev in &events[..n] {
-                match ev.data() {
-                    TOKEN_EXIT => return,
-                    _ => {
-                        // Draining the counter; a failed read only means it was zero.
-                        let _ = self.queue_event.read();
-                        self.process_queue();
-                    }
-                }
-            }
-        }
-    }
-
-    fn setup_epoll(&self) -> std::io::Result<Epoll> {
-        let epoll = Epoll::new()?;
-        epoll.ctl(
-            ControlOperation::Add,
-            self.queue_event.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, TOKEN_QUEUE),
-        )?;
-        epoll.ctl(
-            ControlOperation::Add,
-            self.exit.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, TOKEN_EXIT),
-        )?;
-        Ok(epoll)
+        serve_until_exit("rng", &queue_event, &exit, || self.process_queue());
     }
 
     /// Serves every request on the available ring; one interrupt for the batch.
