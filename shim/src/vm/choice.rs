@@ -90,6 +90,24 @@ pub fn choose_backend(wanted: Hypervisor, kvm: &KvmVerdict) -> Result<BackendCho
     }
 }
 
+/// Probes this host, picks the backend for `wanted` and logs the choice with its reason
+/// (a warning when it is TCG, whose cost the operator should see).
+pub fn select_backend(
+    wanted: Hypervisor,
+) -> Result<(Box<dyn super::VmBackend>, BackendChoice), String> {
+    let choice = choose_backend(wanted, &probe_kvm())?;
+    if choice.kind == BackendKind::Qemu(QemuAccel::Tcg) {
+        tracing::warn!(backend = %choice.kind, ?wanted, "{}", choice.reason);
+    } else {
+        tracing::info!(backend = %choice.kind, ?wanted, "{}", choice.reason);
+    }
+    let backend: Box<dyn super::VmBackend> = match choice.kind {
+        BackendKind::CrxVmm => Box::new(super::CrxVmmBackend::default()),
+        BackendKind::Qemu(accel) => Box::new(super::QemuBackend::new(accel)),
+    };
+    Ok((backend, choice))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

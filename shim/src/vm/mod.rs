@@ -13,7 +13,9 @@ mod resources;
 use std::path::Path;
 use std::time::Duration;
 
-pub use choice::{choose_backend, probe_kvm, BackendChoice, Hypervisor, KvmVerdict, TCG_COST};
+pub use choice::{
+    choose_backend, probe_kvm, select_backend, BackendChoice, Hypervisor, KvmVerdict, TCG_COST,
+};
 pub use config::{SerialOutput, VmConfig};
 pub use crx_vmm::CrxVmmBackend;
 pub use qemu::{QemuAccel, QemuBackend};

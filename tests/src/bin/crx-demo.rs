@@ -6,19 +6,12 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use crx_shim::vm::{
-    choose_backend, probe_kvm, BackendKind, CrxVmmBackend, Hypervisor, QemuBackend, VmBackend,
-};
+use crx_shim::vm::{select_backend, Hypervisor};
 use crx_tests::vm_harness::{self, boot, shutdown, vm_config, RunDir};
 
 fn main() -> Result<()> {
-    let verdict = probe_kvm();
-    let choice = choose_backend(Hypervisor::Auto, &verdict).map_err(anyhow::Error::msg)?;
+    let (backend, choice) = select_backend(Hypervisor::Auto).map_err(anyhow::Error::msg)?;
     println!("backend: {} — {}", choice.kind, choice.reason);
-    let backend: Box<dyn VmBackend> = match choice.kind {
-        BackendKind::CrxVmm => Box::new(CrxVmmBackend::default()),
-        BackendKind::Qemu(accel) => Box::new(QemuBackend::new(accel)),
-    };
 
     let rt = vm_harness::runtime()?;
     let dir = RunDir::new("demo")?;
