@@ -13,6 +13,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub mod block;
+pub mod device_thread;
 pub mod mmio;
 pub mod queue_thread;
 pub mod rng;
@@ -70,6 +71,31 @@ pub struct ActivateContext {
     /// notifies that queue.
     pub queue_events: Vec<EventFd>,
     pub interrupt: Arc<Interrupt>,
+}
+
+impl ActivateContext {
+    /// Checks that the driver set up exactly the `expected` queues.
+    pub fn check_queue_count(&self, expected: usize) -> Result<(), ActivateError> {
+        if self.queues.len() != expected || self.queue_events.len() != expected {
+            return Err(ActivateError::QueueCount {
+                expected,
+                got: self.queues.len().min(self.queue_events.len()),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Serves a config-space read from the device's config bytes; bytes past their end
+/// read as zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = offset
+            .checked_add(i as u64)
+            .and_then(|o| usize::try_from(o).ok())
+            .and_then(|o| config.get(o).copied())
+            .unwrap_or(0);
+    }
 }
 
 /// Why a device refused to start.

@@ -5,9 +5,6 @@
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
-
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::worker::Worker;
 use super::{
@@ -15,9 +12,10 @@ use super::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES,
     VIRTIO_ID_BLOCK,
 };
+use crate::devices::virtio::device_thread::{exit_events, DeviceThread};
 use crate::devices::virtio::mmio::WarnLimiter;
 use crate::devices::virtio::{
-    ActivateContext, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
+    read_config_bytes, ActivateContext, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
 };
 
 /// Largest number of data segments per request we tell the driver to use: the queue
@@ -95,18 +93,13 @@ impl BlockSlot {
     }
 }
 
-struct Running {
-    exit: EventFd,
-    handle: JoinHandle<()>,
-}
-
 /// A virtio-blk device: one queue, a backing file or block device, or an empty slot.
 pub struct Block {
     serial: [u8; VIRTIO_BLK_ID_BYTES],
     read_only: bool,
     acked_features: u64,
     shared: Arc<Shared>,
-    running: Option<Running>,
+    running: Option<DeviceThread<()>>,
 }
 
 impl Block {
@@ -185,15 +178,9 @@ impl Block {
     /// Stops the device thread; requests in flight finish first.
     pub fn stop(&mut self) {
         *lock(&self.shared.interrupt) = None;
-        let Some(running) = self.running.take() else {
-            return;
-        };
-        if let Err(e) = running.exit.write(1) {
-            tracing::error!(error = %e, "virtio-blk: cannot signal the device thread to stop");
-            return;
-        }
-        if running.handle.join().is_err() {
-            tracing::error!("virtio-blk: device thread panicked");
+        if let Some(running) = self.running.take() {
+            // Failures are logged; a thread that could not be told to stop is let go.
+            let _ = running.stop("virtio-blk");
         }
     }
 
@@ -231,14 +218,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|o| usize::try_from(o).ok())
-                .and_then(|o| config.get(o).copied())
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.config(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
@@ -250,18 +230,11 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if ctx.queues.len() != 1 || ctx.queue_events.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: ctx.queues.len().min(ctx.queue_events.len()),
-            });
-        }
+        ctx.check_queue_count(1)?;
         if self.running.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        let exit = EventFd::new(EFD_NONBLOCK)
-            .and_then(|e| Ok((e.try_clone()?, e)))
-            .map_err(ActivateError::Thread)?;
+        let (exit, thread_exit) = exit_events().map_err(ActivateError::Thread)?;
         let (Some(queue), Some(queue_event)) = (
             ctx.queues.into_iter().next(),
             ctx.queue_events.into_iter().next(),
@@ -276,22 +249,17 @@ impl VirtioDevice for Block {
             queue,
             queue_event,
             interrupt: ctx.interrupt.clone(),
-            exit: exit.0,
+            exit: thread_exit,
             shared: self.shared.clone(),
             serial: self.serial,
             read_only: self.read_only,
             writethrough: self.acked_features & VIRTIO_BLK_F_FLUSH == 0,
             warn: WarnLimiter::new(),
         };
-        let handle = std::thread::Builder::new()
-            .name("crx-blk".into())
-            .spawn(move || worker.run())
+        let running = DeviceThread::spawn("crx-blk", exit, move || worker.run())
             .map_err(ActivateError::Thread)?;
         *lock(&self.shared.interrupt) = Some(ctx.interrupt);
-        self.running = Some(Running {
-            exit: exit.1,
-            handle,
-        });
+        self.running = Some(running);
         Ok(())
     }
 

@@ -1,25 +1,17 @@
 //! [`Rng`]: the virtio-rng device model. It has no config space; the work happens on
 //! the `crx-rng` thread (`event_loop`) that activation starts.
 
-use std::thread::JoinHandle;
-
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-
 use super::event_loop::EventLoop;
 use super::{QUEUE_SIZES, VIRTIO_ID_RNG};
+use crate::devices::virtio::device_thread::{exit_events, DeviceThread};
 use crate::devices::virtio::mmio::WarnLimiter;
 use crate::devices::virtio::{ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1};
-
-struct Worker {
-    exit: EventFd,
-    handle: JoinHandle<()>,
-}
 
 /// A virtio entropy device fed by the host's `getrandom(2)`.
 #[derive(Default)]
 pub struct Rng {
     acked_features: u64,
-    worker: Option<Worker>,
+    worker: Option<DeviceThread<()>>,
 }
 
 impl Rng {
@@ -43,14 +35,10 @@ impl Rng {
         let Some(worker) = self.worker.take() else {
             return;
         };
-        if let Err(e) = worker.exit.write(1) {
-            // The thread still runs: keep it, so `reset` can say the device is not reset.
-            tracing::error!(error = %e, "rng: cannot signal the device thread to stop");
-            self.worker = Some(worker);
-            return;
-        }
-        if worker.handle.join().is_err() {
-            tracing::error!("rng: device thread panicked");
+        // A thread that could not be told to stop still runs: keep it, so `reset` can
+        // say the device is not reset.
+        if let Err(still_running) = worker.stop("rng") {
+            self.worker = Some(still_running);
         }
     }
 }
@@ -88,17 +76,11 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if ctx.queues.len() != QUEUE_SIZES.len() || ctx.queue_events.len() != QUEUE_SIZES.len() {
-            return Err(ActivateError::QueueCount {
-                expected: QUEUE_SIZES.len(),
-                got: ctx.queues.len().min(ctx.queue_events.len()),
-            });
-        }
+        ctx.check_queue_count(QUEUE_SIZES.len())?;
         if self.worker.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        let exit = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Thread)?;
-        let thread_exit = exit.try_clone().map_err(ActivateError::Thread)?;
+        let (exit, thread_exit) = exit_events().map_err(ActivateError::Thread)?;
         let ActivateContext {
             mem,
             queues,
@@ -108,7 +90,7 @@ impl VirtioDevice for Rng {
         let (Some(queue), Some(queue_event)) =
             (queues.into_iter().next(), queue_events.into_iter().next())
         else {
-            // Unreachable after the length check; kept as an error rather than a panic.
+            // Unreachable after the count check; kept as an error rather than a panic.
             return Err(ActivateError::QueueCount {
                 expected: QUEUE_SIZES.len(),
                 got: 0,
@@ -122,11 +104,9 @@ impl VirtioDevice for Rng {
             thread_exit,
             WarnLimiter::new(),
         );
-        let handle = std::thread::Builder::new()
-            .name("crx-rng".into())
-            .spawn(move || event_loop.run())
+        let worker = DeviceThread::spawn("crx-rng", exit, move || event_loop.run())
             .map_err(ActivateError::Thread)?;
-        self.worker = Some(Worker { exit, handle });
+        self.worker = Some(worker);
         Ok(())
     }
 

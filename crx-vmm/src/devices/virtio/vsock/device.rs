@@ -2,19 +2,14 @@
 //! work happens on the `crx-vsock` thread (`event_loop`) that activation starts.
 
 use std::path::PathBuf;
-use std::thread::JoinHandle;
-
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::event_loop::EventLoop;
 use super::{MuxerConfig, VsockError, VsockMuxer, QUEUE_SIZES, VIRTIO_ID_VSOCK};
+use crate::devices::virtio::device_thread::{exit_events, DeviceThread};
 use crate::devices::virtio::mmio::WarnLimiter;
-use crate::devices::virtio::{ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1};
-
-struct Worker {
-    exit: EventFd,
-    handle: JoinHandle<VsockMuxer>,
-}
+use crate::devices::virtio::{
+    read_config_bytes, ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1,
+};
 
 /// A virtio-vsock device backed by the hybrid Unix-socket muxer.
 pub struct Vsock {
@@ -22,7 +17,7 @@ pub struct Vsock {
     acked_features: u64,
     /// Held here until activation, and again after the thread stops.
     muxer: Option<VsockMuxer>,
-    worker: Option<Worker>,
+    worker: Option<DeviceThread<VsockMuxer>>,
 }
 
 impl Vsock {
@@ -55,13 +50,8 @@ impl Vsock {
         let Some(worker) = self.worker.take() else {
             return;
         };
-        if let Err(e) = worker.exit.write(1) {
-            tracing::error!(error = %e, "vsock: cannot signal the device thread to stop");
-            return;
-        }
-        match worker.handle.join() {
-            Ok(muxer) => self.muxer = Some(muxer),
-            Err(_) => tracing::error!("vsock: device thread panicked"),
+        if let Ok(Some(muxer)) = worker.stop("vsock") {
+            self.muxer = Some(muxer);
         }
     }
 }
@@ -90,14 +80,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.guest_cid.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|o| usize::try_from(o).ok())
-                .and_then(|o| config.get(o).copied())
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
@@ -105,42 +88,35 @@ impl VirtioDevice for Vsock {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if ctx.queues.len() != QUEUE_SIZES.len() || ctx.queue_events.len() != QUEUE_SIZES.len() {
-            return Err(ActivateError::QueueCount {
-                expected: QUEUE_SIZES.len(),
-                got: ctx.queues.len().min(ctx.queue_events.len()),
-            });
-        }
+        ctx.check_queue_count(QUEUE_SIZES.len())?;
         if self.worker.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
+        // Before the muxer is taken: a failure here leaves the device as it was.
+        let (exit, thread_exit) = exit_events().map_err(ActivateError::Thread)?;
         let Some(muxer) = self.muxer.take() else {
             return Err(ActivateError::AlreadyActive);
         };
-        let exit = match EventFd::new(EFD_NONBLOCK).and_then(|e| Ok((e.try_clone()?, e))) {
-            Ok(pair) => pair,
-            Err(e) => {
-                self.muxer = Some(muxer);
-                return Err(ActivateError::Thread(e));
+        let ActivateContext {
+            mem,
+            queues,
+            queue_events,
+            interrupt,
+        } = ctx;
+        let worker = DeviceThread::spawn("crx-vsock", exit, move || {
+            EventLoop {
+                mem,
+                queues,
+                queue_events,
+                interrupt,
+                muxer,
+                exit: thread_exit,
+                warn: WarnLimiter::new(),
             }
-        };
-        let event_loop = EventLoop {
-            mem: ctx.mem,
-            queues: ctx.queues,
-            queue_events: ctx.queue_events,
-            interrupt: ctx.interrupt,
-            muxer,
-            exit: exit.0,
-            warn: WarnLimiter::new(),
-        };
-        let handle = std::thread::Builder::new()
-            .name("crx-vsock".into())
-            .spawn(move || event_loop.run())
-            .map_err(ActivateError::Thread)?;
-        self.worker = Some(Worker {
-            exit: exit.1,
-            handle,
-        });
+            .run()
+        })
+        .map_err(ActivateError::Thread)?;
+        self.worker = Some(worker);
         Ok(())
     }
 
