@@ -139,19 +139,20 @@ fn block_stop_signals() -> libc::sigset_t {
     set
 }
 
-/// Forwards SIGTERM/SIGINT/SIGHUP to the VM as a host stop request.
-fn spawn_signal_thread(set: libc::sigset_t, events: std::sync::mpsc::Sender<VmEnd>) {
+/// Hands each SIGTERM/SIGINT/SIGHUP (blocked everywhere else) to `on_signal`, on a
+/// thread of its own.
+fn spawn_signal_thread(set: libc::sigset_t, on_signal: impl Fn(libc::c_int) + Send + 'static) {
     let spawned = std::thread::Builder::new()
         .name("crx-signals".into())
         .spawn(move || loop {
             let mut sig: libc::c_int = 0;
             // SAFETY: `set` is an initialized signal set and `sig` a valid out pointer.
             if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                let _ = events.send(VmEnd::HostSignal(sig));
+                on_signal(sig);
             }
         });
     if let Err(e) = spawned {
-        tracing::warn!(error = %e, "cannot start the signal thread; SIGTERM will kill crx-vmm uncleanly");
+        tracing::warn!(error = %e, "cannot start the signal thread; SIGTERM will end crx-vmm uncleanly");
     }
 }
 
@@ -204,7 +205,11 @@ fn run(cli: Cli, cleaner: Option<&Cleaner>, signals: libc::sigset_t) -> i32 {
         Ok(running) => running,
         Err(e) => return fail(e.exit_code(), &error_chain(&e)),
     };
-    spawn_signal_thread(signals, running.event_sender());
+    // A signal ends the VM as a host stop request.
+    let events = running.event_sender();
+    spawn_signal_thread(signals, move |sig| {
+        let _ = events.send(VmEnd::HostSignal(sig));
+    });
 
     let end = running.wait();
     let clean = running.boot_marker().shutdown_announced();
@@ -259,23 +264,13 @@ fn vhost_user_vsock(socket: PathBuf, uds: PathBuf, guest_cid: u64, log_level: &s
     }
     // A host stop request (SIGTERM/SIGINT/SIGHUP) ends the back end cleanly: exit 0,
     // and the cleanup process removes both sockets as this process goes.
-    let signals = block_stop_signals();
-    let spawned = std::thread::Builder::new()
-        .name("crx-signals".into())
-        .spawn(move || {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: `signals` is an initialized signal set and `sig` a valid out pointer.
-            if unsafe { libc::sigwait(&signals, &mut sig) } == 0 {
-                tracing::info!(
-                    signal = sig,
-                    "stop requested; vhost-user-vsock back end exits"
-                );
-                std::process::exit(exit::EXIT_OK);
-            }
-        });
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, "cannot start the signal thread; SIGTERM will end the back end uncleanly");
-    }
+    spawn_signal_thread(block_stop_signals(), |sig| {
+        tracing::info!(
+            signal = sig,
+            "stop requested; vhost-user-vsock back end exits"
+        );
+        std::process::exit(exit::EXIT_OK);
+    });
     let result = serve_vhost_user_vsock(&socket, guest_cid, uds.clone());
     let _ = std::fs::remove_file(&uds);
     match result {
