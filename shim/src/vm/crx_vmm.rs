@@ -17,6 +17,35 @@ pub struct CrxVmmBackend {
     pub extra_args: Vec<String>,
 }
 
+impl CrxVmmBackend {
+    /// The crx-vmm command line for `config` (without the program name). crx-vmm puts
+    /// the guest's own kernel arguments (reset, panic, console) on the command line
+    /// itself, so it gets only the agent's part.
+    pub fn vmm_args(&self, config: &VmConfig) -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "--kernel".into(),
+            config.kernel.display().to_string(),
+            "--initramfs".into(),
+            config.initramfs.display().to_string(),
+            "--vcpus".into(),
+            config.vcpus.to_string(),
+            "--memory-mib".into(),
+            config.memory_mib.to_string(),
+            "--vsock-uds".into(),
+            config.agent_socket().display().to_string(),
+            "--vsock-cid".into(),
+            GUEST_CID.to_string(),
+            "--cmdline".into(),
+            config.kernel_cmdline.trim().to_string(),
+        ];
+        if let SerialOutput::File(path) = &config.serial {
+            args.extend(["--serial".into(), format!("file:{}", path.display())]);
+        }
+        args.extend(self.extra_args.iter().cloned());
+        args
+    }
+}
+
 impl VmBackend for CrxVmmBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::CrxVmm
@@ -27,24 +56,7 @@ impl VmBackend for CrxVmmBackend {
         config.prepare_run_dir()?;
         let agent_socket = config.agent_socket();
         let mut cmd = Command::new(&config.crx_vmm_binary);
-        cmd.arg("--kernel")
-            .arg(&config.kernel)
-            .arg("--initramfs")
-            .arg(&config.initramfs)
-            .arg("--vcpus")
-            .arg(config.vcpus.to_string())
-            .arg("--memory-mib")
-            .arg(config.memory_mib.to_string())
-            .arg("--vsock-uds")
-            .arg(&agent_socket)
-            .arg("--vsock-cid")
-            .arg(GUEST_CID.to_string())
-            .arg("--cmdline")
-            .arg(cmdline_without_defaults(config));
-        if let SerialOutput::File(path) = &config.serial {
-            cmd.arg("--serial").arg(format!("file:{}", path.display()));
-        }
-        cmd.args(&self.extra_args);
+        cmd.args(self.vmm_args(config));
         let vmm = VmProcess::spawn("crx-vmm", &mut cmd, &config.run_dir.join("crx-vmm.log"))?;
         tracing::info!(vm = %config.name, pid = vmm.pid(), "VM started with crx-vmm");
         Ok(Box::new(CrxVm {
@@ -55,12 +67,6 @@ impl VmBackend for CrxVmmBackend {
             exit: None,
         }))
     }
-}
-
-/// crx-vmm puts its own defaults (reboot, panic, console) on the command line; pass it
-/// only the agent's part.
-fn cmdline_without_defaults(config: &VmConfig) -> String {
-    config.kernel_cmdline.trim().to_string()
 }
 
 struct CrxVm {
@@ -136,7 +142,6 @@ impl Drop for CrxVm {
 
 #[cfg(test)]
 mod tests {
-    use super::super::qemu::kernel_cmdline;
     use super::*;
 
     #[test]
@@ -153,19 +158,14 @@ mod tests {
             crx_vmm_binary: "/bin/true".into(),
             qemu_binary: "/bin/true".into(),
         };
-        assert_eq!(cmdline_without_defaults(&config), "crx.log=debug");
-        assert_eq!(
-            kernel_cmdline(&config),
-            "reboot=k panic=-1 quiet console=ttyS0 crx.log=debug"
-        );
-        let silent = VmConfig {
-            serial: SerialOutput::Off,
-            ..config
+        let args = CrxVmmBackend::default().vmm_args(&config);
+        let after = |flag: &str| {
+            args.iter()
+                .position(|a| a == flag)
+                .map(|i| args[i + 1].as_str())
         };
-        assert_eq!(
-            kernel_cmdline(&silent),
-            "reboot=k panic=-1 quiet console=ttynull crx.log=debug"
-        );
-        let _ = GUEST_CID;
+        assert_eq!(after("--cmdline"), Some("crx.log=debug"));
+        assert_eq!(after("--vsock-uds"), Some("/tmp/x/agent.vsock"));
+        assert_eq!(after("--serial"), Some("file:/tmp/s"));
     }
 }

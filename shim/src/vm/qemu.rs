@@ -48,7 +48,11 @@ impl QemuBackend {
     }
 
     /// The QEMU command line for `config` (without the program name).
-    pub fn qemu_args(&self, config: &VmConfig, vhost_socket: &Path) -> Vec<String> {
+    pub fn qemu_args(
+        &self,
+        config: &VmConfig,
+        vhost_socket: &Path,
+    ) -> Result<Vec<String>, VmError> {
         let mem = config.memory_mib;
         let serial_on = config.serial != SerialOutput::Off;
         let mut args: Vec<String> = vec![
@@ -112,10 +116,10 @@ impl QemuBackend {
             "-initrd".into(),
             config.initramfs.display().to_string(),
             "-append".into(),
-            kernel_cmdline(config),
+            kernel_cmdline(config)?,
         ]);
         args.extend(self.extra_args.iter().cloned());
-        args
+        Ok(args)
     }
 }
 
@@ -130,22 +134,21 @@ fn legacy_timers(accel: QemuAccel) -> &'static str {
     }
 }
 
-/// The guest kernel command line both backends share: reset (not halt) on reboot and on
-/// panic so the VMM ends, no console unless asked, then the agent's options.
-pub(super) fn kernel_cmdline(config: &VmConfig) -> String {
-    let mut line = String::from("reboot=k panic=-1 quiet");
-    // Without a serial device the guest still needs a console, or PID 1 starts with no
-    // fds 0-2; ttynull is a silent one.
-    line.push_str(if config.serial == SerialOutput::Off {
-        " console=ttynull"
-    } else {
-        " console=ttyS0"
-    });
-    if !config.kernel_cmdline.is_empty() {
-        line.push(' ');
-        line.push_str(&config.kernel_cmdline);
-    }
-    line
+/// The guest kernel command line, built by crx-vmm's own builder so both backends give
+/// the guest the same contract (reset on reboot and panic, a console only when asked),
+/// plus `quiet` and the agent's options. QEMU adds the virtio-mmio devices itself.
+pub(super) fn kernel_cmdline(config: &VmConfig) -> Result<String, VmError> {
+    let extra = format!("quiet {}", config.kernel_cmdline);
+    crx_vmm::builder::kernel_cmdline(config.serial != SerialOutput::Off, extra.trim(), &[])
+        .ok()
+        .and_then(|line| line.as_cstring().ok())
+        .map(|line| line.to_string_lossy().into_owned())
+        .ok_or_else(|| {
+            VmError::InvalidConfig(format!(
+                "the kernel command line {:?} is too long or malformed",
+                config.kernel_cmdline
+            ))
+        })
 }
 
 impl VmBackend for QemuBackend {
@@ -163,6 +166,8 @@ impl VmBackend for QemuBackend {
         let agent_socket = config.agent_socket();
         let vhost_socket = config.run_dir.join("vhost-vsock.sock");
 
+        // Built first: a command line QEMU would refuse fails before anything starts.
+        let qemu_args = self.qemu_args(config, &vhost_socket)?;
         let mut backend_cmd = Command::new(&config.crx_vmm_binary);
         backend_cmd
             .arg("vhost-user-vsock")
@@ -180,7 +185,7 @@ impl VmBackend for QemuBackend {
         wait_for_socket(&mut backend, &vhost_socket, self.backend_ready_timeout)?;
 
         let mut qemu_cmd = Command::new(&config.qemu_binary);
-        qemu_cmd.args(self.qemu_args(config, &vhost_socket));
+        qemu_cmd.args(qemu_args);
         let qemu = VmProcess::spawn("qemu", &mut qemu_cmd, &config.run_dir.join("qemu.log"))?;
         tracing::info!(vm = %config.name, backend = %self.kind(), qemu_pid = qemu.pid(),
             backend_pid = backend.pid(), "VM started");
@@ -344,5 +349,44 @@ impl Drop for QemuVm {
             let _ = self.finish(true, Duration::from_millis(500));
         }
         remove_sockets(&self.sockets);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(serial: SerialOutput, kernel_cmdline: &str) -> VmConfig {
+        VmConfig {
+            name: "t".into(),
+            run_dir: "/tmp/x".into(),
+            kernel: "/k".into(),
+            initramfs: "/i".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            kernel_cmdline: kernel_cmdline.into(),
+            serial,
+            crx_vmm_binary: "/bin/true".into(),
+            qemu_binary: "/bin/true".into(),
+        }
+    }
+
+    #[test]
+    fn guest_cmdline_is_crx_vmm_s_with_quiet_and_the_agent_options() {
+        let serial = config(SerialOutput::File("/tmp/s".into()), "crx.log=debug");
+        assert_eq!(
+            kernel_cmdline(&serial).unwrap(),
+            "reboot=k panic=-1 console=ttyS0 quiet crx.log=debug"
+        );
+        let silent = config(SerialOutput::Off, "crx.log=debug");
+        assert_eq!(
+            kernel_cmdline(&silent).unwrap(),
+            "reboot=k panic=-1 console=ttynull quiet crx.log=debug"
+        );
+        let too_long = config(SerialOutput::Off, &"a".repeat(4096));
+        assert!(matches!(
+            kernel_cmdline(&too_long),
+            Err(VmError::InvalidConfig(_))
+        ));
     }
 }
