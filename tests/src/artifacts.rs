@@ -90,19 +90,3 @@ pub fn qemu_binary() -> Result<PathBuf> {
         "qemu-system-x86_64 (apt-get install qemu-system-x86)",
     )
 }
-
-/// `/dev/kvm` must exist for any test that runs a VM on KVM; say so plainly otherwise.
-pub fn require_dev_kvm() -> Result<()> {
-    let kvm = Path::new("/dev/kvm");
-    if !kvm.exists() {
-        bail!("/dev/kvm does not exist on this host: this test needs KVM (load kvm_intel/kvm_amd, or run on a host with virtualization enabled)");
-    }
-    std::fs::File::options()
-        .read(true)
-        .write(true)
-        .open(kvm)
-        .context(
-        "cannot open /dev/kvm read-write: run the tests as root or add this user to the kvm group",
-    )?;
-    Ok(())
-}

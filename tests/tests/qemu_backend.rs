@@ -11,7 +11,7 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use anyhow::{ensure, Context, Result};
-    use crx_shim::vm::{ProcessExit, QemuAccel, QemuBackend};
+    use crx_shim::vm::{ProcessExit, QemuAccel, QemuBackend, VmExit};
     use crx_tests::vm_harness::{
         self, boot, processes_mentioning, shutdown, sockets_in, vm_config, RunDir,
     };
@@ -152,9 +152,11 @@ mod tests {
         Ok(())
     }
 
-    fn kill_and_expect_report(victim: &'static str) -> Result<()> {
+    /// Boots a VM, sends `signal` to its process `victim`, and checks that the VM's end
+    /// is reported within 5 s naming `victim`, with nothing of the VM left behind.
+    fn signal_and_expect_report(victim: &'static str, signal: i32) -> Result<VmExit> {
         let rt = vm_harness::runtime()?;
-        let dir = RunDir::new(&format!("qemu-kill-{victim}"))?;
+        let dir = RunDir::new(&format!("qemu-signal-{victim}-{signal}"))?;
         let config = vm_config(dir.path(), victim, 1, 128, "")?;
         let (mut vm, _agent, _) = boot(&rt, &tcg(), &config)?;
         let pids = vm.pids();
@@ -164,20 +166,36 @@ mod tests {
             .map(|(_, p)| *p)
             .context("victim pid")?;
         // SAFETY: kill(2) on a pid this test's VM owns and that is still running.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        let killed_at = Instant::now();
+        unsafe { libc::kill(pid as i32, signal) };
+        let signalled_at = Instant::now();
         let exit = vm
             .wait_timeout(Duration::from_secs(5))?
-            .with_context(|| format!("kill -9 of {victim} was not noticed within 5 s"))?;
+            .with_context(|| format!("signal {signal} to {victim} was not noticed within 5 s"))?;
         eprintln!(
-            "{victim} kill noticed after {:?}: {exit}",
-            killed_at.elapsed()
+            "{victim} signal {signal} noticed after {:?}: {exit}",
+            signalled_at.elapsed()
         );
         ensure!(
             exit.process == victim,
             "the report names {} instead of {victim}: {exit}",
             exit.process
         );
+        for (name, pid) in pids {
+            ensure!(
+                !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+                "{name} survived signal {signal} to {victim}"
+            );
+        }
+        ensure!(
+            sockets_in(dir.path()).is_empty(),
+            "sockets left: {:?}",
+            sockets_in(dir.path())
+        );
+        Ok(exit)
+    }
+
+    fn kill_and_expect_report(victim: &'static str) -> Result<()> {
+        let exit = signal_and_expect_report(victim, libc::SIGKILL)?;
         ensure!(
             exit.status == ProcessExit::Signal(libc::SIGKILL) && exit.is_failure(),
             "{exit}"
@@ -185,17 +203,6 @@ mod tests {
         ensure!(
             exit.to_string().contains("signal 9"),
             "report does not say how it died: {exit}"
-        );
-        for (name, pid) in pids {
-            ensure!(
-                !std::path::Path::new(&format!("/proc/{pid}")).exists(),
-                "{name} survived the death of {victim}"
-            );
-        }
-        ensure!(
-            sockets_in(dir.path()).is_empty(),
-            "sockets left: {:?}",
-            sockets_in(dir.path())
         );
         Ok(())
     }
@@ -212,39 +219,11 @@ mod tests {
 
     #[test]
     fn sigterm_to_the_back_end_stops_the_vm_cleanly() -> Result<()> {
-        let rt = vm_harness::runtime()?;
-        let dir = RunDir::new("qemu-term-backend")?;
-        let config = vm_config(dir.path(), "term-backend", 1, 128, "")?;
-        let (mut vm, _agent, _) = boot(&rt, &tcg(), &config)?;
-        let pids = vm.pids();
-        let backend = pids
-            .iter()
-            .find(|(n, _)| *n == "vhost-user-vsock")
-            .map(|(_, p)| *p)
-            .context("back end pid")?;
-        // SAFETY: kill(2) on a pid this test's VM owns and that is still running.
-        unsafe { libc::kill(backend as i32, libc::SIGTERM) };
-        let exit = vm
-            .wait_timeout(Duration::from_secs(5))?
-            .context("SIGTERM of the back end was not noticed within 5 s")?;
-        ensure!(
-            exit.process == "vhost-user-vsock" && exit.status == ProcessExit::Code(0),
-            "{exit}"
-        );
+        let exit = signal_and_expect_report("vhost-user-vsock", libc::SIGTERM)?;
+        ensure!(exit.status == ProcessExit::Code(0), "{exit}");
         ensure!(
             !exit.is_failure(),
             "a requested back-end stop reads as a failure: {exit}"
-        );
-        for (name, pid) in pids {
-            ensure!(
-                !std::path::Path::new(&format!("/proc/{pid}")).exists(),
-                "{name} is still running"
-            );
-        }
-        ensure!(
-            sockets_in(dir.path()).is_empty(),
-            "sockets left: {:?}",
-            sockets_in(dir.path())
         );
         Ok(())
     }
