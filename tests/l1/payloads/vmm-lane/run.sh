@@ -43,27 +43,26 @@ wait_health() { # wait_health NAME -> health JSON in /tmp/NAME.health, rc of crx
     wait "$probe"
 }
 
-wait_exit() { # wait_exit SECONDS -> sets vmm_rc (137 + note if it had to be killed)
+within() { # within SECONDS CONDITION...: polls CONDITION every 0.1 s; true once it holds
+    limit=$(($1 * 10)); shift
     i=0
-    while kill -0 "$vmm" 2>/dev/null && [ "$i" -lt $(($1 * 10)) ]; do sleep 0.1; i=$((i + 1)); done
-    if kill -0 "$vmm" 2>/dev/null; then
+    until "$@"; do
+        [ "$i" -ge "$limit" ] && return 1
+        sleep 0.1; i=$((i + 1))
+    done
+}
+
+vmm_gone() { ! kill -0 "$vmm" 2>/dev/null; }
+no_vmm_procs() { [ "$(vmm_procs)" = 0 ]; }
+no_socket() { [ ! -e "$sock" ]; }
+
+wait_exit() { # wait_exit SECONDS -> sets vmm_rc (137 + note if it had to be killed)
+    if ! within "$1" vmm_gone; then
         kill -KILL "$vmm"
         echo "crx-vmm still running after $1 s" >>/tmp/$name.log
     fi
     wait "$vmm"
     vmm_rc=$?
-}
-
-procs_gone_within() {
-    i=0
-    while [ "$(vmm_procs)" != 0 ] && [ "$i" -lt $(($1 * 10)) ]; do sleep 0.1; i=$((i + 1)); done
-    [ "$(vmm_procs)" = 0 ]
-}
-
-socket_gone_within() { # the clean-up child may need a moment after SIGKILL
-    i=0
-    while [ -e "$sock" ] && [ "$i" -lt $(($1 * 10)) ]; do sleep 0.1; i=$((i + 1)); done
-    [ ! -e "$sock" ]
 }
 
 report() { # report NAME OK EXTRA_JSON
@@ -112,7 +111,8 @@ start_vmm sigkill 1
 wait_health sigkill; health_rc=$?
 kill -KILL "$vmm"
 wait "$vmm"; vmm_rc=$?
-gone=false; socket_gone_within 5 && procs_gone_within 5 && gone=true
+# The clean-up child may need a moment after SIGKILL.
+gone=false; within 5 no_socket && within 5 no_vmm_procs && gone=true
 ok=false; [ "$health_rc" = 0 ] && [ "$vmm_rc" = 137 ] && [ "$gone" = true ] && ok=true
 report sigkill $ok ",\"socket_gone\":$gone"
 
