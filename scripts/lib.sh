@@ -13,11 +13,11 @@ need_root() {
     [ "$(id -u)" = 0 ] || die "run as root (crx needs /dev/kvm, mounts, network namespaces): sudo $0"
 }
 
-# Debian packages the build and the tests use.
-CRX_APT_PACKAGES=(
-    build-essential flex bison bc libelf-dev libssl-dev cpio xz-utils kmod
-    linux-source-6.1 qemu-system-x86 busybox-static protobuf-compiler musl-tools
-)
+# Debian packages nothing else installs: the C toolchain Rust links with, QEMU for the
+# QEMU backend, musl-tools for the static builds. The kernel build, the initramfs
+# builder and the nested-KVM rig install their own (kernel-config/build.sh,
+# rootfs/build.sh, tests/l1/prepare.sh).
+CRX_APT_PACKAGES=(build-essential qemu-system-x86 musl-tools)
 
 install_packages() {
     local missing=()
