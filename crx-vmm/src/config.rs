@@ -60,6 +60,113 @@ pub struct VmConfig {
     pub drives: Vec<DriveConfig>,
     /// A virtio-rng device (entropy from the host's getrandom).
     pub rng: bool,
+    /// virtio-fs shares served in process, in slot order.
+    pub shares: Vec<ShareConfig>,
+    /// A virtio-net device on a tap fd the caller opened.
+    pub net: Option<NetConfig>,
+    /// Control socket (created) through which the host attaches or replaces drive
+    /// backings after boot (file descriptors passed with SCM_RIGHTS).
+    pub api_socket: Option<PathBuf>,
+}
+
+/// One virtio-fs share: `tag=TAG,dir=DIR`. The guest mounts it with
+/// `mount -t virtiofs TAG /somewhere`; nothing outside DIR is reachable through it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShareConfig {
+    pub tag: String,
+    pub dir: PathBuf,
+}
+
+/// Longest virtio-fs tag (the config-space field is 36 bytes, not NUL-terminated).
+pub const MAX_FS_TAG_LEN: usize = 36;
+
+impl FromStr for ShareConfig {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (mut tag, mut dir) = (None, None);
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("tag", t)) if !t.is_empty() => tag = Some(t.to_string()),
+                Some(("dir", d)) if !d.is_empty() => dir = Some(PathBuf::from(d)),
+                _ => return Err(format!("`{part}` in share `{s}`: use tag=TAG,dir=DIR")),
+            }
+        }
+        match (tag, dir) {
+            (Some(tag), Some(dir)) if tag.len() <= MAX_FS_TAG_LEN => Ok(ShareConfig { tag, dir }),
+            (Some(tag), Some(_)) => Err(format!(
+                "share tag `{tag}` is longer than {MAX_FS_TAG_LEN} bytes"
+            )),
+            _ => Err(format!("share `{s}` needs both tag=TAG and dir=DIR")),
+        }
+    }
+}
+
+/// The virtio-net device: `fd=N,mac=XX:XX:XX:XX:XX:XX[,mtu=M]`. The fd is an open tap
+/// (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR) the caller passes to crx-vmm.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    pub tap_fd: i32,
+    pub mac: [u8; 6],
+    pub mtu: u16,
+}
+
+/// MTU when none is given: Ethernet's.
+pub const DEFAULT_MTU: u16 = 1500;
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+impl FromStr for NetConfig {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let usage = "use fd=N,mac=XX:XX:XX:XX:XX:XX[,mtu=M]";
+        let (mut fd, mut mac, mut mtu) = (None, None, DEFAULT_MTU);
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("fd", n)) => {
+                    fd = Some(
+                        n.parse::<i32>()
+                            .ok()
+                            .filter(|n| *n > 2)
+                            .ok_or_else(|| format!("tap fd `{n}` is not a descriptor above 2"))?,
+                    )
+                }
+                Some(("mac", m)) => {
+                    let parsed =
+                        parse_mac(m).ok_or_else(|| format!("`{m}` is not a MAC address"))?;
+                    if parsed[0] & 1 != 0 {
+                        return Err(format!("MAC `{m}` is a multicast address"));
+                    }
+                    mac = Some(parsed);
+                }
+                Some(("mtu", m)) => {
+                    mtu = m
+                        .parse::<u16>()
+                        .ok()
+                        .filter(|m| (68..=65535 - 14).contains(m))
+                        .ok_or_else(|| format!("MTU `{m}` is not between 68 and 65521"))?
+                }
+                _ => return Err(format!("`{part}` in net `{s}`: {usage}")),
+            }
+        }
+        match (fd, mac) {
+            (Some(tap_fd), Some(mac)) => Ok(NetConfig { tap_fd, mac, mtu }),
+            _ => Err(format!("net `{s}` needs fd= and mac=: {usage}")),
+        }
+    }
 }
 
 /// One virtio-blk drive: `path=FILE[,ro][,serial=ID]`, or `empty[,ro][,serial=ID]` for a
@@ -309,6 +416,9 @@ mod tests {
             serial: SerialMode::Off,
             drives: Vec::new(),
             rng: false,
+            shares: Vec::new(),
+            net: None,
+            api_socket: None,
         }
     }
 

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use clap::{Parser, Subcommand};
 use crx_vmm::builder;
 use crx_vmm::cleanup::Cleaner;
-use crx_vmm::config::{host_ram_mib, DriveConfig, SerialMode, VmConfig, VsockConfig};
+use crx_vmm::config::{
+    host_ram_mib, DriveConfig, NetConfig, SerialMode, ShareConfig, VmConfig, VsockConfig,
+};
 use crx_vmm::exit::{self, VmEnd};
 use crx_vmm::host::{self, KvmFlavor};
 use crx_vmm::vstate::kvm::KvmHandle;
@@ -52,6 +54,15 @@ struct Cli {
     /// Give the guest a virtio-rng device (entropy from the host's getrandom).
     #[arg(long)]
     rng: bool,
+    /// A virtio-fs share served in process: tag=TAG,dir=DIR. Repeat for several.
+    #[arg(long = "share")]
+    shares: Vec<ShareConfig>,
+    /// A virtio-net device on an inherited tap fd: fd=N,mac=XX:XX:XX:XX:XX:XX[,mtu=M].
+    #[arg(long)]
+    net: Option<NetConfig>,
+    /// Control socket (created) for attaching or replacing drive backings after boot.
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
     /// Serial console: off (no UART, fastest), log (each line to the log), file:PATH.
     #[arg(long, default_value = "off")]
     serial: SerialMode,
@@ -173,6 +184,9 @@ fn run(cli: Cli, cleaner: Option<&Cleaner>, signals: libc::sigset_t) -> i32 {
         serial: cli.serial,
         drives: cli.drives,
         rng: cli.rng,
+        shares: cli.shares,
+        net: cli.net,
+        api_socket: cli.api_socket,
     };
     let format = match config.validate(host_ram_mib()) {
         Ok(format) => format,

@@ -246,6 +246,9 @@ mod tests {
             serial: SerialMode::Off,
             drives: Vec::new(),
             rng: false,
+            shares: Vec::new(),
+            net: None,
+            api_socket: None,
         }
     }
 

@@ -57,6 +57,7 @@ pub fn vm_config(
         serial,
         crx_vmm_binary: artifacts::static_binary("crx-vmm")?,
         qemu_binary: artifacts::qemu_binary()?,
+        devices: Default::default(),
     })
 }
 

@@ -30,6 +30,48 @@ pub struct VmConfig {
     /// The `crx-vmm` binary: the VMM itself, and the vhost-user back ends for QEMU.
     pub crx_vmm_binary: PathBuf,
     pub qemu_binary: PathBuf,
+    /// The pod's devices besides the agent's vsock.
+    pub devices: VmDevices,
+}
+
+/// The devices a pod VM gets besides vsock. Both backends give the guest the same
+/// devices in the same order, so the guest sees the same VM whichever VMM runs it.
+#[derive(Clone, Debug, Default)]
+pub struct VmDevices {
+    /// virtio-fs shares, served by crx's own back end (in crx-vmm, or as a
+    /// vhost-user-fs process for QEMU).
+    pub shares: Vec<SharedDir>,
+    /// virtio-blk drives, in slot order (the guest sees /dev/vda, /dev/vdb, ...).
+    pub drives: Vec<Drive>,
+    /// The pod's NIC.
+    pub net: Option<NetDevice>,
+    /// A virtio-rng device.
+    pub rng: bool,
+}
+
+/// A host directory the guest mounts with `mount -t virtiofs <tag> <dir>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedDir {
+    pub tag: String,
+    pub host_dir: PathBuf,
+}
+
+/// A virtio-blk drive; `path: None` is an empty slot filled after boot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Drive {
+    pub path: Option<PathBuf>,
+    pub read_only: bool,
+    /// Serial number the guest sees (`/sys/block/vdX/serial`), at most 20 bytes.
+    pub serial: String,
+}
+
+/// The pod's NIC: an open tap (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, created by the
+/// caller in the pod's network namespace), and the MAC and MTU the guest NIC gets.
+#[derive(Clone, Debug)]
+pub struct NetDevice {
+    pub tap: std::sync::Arc<std::os::fd::OwnedFd>,
+    pub mac: [u8; 6],
+    pub mtu: u16,
 }
 
 /// Smallest guest that boots our kernel and agent with room for a container.

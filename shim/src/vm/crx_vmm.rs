@@ -157,6 +157,7 @@ mod tests {
             serial: SerialOutput::File("/tmp/s".into()),
             crx_vmm_binary: "/bin/true".into(),
             qemu_binary: "/bin/true".into(),
+            devices: Default::default(),
         };
         let args = CrxVmmBackend::default().vmm_args(&config);
         let after = |flag: &str| {

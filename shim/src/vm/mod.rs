@@ -16,7 +16,7 @@ use std::time::Duration;
 pub use choice::{
     choose_backend, probe_kvm, select_backend, BackendChoice, Hypervisor, KvmVerdict, TCG_COST,
 };
-pub use config::{SerialOutput, VmConfig};
+pub use config::{Drive, NetDevice, SerialOutput, SharedDir, VmConfig, VmDevices};
 pub use crx_vmm::CrxVmmBackend;
 pub use qemu::{QemuAccel, QemuBackend};
 pub use resources::{ProcessFigures, VmResources};

@@ -368,6 +368,7 @@ mod tests {
             serial,
             crx_vmm_binary: "/bin/true".into(),
             qemu_binary: "/bin/true".into(),
+            devices: Default::default(),
         }
     }
 

@@ -52,6 +52,7 @@ pub fn measure_in_l1(backend_name: &str, iterations: usize, paths: &InL1Paths) -
             serial: SerialOutput::Off,
             crx_vmm_binary: paths.crx_vmm.clone(),
             qemu_binary: paths.qemu.clone(),
+            devices: Default::default(),
         };
         let backend: Box<dyn VmBackend> = match kind {
             BackendKind::CrxVmm => Box::new(CrxVmmBackend::default()),
