@@ -8,13 +8,25 @@ use std::path::{Path, PathBuf};
 
 use ttrpc_codegen::{Codegen, Customize, ProtobufCustomize};
 
-/// The protocol's `.proto` files, relative to `proto/`. Each one becomes two modules:
-/// `<name>` (messages) and `<name>_ttrpc` (client and server).
-const PROTOS: &[&str] = &["crx/agent/v1/health.proto", "crx/agent/v1/agent.proto"];
+/// The protocol's `.proto` files, relative to `proto/`. Each one becomes a module
+/// `<name>` (messages) and, if it declares a service, `<name>_ttrpc` (client and server).
+const PROTOS: &[&str] = &[
+    "crx/agent/v1/health.proto",
+    "crx/agent/v1/agent.proto",
+    "crx/agent/v1/storage.proto",
+    "crx/agent/v1/metrics.proto",
+    "crx/agent/v1/sandbox.proto",
+    "crx/agent/v1/container.proto",
+    "crx/agent/v1/stdio.proto",
+];
 
 fn main() -> io::Result<()> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").map_err(io::Error::other)?);
     let gen_dir = out_dir.join("generated");
+    // Fresh each time, so a module list built from what exists holds nothing stale.
+    if gen_dir.exists() {
+        fs::remove_dir_all(&gen_dir)?;
+    }
     fs::create_dir_all(&gen_dir)?;
 
     let include = Path::new("proto");
@@ -44,7 +56,10 @@ fn main() -> io::Result<()> {
             .file_stem()
             .and_then(|s| s.to_str())
             .ok_or_else(|| io::Error::other(format!("bad proto file name {proto}")))?;
-        mod_rs.push_str(&format!("pub mod {stem};\npub mod {stem}_ttrpc;\n"));
+        mod_rs.push_str(&format!("pub mod {stem};\n"));
+        if gen_dir.join(format!("{stem}_ttrpc.rs")).exists() {
+            mod_rs.push_str(&format!("pub mod {stem}_ttrpc;\n"));
+        }
     }
     fs::write(gen_dir.join("mod.rs"), mod_rs)
 }

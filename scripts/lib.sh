@@ -14,10 +14,11 @@ need_root() {
 }
 
 # Debian packages nothing else installs: the C toolchain Rust links with, QEMU for the
-# QEMU backend, musl-tools for the static builds. The kernel build, the initramfs
+# QEMU backend, musl-tools for the static builds, busybox-static, fio and iperf3 for the
+# device tests' and benchmarks' guests (tests/src/test_guest.rs). The kernel build, the initramfs
 # builder and the nested-KVM rig install their own (kernel-config/build.sh,
 # rootfs/build.sh, tests/l1/prepare.sh).
-CRX_APT_PACKAGES=(build-essential qemu-system-x86 musl-tools)
+CRX_APT_PACKAGES=(build-essential qemu-system-x86 musl-tools busybox-static fio iperf3)
 
 install_packages() {
     local missing=()

@@ -8,7 +8,11 @@
 //!   of the PID 1 duties or port writes, so the service can be tested as an ordinary
 //!   process; Shutdown (or SIGTERM/SIGINT) just ends the process.
 //!
-//! Usage: `crx-agent [--listen ADDR] [--log LEVEL]`
+//! Usage: `crx-agent [--listen ADDR] [--log LEVEL] [--state-dir DIR]`
+//!
+//! The state directory holds what the agent makes at run time; storages are mounted
+//! under `<state dir>/storage`. Inside a VM it is `/run/crx`; in host mode a private
+//! directory (`--state-dir`, else `$TMPDIR/crx-agent-<pid>`).
 
 mod boot_marker;
 mod cmdline;
@@ -18,8 +22,10 @@ mod power;
 mod reaper;
 mod server;
 mod services;
+mod storage;
 
 use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -29,16 +35,24 @@ use tracing::level_filters::LevelFilter;
 use crate::boot_marker::BootMarker;
 use crate::server::{ListenAddr, RunningServer};
 use crate::services::AgentState;
+use crate::storage::StorageManager;
 
-const USAGE: &str = "usage: crx-agent [--listen vsock://-1:PORT | unix:///PATH] [--log LEVEL]\n\
+/// The state directory inside a VM.
+const GUEST_STATE_DIR: &str = "/run/crx";
+
+const USAGE: &str =
+    "usage: crx-agent [--listen vsock://-1:PORT | unix:///PATH] [--log LEVEL] [--state-dir DIR]\n\
     As PID 1 (inside a VM) it listens on vsock://-1:1024 unless told otherwise;\n\
-    elsewhere (host mode) --listen is required.";
+    elsewhere (host mode) --listen is required.\n\
+    Storages are mounted under <state dir>/storage (default state dir: /run/crx in a VM,\n\
+    $TMPDIR/crx-agent-<pid> in host mode).";
 
 /// Command-line options.
 #[derive(Debug, Default, PartialEq)]
 struct Args {
     listen: Option<String>,
     log: Option<String>,
+    state_dir: Option<String>,
     version: bool,
     help: bool,
 }
@@ -66,6 +80,7 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<Args> 
         match name.as_str() {
             "--listen" => out.listen = Some(value("--listen")?),
             "--log" => out.log = Some(value("--log")?),
+            "--state-dir" => out.state_dir = Some(value("--state-dir")?),
             "--version" | "-V" => out.version = true,
             "--help" | "-h" => out.help = true,
             other => anyhow::bail!("unknown argument {other:?}"),
@@ -154,19 +169,23 @@ fn guest_main(args: anyhow::Result<Args>) -> ! {
             }
         })
         .unwrap_or_else(ListenAddr::guest_default);
+    let state_dir = args
+        .state_dir
+        .as_deref()
+        .map_or_else(|| PathBuf::from(GUEST_STATE_DIR), PathBuf::from);
 
     match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
-        Ok(rt) => rt.block_on(serve_guest(listen, marker.as_ref())),
+        Ok(rt) => rt.block_on(serve_guest(listen, marker.as_ref(), &state_dir)),
         Err(e) => tracing::error!(error = %e, "cannot start the async runtime"),
     }
     power::power_off(marker.as_ref())
 }
 
 /// Serves until a shutdown is requested (or serving is impossible).
-async fn serve_guest(listen: ListenAddr, marker: Option<&BootMarker>) {
+async fn serve_guest(listen: ListenAddr, marker: Option<&BootMarker>, state_dir: &Path) {
     let _reaper = match reaper::Reaper::spawn() {
         Ok(r) => Some(r),
         Err(e) => {
@@ -174,7 +193,7 @@ async fn serve_guest(listen: ListenAddr, marker: Option<&BootMarker>) {
             None
         }
     };
-    let state = AgentState::new();
+    let state = AgentState::new(StorageManager::new(state_dir.join("storage")));
     let listener = server::bind_with_retry(&listen).await;
     if let Some(marker) = marker {
         marker.write(crx_protocols::boot_marker::AGENT_READY);
@@ -189,6 +208,7 @@ async fn serve_guest(listen: ListenAddr, marker: Option<&BootMarker>) {
     tracing::info!(%listen, "serving");
     state.shutdown_requested().await;
     server.stop().await;
+    state.storage().unmount_all().await;
 }
 
 fn log_init_report(report: &init::InitReport) {
@@ -239,15 +259,55 @@ fn host_main(args: anyhow::Result<Args>) -> anyhow::Result<()> {
         .map(parse_level)
         .transpose()?
         .unwrap_or(LevelFilter::INFO);
+    let state_dir = HostStateDir::new(args.state_dir.as_deref())?;
     logging::init_host(level)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(serve_host(listen))
+    rt.block_on(serve_host(listen, &state_dir.path))
 }
 
-async fn serve_host(listen: ListenAddr) -> anyhow::Result<()> {
+/// Host mode's private state directory: the one given (created if missing), or one
+/// of our own under `$TMPDIR`. What the agent created in it is removed at exit; what
+/// still holds files (or a mount) is left, never deleted recursively.
+struct HostStateDir {
+    path: PathBuf,
+    ours: bool,
+}
+
+impl HostStateDir {
+    fn new(given: Option<&str>) -> anyhow::Result<HostStateDir> {
+        // Canonical, so mount points under it can be checked for symlinks.
+        let Some(dir) = given else {
+            // Created only when something is mounted, so an agent that is killed
+            // without mounting anything leaves nothing behind.
+            let tmp = std::env::temp_dir();
+            let tmp = std::fs::canonicalize(&tmp)
+                .with_context(|| format!("cannot resolve {}", tmp.display()))?;
+            return Ok(HostStateDir {
+                path: tmp.join(format!("crx-agent-{}", std::process::id())),
+                ours: true,
+            });
+        };
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create state directory {dir}"))?;
+        let path = std::fs::canonicalize(dir)
+            .with_context(|| format!("cannot resolve state directory {dir}"))?;
+        Ok(HostStateDir { path, ours: false })
+    }
+}
+
+impl Drop for HostStateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(self.path.join("storage"));
+        if self.ours {
+            let _ = std::fs::remove_dir(&self.path);
+        }
+    }
+}
+
+async fn serve_host(listen: ListenAddr, state_dir: &Path) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
 
     // Orphans of the processes we start come back to us, as they would to PID 1.
@@ -259,7 +319,7 @@ async fn serve_host(listen: ListenAddr) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
 
-    let state: Arc<AgentState> = AgentState::new();
+    let state: Arc<AgentState> = AgentState::new(StorageManager::new(state_dir.join("storage")));
     let listener = server::bind(&listen)?;
     let socket_file = match &listen {
         ListenAddr::Unix(path) => Some(path.clone()),
@@ -273,6 +333,7 @@ async fn serve_host(listen: ListenAddr) -> anyhow::Result<()> {
         _ = int.recv() => tracing::info!("SIGINT"),
     }
     server.stop().await;
+    state.storage().unmount_all().await;
     tracing::info!("stopped");
     Ok(())
 }
@@ -287,8 +348,16 @@ mod tests {
 
     #[test]
     fn parses_arguments() {
-        let a = args(&["--listen", "unix:///tmp/a.sock", "--log=debug"]).unwrap();
+        let a = args(&[
+            "--listen",
+            "unix:///tmp/a.sock",
+            "--log=debug",
+            "--state-dir",
+            "/s",
+        ])
+        .unwrap();
         assert_eq!(a.listen.as_deref(), Some("unix:///tmp/a.sock"));
+        assert_eq!(a.state_dir.as_deref(), Some("/s"));
         assert_eq!(a.log.as_deref(), Some("debug"));
         assert!(args(&["--version"]).unwrap().version);
         assert!(args(&["--listen"]).is_err());

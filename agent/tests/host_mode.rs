@@ -217,6 +217,66 @@ mod tests {
         });
     }
 
+    /// The draft services of protocol version 3 are there, and every method says it is
+    /// not implemented (rather than the generated NOT_FOUND, or a hang).
+    #[test]
+    fn draft_container_methods_answer_unimplemented() {
+        let agent = HostAgent::start();
+        runtime().block_on(async {
+            ready(&agent.addr()).await;
+            let stream = UnixStream::connect(&agent.socket).unwrap();
+            let client = crx_protocols::hybrid_vsock::ttrpc_client(stream).unwrap();
+            let methods = [
+                (crx_protocols::service_names::SANDBOX, "CreateSandbox"),
+                (crx_protocols::service_names::SANDBOX, "DestroySandbox"),
+            ]
+            .into_iter()
+            .chain(
+                [
+                    "CreateContainer",
+                    "StartContainer",
+                    "ExecProcess",
+                    "SignalProcess",
+                    "WaitProcess",
+                    "ResizeTty",
+                    "CloseStdin",
+                    "RemoveContainer",
+                    "UpdateContainer",
+                    "PauseContainer",
+                    "ResumeContainer",
+                    "StatsContainer",
+                    "ListPids",
+                    "GetEvents",
+                ]
+                .map(|m| (crx_protocols::service_names::CONTAINERS, m)),
+            );
+            for (service, method) in methods {
+                let mut req = ttrpc::Request::new();
+                req.service = service.to_owned();
+                req.method = method.to_owned();
+                req.timeout_nano = Duration::from_secs(5).as_nanos() as i64;
+                let err = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+                    .await
+                    .expect("no answer: the request hung")
+                    .expect_err("a draft method answered OK");
+                match err {
+                    ttrpc::Error::RpcStatus(status) => {
+                        assert_eq!(
+                            status.code(),
+                            ttrpc::Code::UNIMPLEMENTED,
+                            "{service}/{method}: {status:?}"
+                        );
+                        assert!(
+                            status.message().contains(method),
+                            "{service}/{method}: {status:?}"
+                        );
+                    }
+                    other => panic!("{service}/{method}: expected an RPC status, got {other:?}"),
+                }
+            }
+        });
+    }
+
     #[test]
     fn garbage_on_a_connection_does_not_hurt_the_agent() {
         let mut agent = HostAgent::start();

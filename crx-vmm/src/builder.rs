@@ -19,6 +19,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::Killable;
 
+use crate::api::{ApiError, ApiServer, DriveHandle};
 use crate::arch::x86_64::layout;
 use crate::boot::{self, BootError, BootParams};
 use crate::cleanup::Cleaner;
@@ -29,11 +30,15 @@ use crate::devices::legacy::boot_marker::{BootMarker, BootMarkerState, ExitCount
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{LineLogger, Serial};
 use crate::devices::virtio::block::{Backing, Block, BlockError};
+use crate::devices::virtio::device_thread::DeviceThread;
+use crate::devices::virtio::fs::{Fs, FsError};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_SLOT_SIZE};
+use crate::devices::virtio::net::{Net, NetError, Tap};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::VirtioDevice;
 use crate::exit::{self, VmEnd};
+use crate::seccomp::{self, ThreadRole};
 use crate::vstate::kvm::KvmHandle;
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{self, Vcpu, VcpuContext, VcpuError};
@@ -85,6 +90,16 @@ pub enum BuildError {
         #[source]
         source: BlockError,
     },
+    #[error("cannot set up the API socket")]
+    Api(#[source] ApiError),
+    #[error("cannot use the --net tap fd")]
+    Net(#[source] NetError),
+    #[error("cannot set up virtio-fs share `{tag}`")]
+    Share {
+        tag: String,
+        #[source]
+        source: FsError,
+    },
     #[error("cannot tell the cleanup process about {}", .path.display())]
     Cleaner {
         path: PathBuf,
@@ -113,6 +128,9 @@ impl BuildError {
                 | VsockError::InvalidCid(_),
             ) => exit::EXIT_BAD_INPUT,
             BuildError::SerialFile { .. } => exit::EXIT_BAD_INPUT,
+            BuildError::Api(ApiError::PathExists(_) | ApiError::Bind { .. }) => {
+                exit::EXIT_BAD_INPUT
+            }
             BuildError::Block {
                 source:
                     BlockError::Open { .. }
@@ -121,6 +139,8 @@ impl BuildError {
                     | BlockError::Size { .. },
                 ..
             } => exit::EXIT_BAD_INPUT,
+            BuildError::Net(e) if e.is_bad_input() => exit::EXIT_BAD_INPUT,
+            BuildError::Share { source, .. } if source.is_bad_input() => exit::EXIT_BAD_INPUT,
             _ => exit::EXIT_VMM_ERROR,
         }
     }
@@ -139,6 +159,8 @@ pub struct Vmm {
     exits: Arc<ExitCounters>,
     virtio_slots_used: u32,
     owned_paths: Vec<PathBuf>,
+    /// The bound API socket, served once the VM starts.
+    api: Option<ApiServer>,
 }
 
 impl Vmm {
@@ -210,6 +232,7 @@ impl Vmm {
             exits,
             virtio_slots_used: 0,
             owned_paths: Vec::new(),
+            api: None,
         })
     }
 
@@ -273,6 +296,12 @@ impl Vmm {
     /// Starts one thread per vCPU (`crx-vcpu-<n>`).
     pub fn start(self) -> Result<RunningVm, BuildError> {
         vcpu::install_kick_handler().map_err(BuildError::DeviceSetup)?;
+        let api = match self.api {
+            Some(server) => Some(server.spawn().map_err(BuildError::Api)?),
+            None => None,
+        };
+        let vcpu_filter = seccomp::compile(ThreadRole::Vcpu, seccomp::mode())
+            .map_err(|e| BuildError::DeviceSetup(std::io::Error::other(e)))?;
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::with_capacity(self.vcpus.len());
         let mut running = RunningVm {
@@ -284,6 +313,7 @@ impl Vmm {
             owned_paths: self.owned_paths,
             _vm: self.vm,
             mem: self.mem,
+            api,
         };
         for vcpu in self.vcpus {
             let index = vcpu.index();
@@ -293,9 +323,20 @@ impl Vmm {
                 events: self.events_tx.clone(),
                 stop: stop.clone(),
             };
+            let filter = vcpu_filter.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("crx-vcpu-{index}"))
-                .spawn(move || vcpu.run(ctx));
+                .spawn(move || {
+                    // Before the first KVM_RUN, i.e. before any guest instruction.
+                    if let Err(e) = seccomp::install_program(ThreadRole::Vcpu, &filter) {
+                        let _ = ctx.events.send(VmEnd::RunFailed {
+                            vcpu: index,
+                            error: crate::seccomp::error_chain(&e),
+                        });
+                        return;
+                    }
+                    vcpu.run(ctx)
+                });
             match spawned {
                 Ok(handle) => threads.push(handle),
                 Err(source) => {
@@ -321,6 +362,8 @@ pub struct RunningVm {
     // Dropped after the vCPU threads are joined (see `Drop`): they use both.
     _vm: Vm,
     mem: GuestMemoryMmap,
+    /// The `crx-api` thread, if `--api-socket` was given.
+    api: Option<DeviceThread<()>>,
 }
 
 /// How long `stop` keeps kicking a vCPU thread before leaving it behind.
@@ -389,6 +432,9 @@ impl RunningVm {
 
 impl Drop for RunningVm {
     fn drop(&mut self) {
+        if let Some(api) = self.api.take() {
+            let _ = api.stop("api");
+        }
         if !self.halt_vcpus() {
             // A vCPU may still run the guest: its memory must stay mapped, or a later
             // mapping at the same address would become guest-writable.
@@ -476,6 +522,26 @@ pub fn build(
     cleaner: Option<&Cleaner>,
 ) -> Result<Vmm, BuildError> {
     let vcpus = check_vcpus(config.vcpus, kvm.max_vcpus()).map_err(BuildError::Config)?;
+    // The inherited tap fd is checked before anything is built: a wrong fd is the
+    // caller's mistake and should cost nothing.
+    let tap = config
+        .net
+        .as_ref()
+        .map(|net| Tap::from_inherited_fd(net.tap_fd))
+        .transpose()
+        .map_err(BuildError::Net)?;
+    // Shares too: a missing directory is the caller's mistake. Each server opens its
+    // directory now, before any jail, and needs no host path afterwards.
+    let shares = config
+        .shares
+        .iter()
+        .map(|share| {
+            Fs::new(&share.tag, &share.dir).map_err(|source| BuildError::Share {
+                tag: share.tag.clone(),
+                source,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let mut vmm = Vmm::new(
         kvm,
         config.memory_mib,
@@ -483,10 +549,13 @@ pub fn build(
         serial_output(&config.serial)?,
     )?;
 
-    // Devices take slots in attach order (drives, rng, vsock); the guest finds each
+    // Devices take slots in attach order (drives, rng, net, shares, vsock); the guest finds each
     // one's type in its slot, so the command line only has to list them all.
-    let virtio_count =
-        config.drives.len() + usize::from(config.rng) + usize::from(config.vsock.is_some());
+    let virtio_count = config.drives.len()
+        + usize::from(config.rng)
+        + usize::from(config.net.is_some())
+        + shares.len()
+        + usize::from(config.vsock.is_some());
     let virtio_slots = (0..virtio_count)
         .map(|i| u32::try_from(i).ok().and_then(layout::virtio_slot))
         .collect::<Option<Vec<_>>>()
@@ -517,6 +586,7 @@ pub fn build(
     tracing::debug!(cmdline = %cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default(), ?entry, "guest loaded");
 
     clock::step("vcpus configured");
+    let mut drive_handles = Vec::with_capacity(config.drives.len());
     for (index, drive) in config.drives.iter().enumerate() {
         let err = |source| BuildError::Block { index, source };
         let block = match &drive.path {
@@ -532,10 +602,35 @@ pub fn build(
         } else {
             block
         };
+        drive_handles.push(DriveHandle {
+            slot: block.slot(),
+            read_only: block.is_read_only(),
+        });
         vmm.attach_virtio(Arc::new(Mutex::new(block)))?;
     }
     if config.rng {
         vmm.attach_virtio(Arc::new(Mutex::new(Rng::new())))?;
+    }
+    if let (Some(net), Some(tap)) = (&config.net, tap) {
+        vmm.attach_virtio(Arc::new(Mutex::new(Net::new(tap, net.mac, net.mtu))))?;
+    }
+    for share in shares {
+        vmm.attach_virtio(Arc::new(Mutex::new(share)))?;
+    }
+    // The API socket, like the vsock one, is created only once bad input can no longer
+    // fail the build; the cleaner learns its path first.
+    if let Some(path) = &config.api_socket {
+        if let Some(cleaner) = cleaner {
+            cleaner
+                .register(path)
+                .map_err(|source| BuildError::Cleaner {
+                    path: path.clone(),
+                    source,
+                })?;
+        }
+        let server = ApiServer::bind(path, drive_handles).map_err(BuildError::Api)?;
+        vmm.own_path(path.clone());
+        vmm.api = Some(server);
     }
     // The vsock socket comes last: nothing after it may fail and leave it behind.
     if let Some(vsock) = &config.vsock {

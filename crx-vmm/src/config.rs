@@ -269,6 +269,8 @@ pub enum ConfigError {
     SerialNoDirectory(PathBuf),
     #[error("the kernel command line is {len} bytes; the guest kernel takes at most {max}: shorten --cmdline")]
     CmdlineTooLong { len: usize, max: usize },
+    #[error("--net: the tap fd is unusable")]
+    NetTap(#[source] crate::devices::virtio::net::NetError),
 }
 
 /// Reads the first bytes of the kernel to tell an ELF from a bzImage.
@@ -348,6 +350,10 @@ impl VmConfig {
                     memory_mib: self.memory_mib,
                 });
             }
+        }
+        if let Some(net) = &self.net {
+            crate::devices::virtio::net::check_inherited_tap(net.tap_fd)
+                .map_err(ConfigError::NetTap)?;
         }
         if let Some(vsock) = &self.vsock {
             validate_vsock(vsock)?;

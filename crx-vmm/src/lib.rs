@@ -9,6 +9,7 @@
 //! vCPU threads → `exit` (why it ended, which exit code). `cleanup` removes the
 //! host files crx-vmm created even if it is killed.
 
+pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod builder;
@@ -18,6 +19,8 @@ pub mod config;
 pub mod devices;
 pub mod exit;
 pub mod host;
+pub mod jail;
 pub mod kernel_map;
+pub mod seccomp;
 pub mod vhost_user;
 pub mod vstate;

@@ -13,6 +13,8 @@ use crx_vmm::config::{
 };
 use crx_vmm::exit::{self, VmEnd};
 use crx_vmm::host::{self, KvmFlavor};
+use crx_vmm::jail::{self, JailConfig};
+use crx_vmm::seccomp::{self, SeccompMode, ThreadRole};
 use crx_vmm::vstate::kvm::KvmHandle;
 
 #[derive(Parser, Debug)]
@@ -78,6 +80,33 @@ struct Cli {
     /// KVM device node.
     #[arg(long, default_value = "/dev/kvm")]
     kvm_device: PathBuf,
+    /// Seccomp filters per thread: kill (a call outside the filter kills crx-vmm),
+    /// log (allowed but written to the kernel log: for finding a missing call), off.
+    #[arg(long, default_value = "kill", global = true)]
+    seccomp: SeccompMode,
+    /// Same as `--seccomp off`.
+    #[arg(long, global = true)]
+    no_seccomp: bool,
+    /// Run in a jail: own mount namespace, root pivoted to a tmpfs on this (existing,
+    /// absolute) directory holding only the paths the VM uses, capabilities dropped.
+    #[arg(long)]
+    jail: Option<PathBuf>,
+    /// User id to switch to inside the jail.
+    #[arg(long, requires = "jail")]
+    jail_uid: Option<u32>,
+    /// Group id to switch to inside the jail (supplementary groups are dropped).
+    #[arg(long, requires = "jail")]
+    jail_gid: Option<u32>,
+}
+
+impl Cli {
+    fn seccomp_mode(&self) -> SeccompMode {
+        if self.no_seccomp {
+            SeccompMode::Off
+        } else {
+            self.seccomp
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -96,6 +125,87 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         guest_cid: u64,
     },
+    /// Serve a host directory to QEMU as a vhost-user-fs back end (one QEMU
+    /// connection; exits when QEMU disconnects), confined to that directory. QEMU
+    /// gives the tag: `-device vhost-user-fs-device,chardev=ID,tag=TAG`. The socket is
+    /// removed on exit, SIGKILL included.
+    VhostUserFs {
+        /// vhost-user socket QEMU connects to (created).
+        #[arg(long)]
+        socket: PathBuf,
+        /// The directory to share; nothing outside it is reachable.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Give a running crx-vmm's drive a new backing through its --api-socket: FILE is
+    /// opened here and its fd passed, so no path crosses into crx-vmm. Prints the new
+    /// capacity in 512-byte sectors.
+    AttachDrive {
+        /// The running crx-vmm's --api-socket.
+        #[arg(long)]
+        socket: PathBuf,
+        /// Drive index, in --drive order from 0.
+        #[arg(long)]
+        index: usize,
+        /// Raw image or block device to attach.
+        #[arg(long)]
+        file: PathBuf,
+        /// Attach read-only (the file is opened read-only).
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Empty a running crx-vmm's drive through its --api-socket (old backing flushed).
+    DetachDrive {
+        #[arg(long)]
+        socket: PathBuf,
+        #[arg(long)]
+        index: usize,
+    },
+}
+
+/// `crx-vmm attach-drive` / `detach-drive`: 0 on success, 2 if the file cannot be
+/// opened, 1 if crx-vmm refused or could not be reached (the cause on stderr).
+fn api_client_command(command: &Command) -> Option<i32> {
+    use crx_vmm::api::client;
+    match command {
+        Command::AttachDrive {
+            socket,
+            index,
+            file,
+            read_only,
+        } => {
+            let opened = std::fs::OpenOptions::new()
+                .read(true)
+                .write(!read_only)
+                .open(file);
+            let f = match opened {
+                Ok(f) => f,
+                Err(e) => {
+                    return Some(fail(
+                        exit::EXIT_BAD_INPUT,
+                        &format!("cannot open {}: {e}", file.display()),
+                    ))
+                }
+            };
+            Some(match client::attach_drive(socket, *index, &f, *read_only) {
+                Ok(sectors) => {
+                    println!("{{\"ok\":true,\"capacity_sectors\":{sectors}}}");
+                    exit::EXIT_OK
+                }
+                Err(e) => fail(exit::EXIT_VMM_ERROR, &error_chain(&e)),
+            })
+        }
+        Command::DetachDrive { socket, index } => {
+            Some(match client::detach_drive(socket, *index) {
+                Ok(()) => {
+                    println!("{{\"ok\":true,\"capacity_sectors\":0}}");
+                    exit::EXIT_OK
+                }
+                Err(e) => fail(exit::EXIT_VMM_ERROR, &error_chain(&e)),
+            })
+        }
+        _ => None,
+    }
 }
 
 fn error_chain(err: &dyn std::error::Error) -> String {
@@ -151,15 +261,27 @@ fn block_stop_signals() -> libc::sigset_t {
 }
 
 /// Hands each SIGTERM/SIGINT/SIGHUP (blocked everywhere else) to `on_signal`, on a
-/// thread of its own.
-fn spawn_signal_thread(set: libc::sigset_t, on_signal: impl Fn(libc::c_int) + Send + 'static) {
+/// thread of its own, confined to `role`'s seccomp filter if given.
+fn spawn_signal_thread(
+    set: libc::sigset_t,
+    role: Option<ThreadRole>,
+    on_signal: impl Fn(libc::c_int) + Send + 'static,
+) {
     let spawned = std::thread::Builder::new()
         .name("crx-signals".into())
-        .spawn(move || loop {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: `set` is an initialized signal set and `sig` a valid out pointer.
-            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                on_signal(sig);
+        .spawn(move || {
+            if let Some(role) = role {
+                if let Err(e) = seccomp::install(role) {
+                    tracing::error!(error = %e, "the signal thread cannot be confined; crx-vmm exits");
+                    std::process::exit(exit::EXIT_VMM_ERROR);
+                }
+            }
+            loop {
+                let mut sig: libc::c_int = 0;
+                // SAFETY: `set` is an initialized signal set and `sig` a valid out pointer.
+                if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                    on_signal(sig);
+                }
             }
         });
     if let Err(e) = spawned {
@@ -167,11 +289,16 @@ fn spawn_signal_thread(set: libc::sigset_t, on_signal: impl Fn(libc::c_int) + Se
     }
 }
 
-fn run(cli: Cli, cleaner: Option<&Cleaner>, signals: libc::sigset_t) -> i32 {
+fn run(
+    cli: Cli,
+    cleaner: Option<&Cleaner>,
+    signals: libc::sigset_t,
+    seccomp_mode: SeccompMode,
+) -> i32 {
     let Some(kernel) = cli.kernel else {
         return fail(exit::EXIT_BAD_INPUT, "--kernel is required");
     };
-    let config = VmConfig {
+    let mut config = VmConfig {
         kernel,
         initramfs: cli.initramfs,
         cmdline_extra: cli.cmdline,
@@ -192,6 +319,16 @@ fn run(cli: Cli, cleaner: Option<&Cleaner>, signals: libc::sigset_t) -> i32 {
         Ok(format) => format,
         Err(e) => return fail(exit::EXIT_BAD_INPUT, &error_chain(&e)),
     };
+    let jail = cli.jail.map(|dir| JailConfig {
+        dir,
+        uid: cli.jail_uid,
+        gid: cli.jail_gid,
+    });
+    if let Some(jail) = &jail {
+        if let Err(e) = jail.validate() {
+            return fail(exit::EXIT_BAD_INPUT, &error_chain(&e));
+        }
+    }
     crx_vmm::clock::step("config validated");
     let kvm = match KvmHandle::open(&cli.kvm_device) {
         Ok(kvm) => kvm,
@@ -211,6 +348,27 @@ fn run(cli: Cli, cleaner: Option<&Cleaner>, signals: libc::sigset_t) -> i32 {
     }
 
     crx_vmm::clock::step("host checked");
+    // Still one thread here: the jail's namespace, root and capabilities are per
+    // thread, and every thread started from now on inherits them.
+    if let Some(jail) = &jail {
+        if let Err(e) = jail::enter(jail, &mut config) {
+            let code = if e.is_bad_input() {
+                exit::EXIT_BAD_INPUT
+            } else {
+                exit::EXIT_VMM_ERROR
+            };
+            return fail(code, &error_chain(&e));
+        }
+        crx_vmm::clock::step("jailed");
+    }
+    // Before any other thread: the device-thread launcher starts here, and inherits
+    // the blocked stop signals and the jail.
+    if let Err(e) = seccomp::set_mode(seccomp_mode) {
+        return fail(exit::EXIT_VMM_ERROR, &error_chain(&e));
+    }
+    if seccomp_mode == SeccompMode::Log {
+        tracing::warn!("--seccomp log: calls outside the filters are only logged (kernel log, type=1326)");
+    }
     let vmm = match builder::build(&config, format, &kvm, cleaner) {
         Ok(vmm) => vmm,
         Err(e) => return fail(e.exit_code(), &error_chain(&e)),
@@ -221,9 +379,13 @@ fn run(cli: Cli, cleaner: Option<&Cleaner>, signals: libc::sigset_t) -> i32 {
     };
     // A signal ends the VM as a host stop request.
     let events = running.event_sender();
-    spawn_signal_thread(signals, move |sig| {
+    spawn_signal_thread(signals, Some(ThreadRole::Signals), move |sig| {
         let _ = events.send(VmEnd::HostSignal(sig));
     });
+    // From here the main thread only waits for the end and cleans up.
+    if let Err(e) = seccomp::install(ThreadRole::Vmm) {
+        return fail(exit::EXIT_VMM_ERROR, &error_chain(&e));
+    }
 
     let end = running.wait();
     let clean = running.boot_marker().shutdown_announced();
@@ -242,7 +404,13 @@ fn run(cli: Cli, cleaner: Option<&Cleaner>, signals: libc::sigset_t) -> i32 {
 
 /// `crx-vmm vhost-user-vsock`: exit 0 when QEMU disconnects, 2 on a bad socket path
 /// or CID, 1 on any other failure.
-fn vhost_user_vsock(socket: PathBuf, uds: PathBuf, guest_cid: u64, log_level: &str) -> i32 {
+fn vhost_user_vsock(
+    socket: PathBuf,
+    uds: PathBuf,
+    guest_cid: u64,
+    log_level: &str,
+    seccomp_mode: SeccompMode,
+) -> i32 {
     use crx_vmm::devices::virtio::vsock::VsockError;
     use crx_vmm::vhost_user::{serve_vhost_user_vsock, VhostUserVsockError};
     // SAFETY: called first thing in `main`, before any thread exists.
@@ -278,13 +446,20 @@ fn vhost_user_vsock(socket: PathBuf, uds: PathBuf, guest_cid: u64, log_level: &s
     }
     // A host stop request (SIGTERM/SIGINT/SIGHUP) ends the back end cleanly: exit 0,
     // and the cleanup process removes both sockets as this process goes.
-    spawn_signal_thread(block_stop_signals(), |sig| {
+    spawn_signal_thread(block_stop_signals(), None, |sig| {
         tracing::info!(
             signal = sig,
             "stop requested; vhost-user-vsock back end exits"
         );
         std::process::exit(exit::EXIT_OK);
     });
+    // One filter for every thread, those vhost-user-backend starts later included,
+    // before QEMU (and through it the guest) can send anything.
+    if let Err(e) = seccomp::set_process_mode(seccomp_mode)
+        .and_then(|()| seccomp::install_process_wide(ThreadRole::VhostUserVsock))
+    {
+        return fail(exit::EXIT_VMM_ERROR, &error_chain(&e));
+    }
     let result = serve_vhost_user_vsock(&socket, guest_cid, uds.clone());
     let _ = std::fs::remove_file(&uds);
     match result {
@@ -307,29 +482,105 @@ fn vhost_user_vsock(socket: PathBuf, uds: PathBuf, guest_cid: u64, log_level: &s
     }
 }
 
+/// `crx-vmm vhost-user-fs`: exit 0 when QEMU disconnects, 2 on a bad socket path or
+/// share directory, 1 on any other failure.
+fn vhost_user_fs(socket: PathBuf, dir: PathBuf, log_level: &str, seccomp_mode: SeccompMode) -> i32 {
+    use crx_vmm::vhost_user::{serve_vhost_user_fs, VhostUserFsError};
+    // SAFETY: called first thing in `main`, before any thread exists.
+    let cleaner = match unsafe { Cleaner::spawn() } {
+        Ok(cleaner) => cleaner,
+        Err(e) => {
+            return fail(
+                exit::EXIT_VMM_ERROR,
+                &format!("cannot start the cleanup process that removes the socket: {e}"),
+            )
+        }
+    };
+    init_logging(log_level);
+    if socket.symlink_metadata().is_ok() {
+        return fail(
+            exit::EXIT_BAD_INPUT,
+            &format!(
+                "{} already exists (another VM's, or stale): remove it or choose another path",
+                socket.display()
+            ),
+        );
+    }
+    if let Err(e) = cleaner.register(&socket) {
+        return fail(
+            exit::EXIT_VMM_ERROR,
+            &format!("cannot tell the cleanup process about {}: {e}", socket.display()),
+        );
+    }
+    spawn_signal_thread(block_stop_signals(), None, |sig| {
+        tracing::info!(signal = sig, "stop requested; vhost-user-fs back end exits");
+        std::process::exit(exit::EXIT_OK);
+    });
+    // One filter for every thread, those vhost-user-backend starts later included,
+    // before QEMU (and through it the guest) can send anything.
+    if let Err(e) = seccomp::set_process_mode(seccomp_mode)
+        .and_then(|()| seccomp::install_process_wide(ThreadRole::VhostUserFs))
+    {
+        return fail(exit::EXIT_VMM_ERROR, &error_chain(&e));
+    }
+    match serve_vhost_user_fs(&socket, &dir) {
+        Ok(()) => {
+            tracing::info!("QEMU disconnected; vhost-user-fs back end done");
+            exit::EXIT_OK
+        }
+        Err(e) => {
+            let code = if e.is_bad_input() {
+                exit::EXIT_BAD_INPUT
+            } else {
+                exit::EXIT_VMM_ERROR
+            };
+            let _: &VhostUserFsError = &e;
+            fail(code, &error_chain(&e))
+        }
+    }
+}
+
 fn main() {
     crx_vmm::clock::mark_start();
     let cli = Cli::parse();
+    let seccomp_mode = cli.seccomp_mode();
+    if let Some(code) = cli.command.as_ref().and_then(api_client_command) {
+        std::process::exit(code);
+    }
+    if let Some(Command::VhostUserFs { socket, dir }) = &cli.command {
+        std::process::exit(vhost_user_fs(
+            socket.clone(),
+            dir.clone(),
+            &cli.log_level,
+            seccomp_mode,
+        ));
+    }
     if let Some(Command::VhostUserVsock {
         socket,
         uds,
         guest_cid,
     }) = cli.command
     {
-        std::process::exit(vhost_user_vsock(socket, uds, guest_cid, &cli.log_level));
+        std::process::exit(vhost_user_vsock(
+            socket,
+            uds,
+            guest_cid,
+            &cli.log_level,
+            seccomp_mode,
+        ));
     }
     if cli.probe_host {
         println!("{}", host::probe_device(&cli.kvm_device).to_json());
         std::process::exit(exit::EXIT_OK);
     }
     // The cleaner must be forked while this process has a single thread.
-    let cleaner = if cli.vsock_uds.is_some() {
+    let cleaner = if cli.vsock_uds.is_some() || cli.api_socket.is_some() {
         // SAFETY: nothing has started a thread yet (argument parsing does not).
         match unsafe { Cleaner::spawn() } {
             Ok(cleaner) => Some(cleaner),
             Err(e) => std::process::exit(fail(
                 exit::EXIT_VMM_ERROR,
-                &format!("cannot start the cleanup process that removes the vsock socket: {e}"),
+                &format!("cannot start the cleanup process that removes the vsock and API sockets: {e}"),
             )),
         }
     } else {
@@ -337,6 +588,6 @@ fn main() {
     };
     let signals = block_stop_signals();
     init_logging(&cli.log_level);
-    let code = run(cli, cleaner.as_ref(), signals);
+    let code = run(cli, cleaner.as_ref(), signals, seccomp_mode);
     std::process::exit(code);
 }

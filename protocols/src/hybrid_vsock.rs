@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use crate::v1::agent_ttrpc::AgentClient;
 use crate::v1::health::{CheckRequest, VersionRequest, VersionResponse};
 use crate::v1::health_ttrpc::HealthClient;
+use crate::v1::storage_ttrpc::StorageClient;
 
 /// The longest reply line accepted, newline included: `OK 4294967295\n` is 14 bytes.
 const MAX_REPLY_LEN: usize = 32;
@@ -158,6 +159,8 @@ pub struct AgentClients {
     pub health: HealthClient,
     /// `crx.agent.v1.Agent`.
     pub agent: AgentClient,
+    /// `crx.agent.v1.Storage` (protocol version 2).
+    pub storage: StorageClient,
 }
 
 impl AgentClients {
@@ -165,7 +168,8 @@ impl AgentClients {
     pub fn new(client: ttrpc::r#async::Client) -> Self {
         AgentClients {
             health: HealthClient::new(client.clone()),
-            agent: AgentClient::new(client),
+            agent: AgentClient::new(client.clone()),
+            storage: StorageClient::new(client),
         }
     }
 }

@@ -10,11 +10,16 @@ pub mod boot_marker;
 pub mod hybrid_vsock;
 
 /// The protocol version this crate implements, reported by `Health.Version`. It grows
-/// by one with every additive change to package `crx.agent.v1` (see `health.proto`).
-pub const PROTOCOL_VERSION: u32 = 1;
+/// by one with every additive change to package `crx.agent.v1` (see `health.proto`,
+/// which lists what each version added).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The vsock port the agent serves ttrpc on inside the VM.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// The vsock port of the agent's process stdio streams (one connection per stream,
+/// see `stdio.proto`; draft for protocol version 3).
+pub const STDIO_VSOCK_PORT: u32 = 1026;
 
 /// Code generated from the `.proto` files by ttrpc-codegen and protobuf-codegen. The
 /// lint exceptions stay on this module: the generated code is not ours to restyle.
@@ -37,11 +42,29 @@ pub mod v1 {
     /// `Agent` service: async client ([`agent_ttrpc::AgentClient`]) and server trait
     /// ([`agent_ttrpc::Agent`], registered with [`agent_ttrpc::create_agent`]).
     pub use crate::generated::agent_ttrpc;
+    /// Messages of `container.proto` (draft for protocol version 3).
+    pub use crate::generated::container;
+    /// `Containers` service (draft for protocol version 3): containers and processes.
+    pub use crate::generated::container_ttrpc;
     /// Messages of `health.proto`.
     pub use crate::generated::health;
     /// `Health` service: async client ([`health_ttrpc::HealthClient`]) and server trait
     /// ([`health_ttrpc::Health`], registered with [`health_ttrpc::create_health`]).
     pub use crate::generated::health_ttrpc;
+    /// Messages of `metrics.proto`: cgroup v2 figures, wire-compatible with containerd's
+    /// `io.containerd.cgroups.v2.Metrics`.
+    pub use crate::generated::metrics;
+    /// Messages of `sandbox.proto` (draft for protocol version 3).
+    pub use crate::generated::sandbox;
+    /// `Sandbox` service (draft for protocol version 3): pod set-up and tear-down.
+    pub use crate::generated::sandbox_ttrpc;
+    /// Messages of `stdio.proto`: the header of a stdio stream connection.
+    pub use crate::generated::stdio;
+    /// Messages of `storage.proto` (protocol version 2).
+    pub use crate::generated::storage;
+    /// `Storage` service: async client ([`storage_ttrpc::StorageClient`]) and server trait
+    /// ([`storage_ttrpc::Storage`], registered with [`storage_ttrpc::create_storage`]).
+    pub use crate::generated::storage_ttrpc;
 }
 
 /// ttrpc service names as they appear on the wire (`<package>.<service>`).
@@ -50,4 +73,10 @@ pub mod service_names {
     pub const HEALTH: &str = "crx.agent.v1.Health";
     /// The `Agent` service.
     pub const AGENT: &str = "crx.agent.v1.Agent";
+    /// The `Storage` service (protocol version 2).
+    pub const STORAGE: &str = "crx.agent.v1.Storage";
+    /// The `Sandbox` service (draft for protocol version 3).
+    pub const SANDBOX: &str = "crx.agent.v1.Sandbox";
+    /// The `Containers` service (draft for protocol version 3).
+    pub const CONTAINERS: &str = "crx.agent.v1.Containers";
 }

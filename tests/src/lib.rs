@@ -3,4 +3,5 @@
 pub mod artifacts;
 pub mod bench;
 pub mod l1;
+pub mod test_guest;
 pub mod vm_harness;

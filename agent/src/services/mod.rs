@@ -1,26 +1,38 @@
 //! The ttrpc services the agent serves, and the state they share.
 
+pub mod drafts;
 pub mod health;
 pub mod lifecycle;
+pub mod storage;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crx_protocols::v1::{agent_ttrpc, health_ttrpc};
+use crx_protocols::v1::{agent_ttrpc, container_ttrpc, health_ttrpc, sandbox_ttrpc, storage_ttrpc};
 use tokio::sync::watch;
+
+use crate::storage::StorageManager;
 
 /// State shared by the services and the main loop.
 pub struct AgentState {
     /// Set once a shutdown was requested; the main loop waits on it.
     shutdown: watch::Sender<bool>,
+    /// The storages the agent mounted.
+    storage: StorageManager,
 }
 
 impl AgentState {
-    /// A fresh agent: serving, no shutdown requested.
-    pub fn new() -> Arc<AgentState> {
+    /// A fresh agent: serving, no shutdown requested, nothing mounted.
+    pub fn new(storage: StorageManager) -> Arc<AgentState> {
         Arc::new(AgentState {
             shutdown: watch::channel(false).0,
+            storage,
         })
+    }
+
+    /// The agent's mounts.
+    pub fn storage(&self) -> &StorageManager {
+        &self.storage
     }
 
     /// Asks the main loop to shut down (idempotent).
@@ -47,6 +59,15 @@ pub fn all(state: &Arc<AgentState>) -> HashMap<String, ttrpc::r#async::Service> 
         health_ttrpc::create_health(Arc::new(health::HealthService::new(state.clone())));
     services.extend(agent_ttrpc::create_agent(Arc::new(
         lifecycle::LifecycleService::new(state.clone()),
+    )));
+    services.extend(storage_ttrpc::create_storage(Arc::new(
+        storage::StorageService::new(state.clone()),
+    )));
+    services.extend(sandbox_ttrpc::create_sandbox(Arc::new(
+        drafts::DraftServices,
+    )));
+    services.extend(container_ttrpc::create_containers(Arc::new(
+        drafts::DraftServices,
     )));
     services
 }

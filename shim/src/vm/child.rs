@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -178,6 +178,23 @@ impl Drop for VmProcess {
             self.signal(libc::SIGKILL);
             let _ = self.child.wait();
         }
+    }
+}
+
+/// Lets the child started by `cmd` inherit `fd` under the same number (the parent's
+/// copy keeps its close-on-exec flag, so other children do not get it). The caller
+/// keeps `fd` open until the spawn.
+pub fn inherit_fd(cmd: &mut Command, fd: RawFd) {
+    // SAFETY: the closure runs in the child between fork and exec and only calls
+    // fcntl(2), which is async-signal-safe; `fd` is open in the parent at fork time.
+    unsafe {
+        cmd.pre_exec(move || {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 

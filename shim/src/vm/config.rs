@@ -86,6 +86,11 @@ impl VmConfig {
         self.run_dir.join("agent.vsock")
     }
 
+    /// The vhost-user socket of the back end serving share `index` to QEMU.
+    pub fn fs_socket(&self, index: usize) -> PathBuf {
+        self.run_dir.join(format!("fs-{index}.sock"))
+    }
+
     /// Checks what can be checked before any process starts, so a bad config fails
     /// with its cause rather than as a VMM that died.
     pub fn validate(&self) -> Result<(), VmError> {
@@ -106,7 +111,7 @@ impl VmConfig {
                 "the kernel command line must be one line".into(),
             ));
         }
-        Ok(())
+        self.devices.validate()
     }
 
     /// Creates the run directory (mode 0700) and clears sockets a dead VM left there.
@@ -121,7 +126,9 @@ impl VmConfig {
             .mode(0o700)
             .create(&self.run_dir)
             .map_err(err)?;
-        for stale in [self.agent_socket(), self.run_dir.join("vhost-vsock.sock")] {
+        let fs_sockets = (0..self.devices.shares.len()).map(|i| self.fs_socket(i));
+        let own_sockets = [self.agent_socket(), self.run_dir.join("vhost-vsock.sock")];
+        for stale in own_sockets.into_iter().chain(fs_sockets) {
             match std::fs::remove_file(&stale) {
                 Ok(()) => {
                     tracing::warn!(path = ?stale, "removed a socket a previous VM left behind")
@@ -132,6 +139,95 @@ impl VmConfig {
         }
         Ok(())
     }
+}
+
+/// Longest virtio-fs tag: the config-space field is 36 bytes.
+pub const MAX_FS_TAG_LEN: usize = 36;
+/// Longest virtio-blk serial: the ID the guest reads is 20 bytes.
+pub const MAX_DRIVE_SERIAL_LEN: usize = 20;
+
+impl VmDevices {
+    /// Checks the devices before any process starts. Values end up inside
+    /// comma-separated VMM options (`tag=..,dir=..`), so a comma in one is refused
+    /// rather than escaped differently for each VMM.
+    pub fn validate(&self) -> Result<(), VmError> {
+        let bad = |m: String| Err(VmError::InvalidConfig(m));
+        for (i, share) in self.shares.iter().enumerate() {
+            let tag = &share.tag;
+            if tag.is_empty() || tag.len() > MAX_FS_TAG_LEN || !option_safe(tag) {
+                return bad(format!(
+                    "share {i}: tag {tag:?} must be 1 to {MAX_FS_TAG_LEN} bytes without ',', '=' or control characters"
+                ));
+            }
+            if self.shares[..i].iter().any(|s| &s.tag == tag) {
+                return bad(format!("share {i}: tag {tag:?} is used twice"));
+            }
+            path_option_safe("share directory", &share.host_dir)?;
+            if !share.host_dir.is_dir() {
+                return Err(VmError::BadPath {
+                    what: "share directory",
+                    path: share.host_dir.clone(),
+                    reason: "not a directory".into(),
+                });
+            }
+        }
+        for (i, drive) in self.drives.iter().enumerate() {
+            if drive.serial.len() > MAX_DRIVE_SERIAL_LEN || !option_safe(&drive.serial) {
+                return bad(format!(
+                    "drive {i}: serial {:?} must be at most {MAX_DRIVE_SERIAL_LEN} bytes without ',', '=' or control characters",
+                    drive.serial
+                ));
+            }
+            if let Some(path) = &drive.path {
+                path_option_safe("drive backing", path)?;
+                if !is_block_device(path) {
+                    readable_file("drive backing (a file or block device)", path)?;
+                }
+            }
+        }
+        if let Some(net) = &self.net {
+            if net.mac[0] & 1 != 0 || net.mac == [0; 6] {
+                return bad(format!(
+                    "NIC MAC {} is multicast or zero",
+                    format_mac(&net.mac)
+                ));
+            }
+            if !(68..=65521).contains(&net.mtu) {
+                return bad(format!("NIC MTU {} is not between 68 and 65521", net.mtu));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn option_safe(value: &str) -> bool {
+    !value.contains([',', '=']) && !value.chars().any(char::is_control)
+}
+
+fn path_option_safe(what: &'static str, path: &Path) -> Result<(), VmError> {
+    match path.to_str() {
+        Some(p) if path.is_absolute() && !p.contains(',') && !p.chars().any(char::is_control) => {
+            Ok(())
+        }
+        _ => Err(VmError::BadPath {
+            what,
+            path: path.to_path_buf(),
+            reason: "must be an absolute UTF-8 path without ',' or control characters".into(),
+        }),
+    }
+}
+
+fn is_block_device(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
 }
 
 fn readable_file(what: &'static str, path: &Path) -> Result<(), VmError> {
@@ -160,4 +256,92 @@ pub(super) fn executable(what: &'static str, path: &Path) -> Result<(), VmError>
         return Err(bad("not an executable file".into()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn share(tag: &str, dir: &str) -> SharedDir {
+        SharedDir {
+            tag: tag.into(),
+            host_dir: dir.into(),
+        }
+    }
+
+    fn drive(path: Option<&str>, serial: &str) -> Drive {
+        Drive {
+            path: path.map(PathBuf::from),
+            read_only: false,
+            serial: serial.into(),
+        }
+    }
+
+    fn refused(devices: VmDevices, why: &str) {
+        match devices.validate() {
+            Err(e) => assert!(e.to_string().contains(why), "{e} (wanted {why:?})"),
+            Ok(()) => panic!("accepted a config with {why}"),
+        }
+    }
+
+    #[test]
+    fn devices_that_cannot_work_are_refused_before_any_process_starts() {
+        let image =
+            std::env::temp_dir().join(format!("crx-config-test-{}.img", std::process::id()));
+        std::fs::write(&image, [0u8; 512]).unwrap();
+        let ok = VmDevices {
+            shares: vec![share("pod", "/tmp")],
+            drives: vec![drive(image.to_str(), "vol-1"), drive(None, "")],
+            net: None,
+            rng: true,
+        };
+        ok.validate().unwrap();
+
+        let with = |f: &dyn Fn(&mut VmDevices)| {
+            let mut d = ok.clone();
+            f(&mut d);
+            d
+        };
+        refused(with(&|d| d.shares[0].tag = "a,b".into()), "tag");
+        refused(with(&|d| d.shares[0].tag = "t".repeat(37)), "tag");
+        refused(with(&|d| d.shares.push(share("pod", "/tmp"))), "used twice");
+        refused(
+            with(&|d| d.shares[0].host_dir = "/no/such/dir".into()),
+            "not a directory",
+        );
+        refused(
+            with(&|d| d.shares[0].host_dir = "/tmp/a,b".into()),
+            "without ','",
+        );
+        refused(
+            with(&|d| d.shares[0].host_dir = "relative".into()),
+            "absolute",
+        );
+        refused(with(&|d| d.drives[0].serial = "s".repeat(21)), "serial");
+        refused(with(&|d| d.drives[0].serial = "a=b".into()), "serial");
+        refused(
+            with(&|d| d.drives[0].path = Some("/no/such.img".into())),
+            "drive backing",
+        );
+        refused(
+            with(&|d| d.drives[0].path = Some("/tmp".into())),
+            "not a regular file",
+        );
+
+        let tap: std::os::fd::OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        let nic = |mac: [u8; 6], mtu: u16| NetDevice {
+            tap: std::sync::Arc::new(tap.try_clone().unwrap()),
+            mac,
+            mtu,
+        };
+        with(&|d| d.net = Some(nic([2, 0, 0, 0, 0, 1], 1500)))
+            .validate()
+            .unwrap();
+        refused(
+            with(&|d| d.net = Some(nic([1, 0, 0, 0, 0, 1], 1500))),
+            "multicast",
+        );
+        refused(with(&|d| d.net = Some(nic([2, 0, 0, 0, 0, 1], 67))), "MTU");
+        let _ = std::fs::remove_file(&image);
+    }
 }

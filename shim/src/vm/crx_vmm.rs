@@ -1,12 +1,13 @@
 //! The crx-vmm backend: our own VMM as one child process per pod, with the vsock muxer
 //! in process. It is the default wherever hardware KVM runs guest user space.
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use super::child::{wait_any, VmProcess};
-use super::config::{SerialOutput, GUEST_CID};
+use super::child::{inherit_fd, wait_any, VmProcess};
+use super::config::{format_mac, SerialOutput, VmDevices, GUEST_CID};
 use super::qemu::remove_sockets;
 use super::{BackendKind, Vm, VmBackend, VmConfig, VmError, VmExit, VmResources};
 
@@ -41,9 +42,51 @@ impl CrxVmmBackend {
         if let SerialOutput::File(path) = &config.serial {
             args.extend(["--serial".into(), format!("file:{}", path.display())]);
         }
+        args.extend(device_args(&config.devices));
         args.extend(self.extra_args.iter().cloned());
         args
     }
+}
+
+/// crx-vmm's flags for the pod devices. The values were checked by
+/// [`VmDevices::validate`] (no commas), so they need no quoting. The tap fd is passed
+/// by its number in the shim, which crx-vmm inherits.
+fn device_args(devices: &VmDevices) -> Vec<String> {
+    let mut args: Vec<String> = Vec::new();
+    for drive in &devices.drives {
+        let mut value = match &drive.path {
+            Some(path) => format!("path={}", path.display()),
+            None => "empty".to_string(),
+        };
+        if drive.read_only {
+            value.push_str(",ro");
+        }
+        if !drive.serial.is_empty() {
+            value.push_str(&format!(",serial={}", drive.serial));
+        }
+        args.extend(["--drive".into(), value]);
+    }
+    if devices.rng {
+        args.push("--rng".into());
+    }
+    for share in &devices.shares {
+        args.extend([
+            "--share".into(),
+            format!("tag={},dir={}", share.tag, share.host_dir.display()),
+        ]);
+    }
+    if let Some(net) = &devices.net {
+        args.extend([
+            "--net".into(),
+            format!(
+                "fd={},mac={},mtu={}",
+                net.tap.as_raw_fd(),
+                format_mac(&net.mac),
+                net.mtu
+            ),
+        ]);
+    }
+    args
 }
 
 impl VmBackend for CrxVmmBackend {
@@ -57,6 +100,9 @@ impl VmBackend for CrxVmmBackend {
         let agent_socket = config.agent_socket();
         let mut cmd = Command::new(&config.crx_vmm_binary);
         cmd.args(self.vmm_args(config));
+        if let Some(net) = &config.devices.net {
+            inherit_fd(&mut cmd, net.tap.as_raw_fd());
+        }
         let vmm = VmProcess::spawn("crx-vmm", &mut cmd, &config.run_dir.join("crx-vmm.log"))?;
         tracing::info!(vm = %config.name, pid = vmm.pid(), "VM started with crx-vmm");
         Ok(Box::new(CrxVm {
@@ -168,5 +214,77 @@ mod tests {
         assert_eq!(after("--cmdline"), Some("crx.log=debug"));
         assert_eq!(after("--vsock-uds"), Some("/tmp/x/agent.vsock"));
         assert_eq!(after("--serial"), Some("file:/tmp/s"));
+    }
+
+    #[test]
+    fn pod_devices_become_crx_vmm_flags_that_crx_vmm_parses() {
+        use crate::vm::{Drive, NetDevice, SharedDir};
+        use crx_vmm::config::{DriveConfig, NetConfig, ShareConfig};
+        use std::os::fd::OwnedFd;
+        use std::str::FromStr;
+
+        let tap: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        let fd = tap.as_raw_fd();
+        let devices = VmDevices {
+            shares: vec![SharedDir {
+                tag: "pod".into(),
+                host_dir: "/srv/pod".into(),
+            }],
+            drives: vec![
+                Drive {
+                    path: Some("/a.img".into()),
+                    read_only: true,
+                    serial: "vol-1".into(),
+                },
+                Drive {
+                    path: None,
+                    read_only: false,
+                    serial: String::new(),
+                },
+            ],
+            net: Some(NetDevice {
+                tap: std::sync::Arc::new(tap),
+                mac: [0x02, 0xab, 0, 0, 0, 1],
+                mtu: 1450,
+            }),
+            rng: true,
+        };
+        let args = device_args(&devices);
+        let values = |flag: &str| -> Vec<&str> {
+            args.iter()
+                .enumerate()
+                .filter(|(_, a)| *a == flag)
+                .map(|(i, _)| args[i + 1].as_str())
+                .collect()
+        };
+        assert_eq!(values("--drive"), ["path=/a.img,ro,serial=vol-1", "empty"]);
+        assert!(args.iter().any(|a| a == "--rng"));
+        assert_eq!(values("--share"), ["tag=pod,dir=/srv/pod"]);
+        assert_eq!(
+            values("--net"),
+            [format!("fd={fd},mac=02:ab:00:00:00:01,mtu=1450")]
+        );
+
+        // What we write is what crx-vmm reads back.
+        let drive = DriveConfig::from_str(values("--drive")[0]).unwrap();
+        assert_eq!(
+            (
+                drive.path.as_deref(),
+                drive.read_only,
+                drive.serial.as_str()
+            ),
+            (Some(std::path::Path::new("/a.img")), true, "vol-1")
+        );
+        assert_eq!(DriveConfig::from_str("empty").unwrap().path, None);
+        let share = ShareConfig::from_str(values("--share")[0]).unwrap();
+        assert_eq!(
+            (share.tag.as_str(), share.dir.as_path()),
+            ("pod", std::path::Path::new("/srv/pod"))
+        );
+        let net = NetConfig::from_str(values("--net")[0]).unwrap();
+        assert_eq!(
+            (net.tap_fd, net.mac, net.mtu),
+            (fd, [0x02, 0xab, 0, 0, 0, 1], 1450)
+        );
     }
 }

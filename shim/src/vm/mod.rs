@@ -8,6 +8,7 @@ mod choice;
 mod config;
 mod crx_vmm;
 mod qemu;
+mod qemu_devices;
 mod resources;
 
 use std::path::Path;

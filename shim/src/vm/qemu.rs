@@ -7,12 +7,14 @@
 //! so it lives apart from the shim's containerd credentials and can be jailed on its own;
 //! if it dies, the shim sees it through its pidfd and ends the VM.
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use super::child::{wait_any, VmProcess};
+use super::child::{inherit_fd, wait_any, VmProcess};
 use super::config::{executable, SerialOutput, GUEST_CID};
+use super::qemu_devices::device_args;
 use super::{BackendKind, Vm, VmBackend, VmConfig, VmError, VmExit, VmResources};
 
 /// How QEMU runs guest code.
@@ -106,6 +108,10 @@ impl QemuBackend {
                 args.extend(["-serial".into(), format!("file:{}", path.display())])
             }
         }
+        let fs_sockets: Vec<PathBuf> = (0..config.devices.shares.len())
+            .map(|i| config.fs_socket(i))
+            .collect();
+        args.extend(device_args(&config.devices, &fs_sockets)?);
         args.extend([
             "-chardev".into(),
             format!("socket,id=vsock,path={}", vhost_socket.display()),
@@ -177,24 +183,50 @@ impl VmBackend for QemuBackend {
             .arg(&agent_socket)
             .arg("--guest-cid")
             .arg(GUEST_CID.to_string());
-        let mut backend = VmProcess::spawn(
+        let mut backends = vec![VmProcess::spawn(
             "vhost-user-vsock",
             &mut backend_cmd,
             &config.run_dir.join("vhost-user-vsock.log"),
-        )?;
-        wait_for_socket(&mut backend, &vhost_socket, self.backend_ready_timeout)?;
+        )?];
+        let mut sockets = vec![config.agent_socket(), vhost_socket.clone()];
+        let mut ready = vec![vhost_socket];
+        // One back end per share, each confined to its own directory.
+        for (i, share) in config.devices.shares.iter().enumerate() {
+            let socket = config.fs_socket(i);
+            let mut cmd = Command::new(&config.crx_vmm_binary);
+            cmd.arg("vhost-user-fs")
+                .arg("--socket")
+                .arg(&socket)
+                .arg("--dir")
+                .arg(&share.host_dir);
+            backends.push(VmProcess::spawn(
+                "vhost-user-fs",
+                &mut cmd,
+                &config.run_dir.join(format!("vhost-user-fs-{i}.log")),
+            )?);
+            sockets.push(socket.clone());
+            ready.push(socket);
+        }
+        // Started together, waited for together: their start-up overlaps.
+        for (backend, socket) in backends.iter_mut().zip(&ready) {
+            wait_for_socket(backend, socket, self.backend_ready_timeout)?;
+        }
 
         let mut qemu_cmd = Command::new(&config.qemu_binary);
         qemu_cmd.args(qemu_args);
+        if let Some(net) = &config.devices.net {
+            inherit_fd(&mut qemu_cmd, net.tap.as_raw_fd());
+        }
         let qemu = VmProcess::spawn("qemu", &mut qemu_cmd, &config.run_dir.join("qemu.log"))?;
         tracing::info!(vm = %config.name, backend = %self.kind(), qemu_pid = qemu.pid(),
-            backend_pid = backend.pid(), "VM started");
+            backend_pids = ?backends.iter().map(VmProcess::pid).collect::<Vec<_>>(),
+            "VM started");
         Ok(Box::new(QemuVm {
             kind: self.kind(),
             qemu,
-            backend,
+            backends,
             agent_socket,
-            sockets: vec![config.agent_socket(), vhost_socket],
+            sockets,
             guest_ram_kib: u64::from(config.memory_mib) * 1024,
             exit: None,
         }))
@@ -237,7 +269,8 @@ fn wait_for_socket(
 struct QemuVm {
     kind: BackendKind,
     qemu: VmProcess,
-    backend: VmProcess,
+    /// The vhost-user back ends: vsock first, then one per share.
+    backends: Vec<VmProcess>,
     agent_socket: PathBuf,
     sockets: Vec<PathBuf>,
     guest_ram_kib: u64,
@@ -246,39 +279,69 @@ struct QemuVm {
 
 impl QemuVm {
     /// Ends whatever still runs once one process ended (or a stop was requested), and
-    /// remembers how the VM ended. The two processes end together more often than not:
-    /// QEMU's exit closes the vhost-user socket and the back end then exits cleanly, so
-    /// either may be reaped first. The report names the process that failed, or QEMU
-    /// when neither did.
-    fn finish(&mut self, requested: bool, grace: Duration) -> Result<VmExit, VmError> {
+    /// remembers how the VM ended. QEMU and its back ends end together more often than
+    /// not: QEMU's exit closes the vhost-user sockets and the back ends then exit
+    /// cleanly, so any of them may be reaped first. The report names a back end that
+    /// ended by itself while QEMU still ran, or failed while QEMU ended cleanly;
+    /// otherwise QEMU's end is the VM's.
+    /// `first_backend`: the back end whose end woke the waiter, if one did.
+    fn finish(
+        &mut self,
+        requested: bool,
+        grace: Duration,
+        first_backend: Option<usize>,
+    ) -> Result<VmExit, VmError> {
         if let Some(exit) = &self.exit {
             return Ok(exit.clone());
         }
         if requested {
-            // QEMU first: with the guest gone, the back end has nothing left to serve.
+            // QEMU first: with the guest gone, the back ends have nothing left to serve.
             self.qemu.terminate(grace)?;
         } else {
-            // Give the partner of the process that ended a moment to end by itself.
+            // Give the partners of the process that ended a moment to end by themselves.
+            let deadline = Instant::now() + PARTNER_EXIT_WINDOW;
             wait_any(&mut [&mut self.qemu], Some(PARTNER_EXIT_WINDOW))?;
-            wait_any(&mut [&mut self.backend], Some(PARTNER_EXIT_WINDOW))?;
+            for backend in &mut self.backends {
+                let left = deadline.saturating_duration_since(Instant::now());
+                wait_any(&mut [backend], Some(left))?;
+            }
         }
+        // Who had ended before the host stepped in, taken before anything is
+        // signalled: a back end that exits because we stopped QEMU is not a culprit.
         let qemu_ended_by_itself = self.qemu.try_exit()?.is_some();
+        let mut ended_by_itself = Vec::with_capacity(self.backends.len());
+        for backend in &mut self.backends {
+            ended_by_itself.push(backend.try_exit()?.is_some());
+        }
         let qemu_status = self.qemu.terminate(grace)?;
-        let backend_status = self.backend.terminate(grace)?;
-        // The back end is named when it ended first (QEMU was still running), or when it
-        // failed while QEMU ended cleanly; otherwise QEMU's end is the VM's.
-        let backend_first = !requested
-            && (!qemu_ended_by_itself || (!backend_status.success() && qemu_status.success()));
-        let (culprit, status) = if backend_first {
-            (&self.backend, backend_status)
-        } else {
-            (&self.qemu, qemu_status)
+        let mut statuses = Vec::with_capacity(self.backends.len());
+        for backend in &mut self.backends {
+            statuses.push(backend.terminate(grace)?);
+        }
+        let blamed = |i: usize| {
+            !requested
+                && ended_by_itself[i]
+                && (!qemu_ended_by_itself || (!statuses[i].success() && qemu_status.success()))
+        };
+        // A back end that failed first is the cause even if QEMU then failed because
+        // of it; otherwise a failed back end explains more than one that ended cleanly.
+        let failed_first = first_backend.filter(|&i| !requested && !statuses[i].success());
+        let culprit = failed_first
+            .or_else(|| {
+                (0..self.backends.len())
+                    .filter(|&i| blamed(i))
+                    .min_by_key(|&i| statuses[i].success())
+            })
+            .map(|i| (i, statuses[i]));
+        let (process, status) = match culprit {
+            Some((i, status)) => (&self.backends[i], status),
+            None => (&self.qemu, qemu_status),
         };
         let exit = VmExit {
-            process: culprit.name,
+            process: process.name,
             status,
             requested,
-            log_tail: culprit.log_tail(),
+            log_tail: process.log_tail(),
         };
         if exit.is_failure() {
             tracing::error!(%exit, "VM ended unexpectedly");
@@ -314,24 +377,30 @@ impl Vm for QemuVm {
     }
 
     fn pids(&self) -> Vec<(&'static str, u32)> {
-        vec![
-            (self.qemu.name, self.qemu.pid()),
-            (self.backend.name, self.backend.pid()),
-        ]
+        std::iter::once(&self.qemu)
+            .chain(&self.backends)
+            .map(|p| (p.name, p.pid()))
+            .collect()
     }
 
     fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<VmExit>, VmError> {
         if let Some(exit) = &self.exit {
             return Ok(Some(exit.clone()));
         }
-        match wait_any(&mut [&mut self.qemu, &mut self.backend], Some(timeout))? {
+        let mut all: Vec<&mut VmProcess> = std::iter::once(&mut self.qemu)
+            .chain(self.backends.iter_mut())
+            .collect();
+        match wait_any(&mut all, Some(timeout))? {
             None => Ok(None),
-            Some(_) => self.finish(false, Duration::from_secs(2)).map(Some),
+            // Index 0 is QEMU; the back ends follow.
+            Some(i) => self
+                .finish(false, Duration::from_secs(2), i.checked_sub(1))
+                .map(Some),
         }
     }
 
     fn stop(&mut self, grace: Duration) -> Result<VmExit, VmError> {
-        self.finish(true, grace)
+        self.finish(true, grace, None)
     }
 
     fn resources(&self) -> VmResources {
@@ -346,7 +415,7 @@ impl Vm for QemuVm {
 impl Drop for QemuVm {
     fn drop(&mut self) {
         if self.exit.is_none() {
-            let _ = self.finish(true, Duration::from_millis(500));
+            let _ = self.finish(true, Duration::from_millis(500), None);
         }
         remove_sockets(&self.sockets);
     }

@@ -31,6 +31,48 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         iterations: usize,
     },
+    /// virtio-fs back end direct (FUSE requests in plain guest memory, no guest):
+    /// small-file create/stat/read/unlink ops/s and 1 MiB read/write MB/s through
+    /// crx's server vs the same syscalls on the host directory.
+    Fs {
+        /// Small files per round.
+        #[arg(long, default_value_t = 2000)]
+        files: usize,
+        /// Size of the big file for the MB/s figures.
+        #[arg(long, default_value_t = 64)]
+        big_file_mib: usize,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Directory to measure in (a fresh subdirectory is made); default: $TMPDIR.
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+    },
+    /// virtio-net back end direct (frames in plain guest memory, no guest) to and from
+    /// a tap, vs a veth pair between two namespaces (frames, and TCP with iperf3).
+    Net {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 3)]
+        secs: u64,
+        /// Skip the in-guest TCP figures (two QEMU/TCG guest boots).
+        #[arg(long)]
+        no_guest: bool,
+    },
+    /// virtio-blk back end direct (requests in plain guest memory, no guest):
+    /// sequential 1 MiB write/read MB/s and 4 KiB random read IOPS vs pread/pwrite
+    /// (and fio, if installed) on the same host file.
+    Blk {
+        /// Size of the test file.
+        #[arg(long, default_value_t = 256)]
+        file_mib: u64,
+        /// 4 KiB random reads per pass.
+        #[arg(long, default_value_t = 20000)]
+        random_reads: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Directory for the test file (on a real disk, not tmpfs).
+        #[arg(long, default_value = "/var/tmp")]
+        dir: std::path::PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
@@ -49,6 +91,31 @@ fn main() -> Result<()> {
             bench::boot::run(iterations, &backends, memory_mib, tcg_tb_size_mib)?
         }
         Command::Vmm { iterations } => bench::vmm::run(iterations)?,
+        Command::Fs {
+            files,
+            big_file_mib,
+            rounds,
+            dir,
+        } => bench::fs::run(
+            &bench::fs::FsBenchConfig {
+                files,
+                big_file_mib,
+                rounds,
+            },
+            dir.as_deref(),
+        )?,
+        Command::Net { secs, no_guest } => bench::net::run(secs, !no_guest)?,
+        Command::Blk {
+            file_mib,
+            random_reads,
+            rounds,
+            dir,
+        } => bench::blk::run(&bench::blk::BlkOptions {
+            file_mib,
+            dir,
+            random_reads,
+            rounds,
+        })?,
     };
     println!("{result}");
     Ok(())

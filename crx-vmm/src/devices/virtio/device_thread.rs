@@ -6,6 +6,8 @@ use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::seccomp::{self, ThreadRole};
+
 /// A running device thread that returns `T` when it stops.
 pub struct DeviceThread<T> {
     exit: EventFd,
@@ -23,12 +25,34 @@ pub fn exit_events() -> std::io::Result<(EventFd, EventFd)> {
 impl<T: Send + 'static> DeviceThread<T> {
     /// Starts thread `name` running `run`, which must return once the thread's end of
     /// `exit`'s pair (see [`exit_events`]) becomes readable.
+    /// The thread confines itself to the seccomp role its name stands for
+    /// ([`ThreadRole::for_device_thread`]) before `run` starts.
     pub fn spawn(
         name: &str,
         exit: EventFd,
         run: impl FnOnce() -> T + Send + 'static,
     ) -> std::io::Result<Self> {
-        let handle = std::thread::Builder::new().name(name.into()).spawn(run)?;
+        Self::spawn_as(ThreadRole::for_device_thread(name), name, exit, run)
+    }
+
+    /// Like [`spawn`](Self::spawn), with the seccomp role given. When filters are on
+    /// the thread is started by the seccomp launcher (a vCPU thread's filter would
+    /// otherwise be inherited), and a thread that cannot install its filter ends the
+    /// process rather than run unconfined.
+    pub fn spawn_as(
+        role: ThreadRole,
+        name: &str,
+        exit: EventFd,
+        run: impl FnOnce() -> T + Send + 'static,
+    ) -> std::io::Result<Self> {
+        let program = seccomp::compile(role, seccomp::mode()).map_err(std::io::Error::other)?;
+        let handle = seccomp::launcher::spawn(name, move || {
+            if let Err(e) = seccomp::install_program(role, &program) {
+                tracing::error!(error = %e, "device thread cannot be confined; crx-vmm exits");
+                std::process::exit(crate::exit::EXIT_VMM_ERROR);
+            }
+            run()
+        })?;
         Ok(Self { exit, handle })
     }
 

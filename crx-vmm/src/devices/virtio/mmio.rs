@@ -162,7 +162,6 @@ pub struct MmioTransport {
     queue_sel: u32,
     status: u32,
     activated: bool,
-    config_generation: u32,
     warn: WarnLimiter,
 }
 
@@ -203,7 +202,6 @@ impl MmioTransport {
             queue_sel: 0,
             status: 0,
             activated: false,
-            config_generation: 0,
             warn: WarnLimiter::new(),
         })
     }
@@ -252,7 +250,7 @@ impl MmioTransport {
             // No shared memory regions: length reads as "all ones" (virtio 1.2 §4.2.2).
             REG_SHM_LEN_LOW | REG_SHM_LEN_HIGH => u32::MAX,
             REG_SHM_BASE_LOW | REG_SHM_BASE_HIGH => u32::MAX,
-            REG_CONFIG_GENERATION => self.config_generation,
+            REG_CONFIG_GENERATION => self.lock_device().config_generation(),
             _ => {
                 self.warn.warn(format_args!(
                     "virtio-mmio: read of unknown or write-only register {offset:#x}"

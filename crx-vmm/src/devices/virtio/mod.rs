@@ -14,7 +14,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub mod block;
 pub mod device_thread;
+pub mod fs;
 pub mod mmio;
+pub mod net;
 pub mod queue_thread;
 pub mod rng;
 #[cfg(test)]
@@ -131,5 +133,12 @@ pub trait VirtioDevice: Send {
     /// (the transport then marks the device as needing a reset).
     fn reset(&mut self) -> bool {
         false
+    }
+    /// The ConfigGeneration the transport reports: a device whose config space can
+    /// change while the driver runs (a block slot getting a new backing) returns a
+    /// value it bumps on each change, so a driver reading several fields can tell it
+    /// raced with a change and read again (virtio 1.2 §2.5.1).
+    fn config_generation(&self) -> u32 {
+        0
     }
 }

@@ -34,7 +34,7 @@ impl Backing {
     /// Opens `path` (a regular file or a block device) read-write, or read-only.
     /// A trailing partial sector is not exposed to the guest.
     pub fn open(path: &Path, read_only: bool) -> Result<Self, BlockError> {
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
             .open(path)
@@ -42,19 +42,37 @@ impl Backing {
                 path: path.to_path_buf(),
                 source,
             })?;
+        Self::from_file(file, path, read_only)
+    }
+
+    /// Wraps a file someone else opened (e.g. an fd received over the API socket, from
+    /// outside crx-vmm's jail); `label` names it in logs and errors. A writable backing
+    /// needs a file open for writing: checked here, not at the guest's first write.
+    pub fn from_file(mut file: File, label: &Path, read_only: bool) -> Result<Self, BlockError> {
+        let path = label.to_path_buf();
         let size_err = |source| BlockError::Size {
-            path: path.to_path_buf(),
+            path: path.clone(),
             source,
         };
         let kind = file.metadata().map_err(size_err)?.file_type();
         if !kind.is_file() && !kind.is_block_device() {
-            return Err(BlockError::NotFileOrBlockDevice(path.to_path_buf()));
+            return Err(BlockError::NotFileOrBlockDevice(path));
+        }
+        if !read_only {
+            // SAFETY: F_GETFL on an fd `file` owns; no memory is passed.
+            let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+            if flags < 0 {
+                return Err(size_err(std::io::Error::last_os_error()));
+            }
+            if flags & libc::O_ACCMODE == libc::O_RDONLY {
+                return Err(BlockError::NotWritable(path));
+            }
         }
         // A block device's metadata length is 0; seeking to its end gives its size.
         let bytes = file.seek(SeekFrom::End(0)).map_err(size_err)?;
         Ok(Self {
             file,
-            path: path.to_path_buf(),
+            path,
             read_only,
             sectors: bytes >> SECTOR_SHIFT,
             flushes: AtomicU64::new(0),

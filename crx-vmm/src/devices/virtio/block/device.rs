@@ -148,6 +148,11 @@ impl Block {
         self.read_only
     }
 
+    /// The state the device thread works on (the bench driver builds its own worker).
+    pub(super) fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
     /// A handle to swap the backing later without locking the device.
     pub fn slot(&self) -> BlockSlot {
         BlockSlot {
@@ -163,11 +168,6 @@ impl Block {
     /// Capacity in 512-byte sectors.
     pub fn capacity(&self) -> u64 {
         self.shared.capacity.load(Ordering::SeqCst)
-    }
-
-    /// Counts capacity changes since creation (see `Shared::generation`).
-    pub fn config_generation(&self) -> u32 {
-        self.shared.generation.load(Ordering::SeqCst)
     }
 
     /// Whether the `crx-blk` thread is running.
@@ -266,5 +266,9 @@ impl VirtioDevice for Block {
     fn reset(&mut self) -> bool {
         self.stop();
         true
+    }
+
+    fn config_generation(&self) -> u32 {
+        self.shared.generation.load(Ordering::SeqCst)
     }
 }

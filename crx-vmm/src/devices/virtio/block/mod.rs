@@ -7,9 +7,12 @@
 //!   `fdatasync` for FLUSH;
 //! - `device.rs`: [`Block`], the [`VirtioDevice`](super::VirtioDevice) with its config
 //!   space, and [`BlockSlot`], the handle that swaps the backing at run time;
-//! - `worker.rs`: the `crx-blk` thread that serves the queue.
+//! - `worker.rs`: the `crx-blk` thread that serves the queue;
+//! - `bench.rs`: [`bench::DirectBlock`], a guest-less driver for `crx-bench blk`.
 //!
 //! Behaviour the guest sees:
+//! - Requests in any descriptor layout (§2.7.4): header, data and status split or
+//!   combined however the driver likes.
 //! - IN/OUT of whole 512-byte sectors within capacity; anything else (partial sectors,
 //!   past the end, sector arithmetic that overflows, writes to a read-only drive, an
 //!   empty slot) completes with IOERR; unknown request types with UNSUPP. Malformed
@@ -22,6 +25,7 @@
 //!   pod. The guest learns the new capacity from a configuration-change interrupt.
 
 mod backing;
+pub mod bench;
 mod device;
 mod request;
 mod worker;
@@ -79,6 +83,8 @@ pub enum BlockError {
     },
     #[error("block backing {} is neither a regular file nor a block device", .0.display())]
     NotFileOrBlockDevice(std::path::PathBuf),
+    #[error("block backing {} is open read-only but was attached writable", .0.display())]
+    NotWritable(std::path::PathBuf),
     #[error("block device serial is {0} bytes; at most 20 are allowed")]
     SerialTooLong(usize),
     #[error("cannot flush the previous backing before replacing it")]

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::*;
@@ -637,4 +637,71 @@ fn swapping_backing_while_requests_run() {
     assert_eq!(d.read_sectors(3, 512).0, VIRTIO_BLK_S_OK);
     assert_eq!(d.read_sectors(4, 512).0, VIRTIO_BLK_S_IOERR);
     assert_eq!(d.write_sectors(0, &[1u8; 512]), VIRTIO_BLK_S_IOERR);
+}
+
+#[test]
+fn any_descriptor_layout_is_served() {
+    let dir = TestDir::new("blk-layout");
+    let (b, path) = rw_drive(&dir, 8);
+    let mut d = Driver::new(b);
+
+    // OUT: header and data in one device-readable descriptor, status alone.
+    let data: Vec<u8> = (0..1024u32).map(|i| (i % 199) as u8).collect();
+    let at = d.alloc.alloc(16 + 1024);
+    let mut hdr = [0u8; 16];
+    hdr[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+    hdr[8..16].copy_from_slice(&2u64.to_le_bytes());
+    d.mem.write_slice(&hdr, at).unwrap();
+    d.mem.write_slice(&data, at.unchecked_add(16)).unwrap();
+    let s = d.status_buf();
+    let out = Buf {
+        addr: at,
+        len: 16 + 1024,
+        write: false,
+    };
+    assert_eq!(d.submit(&[out, s]), 1);
+    assert_eq!(d.status_of(s), VIRTIO_BLK_S_OK);
+    assert_eq!(std::fs::read(&path).unwrap()[1024..2048], data[..]);
+
+    // IN: header split 8 + 8, data and status sharing one device-writable descriptor.
+    let h = d.header(VIRTIO_BLK_T_IN, 2);
+    let h1 = Buf { len: 8, ..h };
+    let h2 = Buf {
+        addr: h.addr.unchecked_add(8),
+        len: 8,
+        write: false,
+    };
+    let tail = d.alloc.alloc(1025);
+    let both = Buf {
+        addr: tail,
+        len: 1025,
+        write: true,
+    };
+    assert_eq!(d.submit(&[h1, h2, both]), 1025);
+    let mut got = vec![0u8; 1025];
+    d.mem.read_slice(&mut got, tail).unwrap();
+    assert_eq!(got[..1024], data[..]);
+    assert_eq!(got[1024], VIRTIO_BLK_S_OK, "status is the last byte");
+
+    // FLUSH as one readable and one writable descriptor still reaches fdatasync.
+    let backing = d.dev.lock().unwrap().slot().backing().unwrap();
+    assert_eq!(d.request(VIRTIO_BLK_T_FLUSH, 0, None).0, VIRTIO_BLK_S_OK);
+    assert_eq!(backing.flush_count(), 1);
+}
+
+#[test]
+fn config_generation_register_follows_backing_changes() {
+    let dir = TestDir::new("blk-gen");
+    let b = Block::new_empty("gen").unwrap();
+    let slot = b.slot();
+    let mut d = Driver::new(b);
+    let before = r(&mut d.t, 0xfc);
+    let p = image(&dir, "g.img", 4 * 512);
+    slot.replace_backing(Some(Backing::open(&p, false).unwrap()))
+        .unwrap();
+    let after = r(&mut d.t, 0xfc);
+    assert_ne!(before, after, "a driver re-reading config must see the change");
+    assert_eq!(d.config_u64(0), 4);
+    slot.replace_backing(None).unwrap();
+    assert_ne!(r(&mut d.t, 0xfc), after);
 }

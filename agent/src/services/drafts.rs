@@ -1,0 +1,61 @@
+//! The draft services of protocol version 3 (`Sandbox`, `Containers`): registered so
+//! that every method answers UNIMPLEMENTED with its name — never the generated
+//! NOT_FOUND default, never a hang — until the container work fills them in.
+
+use async_trait::async_trait;
+use crx_protocols::v1::container::*;
+use crx_protocols::v1::container_ttrpc::Containers;
+use crx_protocols::v1::sandbox::*;
+use crx_protocols::v1::sandbox_ttrpc::Sandbox;
+use ttrpc::r#async::TtrpcContext;
+
+/// The Sandbox and Containers services, before they do anything.
+pub struct DraftServices;
+
+fn unimplemented<T>(method: &str) -> ttrpc::Result<T> {
+    Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
+        ttrpc::Code::UNIMPLEMENTED,
+        format!(
+            "{method} is not implemented by this agent (protocol version {}; containers arrive with version 3)",
+            crx_protocols::PROTOCOL_VERSION
+        ),
+    )))
+}
+
+/// `impl Trait for DraftServices` whose every method answers UNIMPLEMENTED. (The impl
+/// is generated whole: `#[async_trait]` must see the methods, so they cannot come from
+/// a macro inside it.)
+macro_rules! unimplemented_service {
+    ($trait:ident, $service:literal; $($name:ident($req:ty) -> $resp:ty: $method:literal;)*) => {
+        #[async_trait]
+        impl $trait for DraftServices {
+            $(
+                async fn $name(&self, _ctx: &TtrpcContext, _req: $req) -> ttrpc::Result<$resp> {
+                    unimplemented(concat!($service, ".", $method))
+                }
+            )*
+        }
+    };
+}
+
+unimplemented_service! { Sandbox, "Sandbox";
+    create_sandbox(CreateSandboxRequest) -> CreateSandboxResponse: "CreateSandbox";
+    destroy_sandbox(DestroySandboxRequest) -> DestroySandboxResponse: "DestroySandbox";
+}
+
+unimplemented_service! { Containers, "Containers";
+    create_container(CreateContainerRequest) -> CreateContainerResponse: "CreateContainer";
+    start_container(StartContainerRequest) -> StartContainerResponse: "StartContainer";
+    exec_process(ExecProcessRequest) -> ExecProcessResponse: "ExecProcess";
+    signal_process(SignalProcessRequest) -> SignalProcessResponse: "SignalProcess";
+    wait_process(WaitProcessRequest) -> WaitProcessResponse: "WaitProcess";
+    resize_tty(ResizeTtyRequest) -> ResizeTtyResponse: "ResizeTty";
+    close_stdin(CloseStdinRequest) -> CloseStdinResponse: "CloseStdin";
+    remove_container(RemoveContainerRequest) -> RemoveContainerResponse: "RemoveContainer";
+    update_container(UpdateContainerRequest) -> UpdateContainerResponse: "UpdateContainer";
+    pause_container(PauseContainerRequest) -> PauseContainerResponse: "PauseContainer";
+    resume_container(ResumeContainerRequest) -> ResumeContainerResponse: "ResumeContainer";
+    stats_container(StatsContainerRequest) -> StatsContainerResponse: "StatsContainer";
+    list_pids(ListPidsRequest) -> ListPidsResponse: "ListPids";
+    get_events(GetEventsRequest) -> GetEventsResponse: "GetEvents";
+}

@@ -1,0 +1,255 @@
+//! crx's virtio-fs server as a vhost-user-fs back end, so QEMU's
+//! `vhost-user-fs-device` (with `tag=TAG` on QEMU's side, which owns the config
+//! space) gives the guest the same confined share crx-vmm serves in process: no
+//! virtiofsd per pod.
+//!
+//! The vhost-user-backend crate owns the protocol and the vrings; this module pops
+//! each request off the hiprio and request vrings and hands it to the same
+//! [`FsServer::handle_chain`] crx-vmm's `crx-fs` thread calls. The share is opened
+//! before the socket exists, so a bad directory fails before QEMU can connect, and
+//! no host path is used after that (see `devices::virtio::fs`).
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::devices::virtio::fs::{FsError, FsServer, QUEUE_SIZES};
+use crate::devices::virtio::mmio::WarnLimiter;
+use crate::devices::virtio::VIRTIO_F_VERSION_1;
+
+type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+type Vring = VringRwLock<Mem>;
+
+/// hiprio + one request queue.
+const NUM_QUEUES: usize = QUEUE_SIZES.len();
+/// QEMU sizes the queues itself (its `queue-size` property, 128 by default, at most
+/// 1024) and refuses to start if the back end's maximum is smaller.
+const MAX_QUEUE_SIZE: usize = 1024;
+
+/// Why the vhost-user-fs back end stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum VhostUserFsError {
+    #[error(
+        "vhost-user socket {0} already exists (another back end, or a stale socket to remove)"
+    )]
+    SocketExists(PathBuf),
+    #[error("cannot serve the share")]
+    Share(#[source] FsError),
+    #[error("cannot create the back end's exit event")]
+    ExitEvent(#[source] io::Error),
+    #[error("vhost-user daemon failed while {step}: {detail}")]
+    Daemon { step: &'static str, detail: String },
+}
+
+impl VhostUserFsError {
+    /// Whether the caller's input (socket path or directory) is at fault.
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            VhostUserFsError::SocketExists(_) => true,
+            VhostUserFsError::Share(e) => e.is_bad_input(),
+            _ => false,
+        }
+    }
+}
+
+/// The vhost-user-fs device state: the share's server plus the memory QEMU shared.
+pub struct VhostUserFsBackend {
+    server: Arc<FsServer>,
+    mem: Option<Mem>,
+    exit: (EventConsumer, EventNotifier),
+    warn: WarnLimiter,
+}
+
+impl VhostUserFsBackend {
+    pub fn new(server: Arc<FsServer>) -> Result<Self, VhostUserFsError> {
+        let exit = new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
+            .map_err(VhostUserFsError::ExitEvent)?;
+        Ok(Self {
+            server,
+            mem: None,
+            exit,
+            warn: WarnLimiter::new(),
+        })
+    }
+
+    /// Serves every request on `vring`, then signals the guest once.
+    fn process(&mut self, vring: &Vring) -> io::Result<()> {
+        let Some(atomic) = self.mem.as_ref() else {
+            return Ok(());
+        };
+        let mem = atomic.memory();
+        let mut used = false;
+        loop {
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone());
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let len = match self.server.handle_chain(&mem, chain) {
+                Ok(len) => len,
+                Err(e) => {
+                    self.warn.warn(format_args!(
+                        "vhost-user-fs: request returned with 0 bytes: {e}"
+                    ));
+                    0
+                }
+            };
+            vring.add_used(head, len).map_err(io::Error::other)?;
+            used = true;
+        }
+        if used {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
+    }
+}
+
+impl VhostUserBackendMut for VhostUserFsBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // MQ lets QEMU ask how many queues we serve; the config space (tag) is QEMU's.
+        VhostUserProtocolFeatures::MQ
+    }
+
+    fn set_event_idx(&mut self, enabled: bool) {
+        // EVENT_IDX is not offered; a front end that sets it anyway is ignored.
+        if enabled {
+            tracing::warn!("vhost-user-fs: front end enabled EVENT_IDX, which was not offered");
+        }
+    }
+
+    fn update_memory(&mut self, mem: Mem) -> io::Result<()> {
+        self.mem = Some(mem);
+        Ok(())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let consumer = self.exit.0.try_clone().ok()?;
+        let notifier = self.exit.1.try_clone().ok()?;
+        Some((consumer, notifier))
+    }
+
+    fn handle_event(
+        &mut self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        match vrings.get(usize::from(device_event)) {
+            Some(vring) if vrings.len() == NUM_QUEUES => self.process(vring),
+            _ => Err(io::Error::other(format!(
+                "vhost-user-fs: event {device_event} for {} vrings",
+                vrings.len()
+            ))),
+        }
+    }
+}
+
+/// Serves `dir` to one QEMU connection on the vhost-user socket `socket`; returns
+/// when QEMU disconnects. The socket file is removed on return.
+pub fn serve_vhost_user_fs(socket: &Path, dir: &Path) -> Result<(), VhostUserFsError> {
+    // vhost's listener would silently replace whatever is there; a live back end's
+    // socket must not be stolen.
+    if socket.symlink_metadata().is_ok() {
+        return Err(VhostUserFsError::SocketExists(socket.to_path_buf()));
+    }
+    let server = Arc::new(FsServer::open(dir).map_err(VhostUserFsError::Share)?);
+    let backend = Arc::new(RwLock::new(VhostUserFsBackend::new(server)?));
+    let daemon_err = |step: &'static str| {
+        move |e: vhost_user_backend::Error| VhostUserFsError::Daemon {
+            step,
+            detail: e.to_string(),
+        }
+    };
+    let mut daemon = VhostUserDaemon::new(
+        "crx-vhost-fs".to_string(),
+        backend,
+        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+    )
+    .map_err(daemon_err("creating the daemon"))?;
+    let result = serve_one(&mut daemon, socket).map_err(daemon_err("serving QEMU"));
+    for h in &daemon.get_epoll_handlers() {
+        h.send_exit_event();
+    }
+    let _ = std::fs::remove_file(socket);
+    result
+}
+
+fn serve_one(
+    daemon: &mut VhostUserDaemon<Arc<RwLock<VhostUserFsBackend>>>,
+    socket: &Path,
+) -> Result<(), vhost_user_backend::Error> {
+    let mut listener =
+        Listener::new(socket, true).map_err(vhost_user_backend::Error::CreateVhostUserListener)?;
+    daemon.start(&mut listener)?;
+    match daemon.wait() {
+        Err(vhost_user_backend::Error::HandleRequest(
+            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+        )) => Ok(()),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::test_utils::TestDir;
+
+    #[test]
+    fn advertises_two_queues_version_1_and_protocol_features() {
+        let dir = TestDir::new("vhu-fs");
+        let server = Arc::new(FsServer::open(&dir.0).unwrap());
+        let b = VhostUserFsBackend::new(server).unwrap();
+        assert_eq!(b.num_queues(), 2, "hiprio + one request queue");
+        assert!(b.max_queue_size() >= 1024);
+        assert_ne!(b.features() & VIRTIO_F_VERSION_1, 0);
+        assert_ne!(b.features() & (1 << 30), 0, "VHOST_USER_F_PROTOCOL_FEATURES");
+        assert!(b.protocol_features().contains(VhostUserProtocolFeatures::MQ));
+    }
+
+    #[test]
+    fn refuses_a_missing_dir_before_creating_the_socket() {
+        let dir = TestDir::new("vhu-fs-missing");
+        let sock = dir.0.join("fs.sock");
+        let err = serve_vhost_user_fs(&sock, &dir.0.join("nope")).unwrap_err();
+        assert!(matches!(err, VhostUserFsError::Share(FsError::NoDirectory(_))));
+        assert!(err.is_bad_input());
+        assert!(!sock.exists(), "no socket for a back end that cannot serve");
+    }
+
+    #[test]
+    fn refuses_an_existing_socket_path_and_leaves_it_alone() {
+        let dir = TestDir::new("vhu-fs-exists");
+        let sock = dir.0.join("fs.sock");
+        std::fs::write(&sock, b"someone else's").unwrap();
+        let err = serve_vhost_user_fs(&sock, &dir.0).unwrap_err();
+        assert!(matches!(err, VhostUserFsError::SocketExists(_)));
+        assert_eq!(std::fs::read(&sock).unwrap(), b"someone else's");
+    }
+}
