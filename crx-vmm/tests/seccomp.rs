@@ -403,7 +403,7 @@ mod tests {
         );
         let pid = child.id();
         // virtio-fs keeps the file-system capabilities, and only those.
-        assert_eq!(status_field(pid, None, "CapEff").as_deref(), Some("00000000080000db"));
+        assert_eq!(status_field(pid, None, "CapEff").as_deref(), Some("00000000000000df"));
         let sub = share.join("sub");
         std::fs::create_dir_all(&sub).unwrap();
         mount(&["--bind", extra.to_str().unwrap(), sub.to_str().unwrap()]);

@@ -112,8 +112,27 @@ pub fn initramfs(name: &str, init_script: &str, extra_binaries: &[&Path]) -> Res
         let tmp = dir.join(format!(".{name}.{}.{unique}.tmp", std::process::id()));
         std::fs::write(&tmp, &cpio).with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))?;
+        remove_older_versions(&dir, name, &path);
     }
     Ok(path)
+}
+
+/// Removes the other `<name>-<hash>.cpio` files: a changed script or binary leaves its
+/// old image behind, and the fio ones are ~90 MiB each.
+fn remove_older_versions(dir: &Path, name: &str, keep: &Path) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let file_name = entry.file_name();
+        let Some(hash) = file_name.to_str().and_then(|f| {
+            f.strip_prefix(name)?
+                .strip_prefix('-')?
+                .strip_suffix(".cpio")
+        }) else {
+            continue;
+        };
+        if hash.len() == 16 && hash.chars().all(|c| c.is_ascii_hexdigit()) && entry.path() != keep {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// `target/crx-test-guests` (or under `$CARGO_TARGET_DIR`).
@@ -546,7 +565,10 @@ mod tests {
         let at = |s: &str| text.find(s).unwrap_or(usize::MAX);
         assert!(at("usr\0") < at("usr/bin\0") && at("usr/bin\0") < at("usr/bin/x\0"));
         assert!(text.contains("abc"), "file data missing");
-        assert!(text.ends_with("TRAILER!!!\0\0\0\0"), "no padded trailer at the end");
+        assert!(
+            text.ends_with("TRAILER!!!\0\0\0\0"),
+            "no padded trailer at the end"
+        );
         assert_eq!(cpio.len() % 4, 0);
         // The file won over the later applet link of the same name.
         assert!(matches!(

@@ -6,27 +6,29 @@
 
 use std::io;
 
-/// Capabilities the FUSE passthrough server uses: file ownership and modes as the
-/// guest's users (chown, setuid/setgid of the request's credentials, permission
-/// checks on their behalf) and device nodes the guest creates (fifos, sockets).
+/// Capabilities the FUSE passthrough server uses to act for the guest's users (the
+/// list in `devices/virtio/fs/mod.rs`): permission checks on their behalf
+/// (DAC_OVERRIDE, DAC_READ_SEARCH for `linkat(AT_EMPTY_PATH)`, FOWNER), ownership and
+/// set-id bits (CHOWN, FSETID), and creating files as their uid/gid (SETUID,
+/// SETGID). No MKNOD: the server refuses device nodes, FIFOs and sockets need none.
 /// Numbers from <linux/capability.h>.
 pub const FS_CAPS: [u32; 7] = [
     CAP_CHOWN,
     CAP_DAC_OVERRIDE,
+    CAP_DAC_READ_SEARCH,
     CAP_FOWNER,
     CAP_FSETID,
     CAP_SETGID,
     CAP_SETUID,
-    CAP_MKNOD,
 ];
 
 pub const CAP_CHOWN: u32 = 0;
 pub const CAP_DAC_OVERRIDE: u32 = 1;
+pub const CAP_DAC_READ_SEARCH: u32 = 2;
 pub const CAP_FOWNER: u32 = 3;
 pub const CAP_FSETID: u32 = 4;
 pub const CAP_SETGID: u32 = 6;
 pub const CAP_SETUID: u32 = 7;
-pub const CAP_MKNOD: u32 = 27;
 
 /// Highest capability number probed for the bounding set (the kernel's
 /// `cap_last_cap` is 40 on 6.x; unknown numbers fail with EINVAL and are skipped).

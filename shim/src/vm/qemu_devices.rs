@@ -3,7 +3,7 @@
 //! virtio-blk, virtio-net and virtio-rng are QEMU's own devices on the same backing
 //! files and tap fd crx-vmm would use.
 //!
-//! Order: drives, rng, shares, NIC, then the agent's vsock (added by the caller) — the
+//! Order: drives, rng, NIC, shares, then the agent's vsock (added by the caller) — the
 //! order crx-vmm's builder attaches them. What the guest can observe is the order of
 //! the drives among themselves (the first drive is /dev/vda, the next /dev/vdb, ...):
 //! on microvm each `-device` takes the next free virtio-mmio transport, and the guest
@@ -64,6 +64,17 @@ pub(super) fn device_args(
         );
         push("-device", "virtio-rng-device,rng=rng0".to_string());
     }
+    if let Some(net) = &devices.net {
+        push("-netdev", format!("tap,id=net0,fd={}", net.tap.as_raw_fd()));
+        push(
+            "-device",
+            format!(
+                "virtio-net-device,netdev=net0,mac={},host_mtu={}",
+                format_mac(&net.mac),
+                net.mtu
+            ),
+        );
+    }
     if fs_sockets.len() != devices.shares.len() {
         return Err(VmError::InvalidConfig(format!(
             "{} shares but {} vhost-user-fs sockets",
@@ -79,17 +90,6 @@ pub(super) fn device_args(
         push(
             "-device",
             format!("vhost-user-fs-device,chardev=fs{i},tag={}", share.tag),
-        );
-    }
-    if let Some(net) = &devices.net {
-        push("-netdev", format!("tap,id=net0,fd={}", net.tap.as_raw_fd()));
-        push(
-            "-device",
-            format!(
-                "virtio-net-device,netdev=net0,mac={},host_mtu={}",
-                format_mac(&net.mac),
-                net.mtu
-            ),
         );
     }
     Ok(args)
@@ -140,10 +140,10 @@ mod tests {
             "virtio-blk-device,drive=blk1",
             "rng-random,filename=/dev/urandom,id=rng0",
             "virtio-rng-device,rng=rng0",
-            "socket,id=fs0,path=/run/x/fs-0.sock",
-            "vhost-user-fs-device,chardev=fs0,tag=pod",
             &format!("tap,id=net0,fd={fd}"),
             "virtio-net-device,netdev=net0,mac=02:00:00:00:00:2a,host_mtu=1400",
+            "socket,id=fs0,path=/run/x/fs-0.sock",
+            "vhost-user-fs-device,chardev=fs0,tag=pod",
         ];
         assert_eq!(values, expected);
     }

@@ -256,6 +256,16 @@ pub fn run(opts: &BlkOptions) -> Result<Value> {
             direct_pass(&path, size, &offsets, &mut direct)?;
             host_pass(&path, size, &offsets, &mut host)?;
         }
+        let last = |v: &[f64]| v.last().copied().unwrap_or(f64::NAN);
+        println!(
+            "round {round}: write MB/s direct {:.0} host {:.0} | read MB/s direct {:.0} host {:.0} | 4k IOPS direct {:.0} host {:.0}",
+            last(&direct.seq_write_mbps),
+            last(&host.seq_write_mbps),
+            last(&direct.seq_read_mbps),
+            last(&host.seq_read_mbps),
+            last(&direct.rand_read_iops),
+            last(&host.rand_read_iops),
+        );
     }
     let fio = fio(&path, opts.file_mib, opts.random_reads)?;
     let (h, d) = (medians(&host), medians(&direct));

@@ -10,7 +10,8 @@
 //! | op | through crx (FUSE requests) | host |
 //! |---|---|---|
 //! | create | CREATE + WRITE 4 KiB + RELEASE | openat(O_CREAT) + write + close |
-//! | stat | LOOKUP | fstatat |
+//! | stat | LOOKUP (name not cached in the guest) | fstatat |
+//! | stat_warm | GETATTR (name cached, attributes expired) | fstatat |
 //! | read | OPEN + READ 4 KiB + RELEASE | openat + read + close |
 //! | unlink | UNLINK + FORGET | unlinkat |
 //! | big read | READ 1 MiB requests of a cached file | pread 1 MiB |
@@ -58,7 +59,7 @@ impl Default for FsBenchConfig {
 }
 
 /// The small-file operations, in the order each round runs them.
-const SMALL_OPS: [&str; 4] = ["create", "stat", "read", "unlink"];
+const SMALL_OPS: [&str; 5] = ["create", "stat", "stat_warm", "read", "unlink"];
 const BIG_OPS: [&str; 2] = ["big_read", "big_write"];
 
 /// One round's rates: small ops in ops/s, big ops in MB/s (10^6 bytes).
@@ -134,6 +135,18 @@ fn host_small(dir: RawFd, names: &[CString], out: &mut Vec<(&'static str, f64)>)
     out.push(("stat", rate(names.len(), t)));
     let t = Instant::now();
     for name in names {
+        // SAFETY: `st` is a valid out buffer for fstatat.
+        unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            check(
+                libc::fstatat(dir, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW),
+                "host stat",
+            )?;
+        }
+    }
+    out.push(("stat_warm", rate(names.len(), t)));
+    let t = Instant::now();
+    for name in names {
         // SAFETY: as for create; `buf` is a live buffer of its length.
         unsafe {
             let fd = check(
@@ -194,6 +207,11 @@ fn crx_small(
         d.lookup(parent, name).map_err(fuse_err("lookup"))?;
     }
     out.push(("stat", rate(names.len(), t)));
+    let t = Instant::now();
+    for &node in &nodes {
+        d.getattr(node).map_err(fuse_err("getattr"))?;
+    }
+    out.push(("stat_warm", rate(names.len(), t)));
     let t = Instant::now();
     for &node in &nodes {
         let fh = d.open(node, libc::O_RDONLY).map_err(fuse_err("open"))?;

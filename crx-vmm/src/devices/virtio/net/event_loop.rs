@@ -91,6 +91,8 @@ pub struct EventLoop {
     rx_chains: Vec<(u16, usize, usize)>,
     rx_more: bool,
     tx_more: bool,
+    /// The rx ring's available index when buffers last ran out.
+    rx_avail_seen: u16,
 }
 
 /// How one attempt to hand the pending frame to the guest ended.
@@ -113,6 +115,7 @@ impl EventLoop {
             rx_chains: Vec::new(),
             rx_more: false,
             tx_more: false,
+            rx_avail_seen: 0,
         }
     }
 
@@ -192,9 +195,12 @@ impl EventLoop {
     }
 
     /// Writes up to [`BUDGET`] tx chains to the tap; one interrupt for the batch.
+    /// The driver is asked not to notify while the thread is at it (each notification
+    /// is a VM exit); a failure to write that hint only costs exits.
     pub fn process_tx(&mut self) {
         let mut used = 0;
         self.tx_more = false;
+        let _ = self.p.tx_queue.disable_notification(&self.p.mem);
         while let Some(chain) = self.p.tx_queue.pop_descriptor_chain(&self.p.mem) {
             let head = chain.head_index();
             match self.tx.gather(&self.p.mem, chain, self.p.acked_features) {
@@ -230,15 +236,26 @@ impl EventLoop {
                 break;
             }
         }
+        // Notifications back on; chains that came in meanwhile are served next round
+        // (an unreadable ring also gets another round rather than a missed chain).
+        if !self.tx_more {
+            self.tx_more = self
+                .p
+                .tx_queue
+                .enable_notification(&self.p.mem)
+                .unwrap_or(true);
+        }
         if used > 0 {
             self.signal_used(false);
         }
     }
 
-    /// Moves up to [`BUDGET`] frames from the tap into rx buffers.
+    /// Moves up to [`BUDGET`] frames from the tap into rx buffers. The driver is asked
+    /// to notify the rx queue only while the thread waits for buffers.
     pub fn process_rx(&mut self) {
         let mut delivered = 0;
         self.rx_more = false;
+        let _ = self.p.rx_queue.disable_notification(&self.p.mem);
         loop {
             if delivered == BUDGET {
                 self.rx_more = true;
@@ -270,12 +287,31 @@ impl EventLoop {
                     self.pending = None;
                     delivered += 1;
                 }
-                Delivery::NoBuffers => break,
+                Delivery::NoBuffers => {
+                    if self.rx_buffers_arrived() {
+                        let _ = self.p.rx_queue.disable_notification(&self.p.mem);
+                        continue;
+                    }
+                    break;
+                }
             }
         }
         if delivered > 0 {
             self.signal_used(true);
         }
+    }
+
+    /// Turns rx notifications on and tells whether the driver added buffers before it
+    /// could see that (then the thread retries instead of waiting for a notification
+    /// that will not come). Each retry needs new buffers, so this cannot spin.
+    fn rx_buffers_arrived(&mut self) -> bool {
+        let seen = self.rx_avail_seen;
+        let q = &mut self.p.rx_queue;
+        if q.enable_notification(&self.p.mem).is_err() {
+            return false;
+        }
+        q.avail_idx(&self.p.mem, Ordering::Acquire)
+            .is_ok_and(|idx| idx.0 != seen)
     }
 
     /// Copies the frame in `rx_buf[..len]` into as many rx chains as it needs (one
@@ -295,6 +331,7 @@ impl EventLoop {
         while capacity < len && (mergeable || self.rx_chains.is_empty()) {
             let Some(chain) = self.p.rx_queue.pop_descriptor_chain(&self.p.mem) else {
                 // Put back what was taken: those buffers wait for the next frame.
+                self.rx_avail_seen = self.p.rx_queue.next_avail();
                 self.p.rx_queue.set_next_avail(start_avail);
                 return Delivery::NoBuffers;
             };

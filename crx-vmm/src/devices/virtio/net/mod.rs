@@ -51,7 +51,10 @@
 //! with one `writev` straight from guest memory. rx: a frame is read from the tap into
 //! one host buffer, then copied into as many rx buffers as it needs; when the guest has
 //! too few, the frame waits and the thread stops reading the tap until the rx queue is
-//! notified (the tap is edge-triggered in epoll, so nothing spins). A frame whose tap
+//! notified (the tap is edge-triggered in epoll, so nothing spins). Notifications
+//! (VM exits) are kept to what is needed without `EVENT_IDX`: the driver is asked not
+//! to notify the tx queue while the thread drains it, and the rx queue at all except
+//! while a frame waits for buffers (rx buffers are looked for when a frame arrives). A frame whose tap
 //! header carries an offload the driver did not accept (queued before a reset) is
 //! dropped.
 //!

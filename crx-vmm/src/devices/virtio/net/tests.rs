@@ -735,3 +735,86 @@ fn a_guest_without_offloads_gets_host_gso_frames_segmented_and_checksummed() {
     }
     assert_eq!((payload, segments), (4000, 3), "1448 + 1448 + 1104 bytes");
 }
+
+#[test]
+fn a_gso_frame_queued_before_a_reset_never_reaches_a_driver_without_tso() {
+    let mut d = Driver::new(
+        BASIC | VIRTIO_NET_F_MRG_RXBUF | VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_TSO4,
+    );
+    // No rx buffers: the device holds at most the first frame; the second stays in
+    // the tap's queue as a GSO frame made under this driver's TSO.
+    host_sends_gso(&d);
+    host_sends_gso(&d);
+    w(&mut d.t, 0x70, 0);
+    assert!(!d.dev.lock().unwrap().is_active());
+    d.rx = TestQueue::new(&d.mem, GuestAddress(RX_BASE), QSIZE);
+    d.tx = TestQueue::new(&d.mem, GuestAddress(TX_BASE), QSIZE);
+    d.rx_seen = 0;
+    d.tx_seen = 0;
+    d.rx_bufs.clear();
+    d.bring_up(BASIC | VIRTIO_NET_F_MRG_RXBUF);
+    d.post_rx(16, 2048);
+    let marker = test_frame(GUEST_MAC, HOST_MAC, 100, 77);
+    d.peer
+        .send_as(&[&[0u8; 10][..], &marker].concat(), TEST_ETHERTYPE)
+        .unwrap();
+    // Everything before the marker is looked at; no GSO frame may get through.
+    loop {
+        let (hdr, frame) = d.recv_frame();
+        assert_eq!(
+            hdr[1], VIRTIO_NET_HDR_GSO_NONE,
+            "GSO frame reached a non-TSO driver"
+        );
+        assert_eq!(hdr[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM, 0);
+        if frame == marker {
+            break;
+        }
+    }
+    assert!(
+        d.counters().3 >= 1,
+        "the stale GSO frame was dropped, and counted"
+    );
+}
+
+/// The used ring's flags word: bit 0 asks the driver not to notify.
+fn no_notify(mem: &GuestMemoryMmap, q: &TestQueue) -> bool {
+    mem.read_obj::<u16>(q.used).unwrap() & 1 != 0
+}
+
+#[test]
+fn the_driver_is_asked_to_notify_rx_only_while_the_device_waits_for_buffers() {
+    let mut d = Driver::new(BASIC | VIRTIO_NET_F_MRG_RXBUF);
+    let wait_for = |d: &Driver, want: bool, what: &str| {
+        let deadline = Instant::now() + WAIT;
+        while no_notify(&d.mem, &d.rx) != want {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+    // Idle with nothing to deliver: buffers can be posted without a notification
+    // (they are looked for when a frame comes).
+    wait_for(&d, true, "rx notifications never suppressed");
+    // A frame and no buffers: now the device needs the next rx notification.
+    let first = test_frame(GUEST_MAC, HOST_MAC, 100, 20);
+    d.host_sends(&first);
+    wait_for(&d, false, "rx notifications never enabled");
+    assert!(!no_notify(&d.mem, &d.rx));
+    // With buffers posted (and the frame delivered) it needs none.
+    d.post_rx(8, 2048);
+    loop {
+        let (_, frame) = d.recv_frame();
+        if frame == first {
+            break;
+        }
+    }
+    assert!(
+        no_notify(&d.mem, &d.rx),
+        "rx notifications suppressed while buffers last"
+    );
+    // tx: after a batch the device is idle again and wants notifications.
+    let out = test_frame(HOST_MAC, GUEST_MAC, 64, 21);
+    d.send(plain_hdr(), &out, 4096);
+    d.next_used(TX_QUEUE);
+    assert_eq!(d.host_receives().as_deref(), Some(&out[..]));
+    assert!(!no_notify(&d.mem, &d.tx), "tx notifications on while idle");
+}
