@@ -16,6 +16,8 @@
 
 mod boot_marker;
 mod cmdline;
+#[cfg(feature = "containers")]
+mod containers;
 mod init;
 mod logging;
 mod power;
@@ -139,6 +141,7 @@ fn guest_main(args: anyhow::Result<Args>) -> ! {
     }
     install_panic_hook();
     log_init_report(&report);
+    log_seccomp_self_test();
     if let Some(e) = cmdline_error {
         tracing::warn!(error = %e, "cannot read {}; using defaults", cmdline::PROC_CMDLINE);
     }
@@ -223,6 +226,16 @@ fn log_init_report(report: &init::InitReport) {
     }
 }
 
+/// With containers built in, checks (while still single-threaded) that seccomp
+/// profiles are enforced, and says so.
+fn log_seccomp_self_test() {
+    #[cfg(feature = "containers")]
+    match containers::seccomp_self_test() {
+        Ok(()) => tracing::info!("seccomp self-test passed: container profiles are enforced"),
+        Err(e) => tracing::error!(error = %server::error_chain(&e), "seccomp self-test failed"),
+    }
+}
+
 fn install_panic_hook() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
@@ -261,6 +274,7 @@ fn host_main(args: anyhow::Result<Args>) -> anyhow::Result<()> {
         .unwrap_or(LevelFilter::INFO);
     let state_dir = HostStateDir::new(args.state_dir.as_deref())?;
     logging::init_host(level)?;
+    log_seccomp_self_test();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

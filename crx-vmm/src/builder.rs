@@ -531,7 +531,7 @@ pub fn build(
         .transpose()
         .map_err(BuildError::Net)?;
     // Shares too: a missing directory is the caller's mistake. Each server opens its
-    // directory now, before any jail, and needs no host path afterwards.
+    // directory now and needs no path afterwards.
     let shares = config
         .shares
         .iter()

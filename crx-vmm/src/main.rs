@@ -89,17 +89,25 @@ struct Cli {
     no_seccomp: bool,
     /// Run in a jail: own mount namespace, root pivoted to a tmpfs on this (existing,
     /// absolute) directory holding only the paths the VM uses, capabilities dropped.
-    #[arg(long)]
+    #[arg(long, global = true)]
     jail: Option<PathBuf>,
     /// User id to switch to inside the jail.
-    #[arg(long, requires = "jail")]
+    #[arg(long, requires = "jail", global = true)]
     jail_uid: Option<u32>,
     /// Group id to switch to inside the jail (supplementary groups are dropped).
-    #[arg(long, requires = "jail")]
+    #[arg(long, requires = "jail", global = true)]
     jail_gid: Option<u32>,
 }
 
 impl Cli {
+    fn jail(&self) -> Option<JailConfig> {
+        self.jail.clone().map(|dir| JailConfig {
+            dir,
+            uid: self.jail_uid,
+            gid: self.jail_gid,
+        })
+    }
+
     fn seccomp_mode(&self) -> SeccompMode {
         if self.no_seccomp {
             SeccompMode::Off
@@ -410,6 +418,7 @@ fn vhost_user_vsock(
     guest_cid: u64,
     log_level: &str,
     seccomp_mode: SeccompMode,
+    jail: Option<JailConfig>,
 ) -> i32 {
     use crx_vmm::devices::virtio::vsock::VsockError;
     use crx_vmm::vhost_user::{serve_vhost_user_vsock, VhostUserVsockError};
@@ -444,6 +453,27 @@ fn vhost_user_vsock(
             );
         }
     }
+    // Jailed while this process has one thread: only the sockets' directories inside.
+    let (socket, uds) = match &jail {
+        None => (socket, uds),
+        Some(jail) => {
+            let entered = jail::JailPlan::for_back_end(&[&socket, &uds], &[]).and_then(
+                |(plan, sockets, _)| jail::enter_plan(jail, &plan).map(|()| sockets),
+            );
+            match entered.as_deref() {
+                Ok([socket, uds]) => (socket.clone(), uds.clone()),
+                Ok(_) => return fail(exit::EXIT_VMM_ERROR, "jail: socket paths lost"),
+                Err(e) => {
+                    let code = if e.is_bad_input() {
+                        exit::EXIT_BAD_INPUT
+                    } else {
+                        exit::EXIT_VMM_ERROR
+                    };
+                    return fail(code, &error_chain(e));
+                }
+            }
+        }
+    };
     // A host stop request (SIGTERM/SIGINT/SIGHUP) ends the back end cleanly: exit 0,
     // and the cleanup process removes both sockets as this process goes.
     spawn_signal_thread(block_stop_signals(), None, |sig| {
@@ -485,7 +515,7 @@ fn vhost_user_vsock(
 /// `crx-vmm vhost-user-fs`: exit 0 when QEMU disconnects, 2 on a bad socket path or
 /// share directory, 1 on any other failure.
 fn vhost_user_fs(socket: PathBuf, dir: PathBuf, log_level: &str, seccomp_mode: SeccompMode) -> i32 {
-    use crx_vmm::vhost_user::{serve_vhost_user_fs, VhostUserFsError};
+    use crx_vmm::vhost_user::serve_vhost_user_fs;
     // SAFETY: called first thing in `main`, before any thread exists.
     let cleaner = match unsafe { Cleaner::spawn() } {
         Ok(cleaner) => cleaner,
@@ -509,7 +539,10 @@ fn vhost_user_fs(socket: PathBuf, dir: PathBuf, log_level: &str, seccomp_mode: S
     if let Err(e) = cleaner.register(&socket) {
         return fail(
             exit::EXIT_VMM_ERROR,
-            &format!("cannot tell the cleanup process about {}: {e}", socket.display()),
+            &format!(
+                "cannot tell the cleanup process about {}: {e}",
+                socket.display()
+            ),
         );
     }
     spawn_signal_thread(block_stop_signals(), None, |sig| {
@@ -534,7 +567,6 @@ fn vhost_user_fs(socket: PathBuf, dir: PathBuf, log_level: &str, seccomp_mode: S
             } else {
                 exit::EXIT_VMM_ERROR
             };
-            let _: &VhostUserFsError = &e;
             fail(code, &error_chain(&e))
         }
     }
@@ -544,6 +576,7 @@ fn main() {
     crx_vmm::clock::mark_start();
     let cli = Cli::parse();
     let seccomp_mode = cli.seccomp_mode();
+    let jail = cli.jail();
     if let Some(code) = cli.command.as_ref().and_then(api_client_command) {
         std::process::exit(code);
     }
@@ -567,6 +600,7 @@ fn main() {
             guest_cid,
             &cli.log_level,
             seccomp_mode,
+            jail,
         ));
     }
     if cli.probe_host {

@@ -54,11 +54,7 @@ mod tests {
     fn wait_gone(path: &Path) {
         let start = Instant::now();
         while path.symlink_metadata().is_ok() {
-            assert!(
-                start.elapsed() < DEADLINE,
-                "{} left behind",
-                path.display()
-            );
+            assert!(start.elapsed() < DEADLINE, "{} left behind", path.display());
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -75,7 +71,10 @@ mod tests {
             err.contains("does not exist") && err.contains("no-such-dir"),
             "stderr: {err}"
         );
-        assert!(!socket.exists(), "no socket for a back end that cannot serve");
+        assert!(
+            !socket.exists(),
+            "no socket for a back end that cannot serve"
+        );
 
         let file = dir.join("a-file");
         std::fs::write(&file, b"").unwrap();
@@ -148,6 +147,81 @@ mod tests {
             err.contains("share `pod`") && err.contains("does not exist"),
             "stderr: {err}"
         );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Starts a VM spinning in a tiny PVH guest with `extra` arguments; returns once
+    /// crx-vmm says the guest is ready (the share was opened while building).
+    fn start_spinning(dir: &Path, extra: &[&str]) -> Child {
+        let kernel = common::write_pvh_kernel(dir, common::Tail::Spin);
+        let mut child = Command::new(BIN)
+            .arg("--kernel")
+            .arg(&kernel)
+            .args(["--allow-pvm", "--log-level", "info"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        let start = Instant::now();
+        let mut seen = Vec::new();
+        loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) if line.contains("guest agent ready") => break,
+                Ok(line) => seen.push(line),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(_) => panic!("crx-vmm ended before the guest was ready: {seen:?}"),
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "guest not ready in time: {seen:?}"
+            );
+        }
+        std::thread::spawn(move || while rx.recv().is_ok() {});
+        child
+    }
+
+    #[test]
+    fn a_vm_with_a_share_starts_with_and_without_the_jail() {
+        common::require_kvm();
+        let dir = test_dir("vm-share-ok");
+        let share = dir.join("share");
+        std::fs::create_dir(&share).unwrap();
+        let share_arg = format!("tag=pod,dir={}", share.display());
+        let jail = dir.join("jail");
+        std::fs::create_dir(&jail).unwrap();
+        for extra in [
+            vec!["--share", share_arg.as_str()],
+            vec![
+                "--share",
+                share_arg.as_str(),
+                "--jail",
+                jail.to_str().unwrap(),
+            ],
+        ] {
+            let mut child = start_spinning(&dir, &extra);
+            let root = PathBuf::from(format!("/proc/{}/root", child.id()));
+            assert!(
+                root.join(share.strip_prefix("/").unwrap()).is_dir(),
+                "the share is visible to crx-vmm ({extra:?})"
+            );
+            // SAFETY: signals the child we started.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let status = wait_exit(&mut child);
+            assert!(status.success(), "{extra:?}: {status}");
+        }
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -57,6 +57,19 @@ fn status(e: &StorageError) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, error_chain(e)))
 }
 
+/// The replies' view of `records`. Off the async runtime: statvfs on a virtio-fs mount
+/// waits for the host's file server, and a stuck server must not stall other requests.
+async fn describe(records: Vec<MountRecord>) -> ttrpc::Result<Vec<MountedStorage>> {
+    tokio::task::spawn_blocking(move || records.iter().map(to_proto).collect())
+        .await
+        .map_err(|e| {
+            ttrpc::Error::RpcStatus(ttrpc::get_status(
+                ttrpc::Code::INTERNAL,
+                format!("reading the mounts' status failed: {e}"),
+            ))
+        })
+}
+
 fn to_proto(record: &MountRecord) -> MountedStorage {
     let status = StorageManager::status(record);
     let mut m = MountedStorage::new();
@@ -109,7 +122,7 @@ impl Storage for StorageService {
                 status(&e)
             })?;
         let mut resp = MountStorageResponse::new();
-        resp.mounted = Some(to_proto(&record)).into();
+        resp.mounted = describe(vec![record]).await?.pop().into();
         Ok(resp)
     }
 
@@ -135,14 +148,7 @@ impl Storage for StorageService {
         _req: ListStoragesRequest,
     ) -> ttrpc::Result<ListStoragesResponse> {
         let mut resp = ListStoragesResponse::new();
-        resp.storages = self
-            .state
-            .storage()
-            .list()
-            .await
-            .iter()
-            .map(to_proto)
-            .collect();
+        resp.storages = describe(self.state.storage().list().await).await?;
         Ok(resp)
     }
 }

@@ -121,12 +121,8 @@ impl StorageManager {
             device: device.clone(),
         };
         let left = deadline.saturating_duration_since(Instant::now());
-        let result = match tokio::time::timeout(
-            left,
-            tokio::task::spawn_blocking(move || job.run()),
-        )
-        .await
-        {
+        let mut handle = tokio::task::spawn_blocking(move || job.run());
+        let result = match tokio::time::timeout(left, &mut handle).await {
             Ok(Ok(result)) => result,
             Ok(Err(join)) => Err(StorageError::Io {
                 what: format!(
@@ -136,9 +132,16 @@ impl StorageManager {
                 source: io::Error::other(join),
             }),
             Err(_) => {
-                // The syscall may still finish; it then holds a mount the table does
-                // not know, which shutdown cannot undo. Say so loudly.
-                tracing::warn!(mount_point = %plan.mount_point.display(), "mount still running at the request deadline");
+                // The syscall cannot be interrupted; if it still succeeds, undo it, so
+                // no mount exists that the table (and shutdown) does not know about.
+                let mount_point = plan.mount_point.clone();
+                tokio::spawn(async move {
+                    if let Ok(Ok(())) = handle.await {
+                        tracing::warn!(mount_point = %mount_point.display(), "mount finished after its request's deadline; undoing it");
+                        let _ = umount2(&mount_point, MntFlags::MNT_DETACH);
+                    }
+                    remove_empty_dirs(&created_dirs);
+                });
                 return Err(StorageError::TimedOut(format!(
                     "mounting {device} on {} did not finish within {} ms",
                     plan.mount_point.display(),

@@ -116,16 +116,23 @@ pub fn enter(jail: &JailConfig, config: &mut VmConfig) -> Result<(), JailError> 
     jail.validate()?;
     let plan = JailPlan::for_config(config)?;
     plan.apply_to(config);
+    enter_plan(jail, &plan)
+}
+
+/// Builds the jail of `plan` and moves the calling (only) thread into it: for the
+/// vhost-user back ends ([`JailPlan::for_back_end`]) and [`enter`].
+pub fn enter_plan(jail: &JailConfig, plan: &JailPlan) -> Result<(), JailError> {
+    jail.validate()?;
     let root = jail
         .dir
         .canonicalize()
         .map_err(|e| JailError::NotDirectory(jail.dir.clone(), Some(e)))?;
-    mounts::build_and_pivot(&root, &plan)?;
+    mounts::build_and_pivot(&root, plan)?;
     privs::drop_privileges(jail.uid, jail.gid, plan.needs_fs_caps())?;
     tracing::info!(
         dir = %root.display(),
         binds = plan.binds().len(),
-        "jailed: own mount namespace, pivoted root, capabilities dropped"
+        "jailed: own mount namespace and root, capabilities dropped"
     );
     Ok(())
 }

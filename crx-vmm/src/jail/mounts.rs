@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{unshare, CloneFlags};
-use nix::unistd::{chdir, pivot_root};
+use nix::errno::Errno;
+use nix::unistd::{chdir, chroot, pivot_root};
 
 use super::{JailError, JailPlan};
 
@@ -99,11 +100,30 @@ pub fn build_and_pivot(root: &Path, plan: &JailPlan) -> Result<(), JailError> {
     )
     .map_err(step("make the jail's root read-only"))?;
 
-    // pivot_root(".", ".") stacks the old root on the new one; detaching it leaves
-    // the new root alone, with no path back to the host's.
     chdir(root).map_err(step(format!("enter {}", root.display())))?;
-    pivot_root(".", ".").map_err(step("pivot_root into the jail"))?;
-    umount2(".", MntFlags::MNT_DETACH).map_err(step("detach the host's root"))?;
+    match pivot_root(".", ".") {
+        // pivot_root(".", ".") stacks the old root on the new one; detaching it
+        // leaves the new root alone, with no path back to the host's.
+        Ok(()) => umount2(".", MntFlags::MNT_DETACH).map_err(step("detach the host's root"))?,
+        // The host's root is the initramfs (rootfs), which has no parent mount and
+        // cannot be pivoted away from (e.g. a minimal node or the nested-KVM rig's
+        // L1): move the jail's root over it and chroot. The host's root stays under
+        // it in this namespace, unreachable without CAP_SYS_CHROOT/CAP_SYS_ADMIN,
+        // which are dropped next.
+        Err(Errno::EINVAL) => {
+            mount(
+                Some("."),
+                "/",
+                None::<&str>,
+                MsFlags::MS_MOVE,
+                None::<&str>,
+            )
+            .map_err(step("move the jail's root over the initramfs"))?;
+            chroot(".").map_err(step("chroot into the jail"))?;
+            tracing::info!("host root is the initramfs: jail entered with a move and chroot");
+        }
+        Err(e) => return Err(step("pivot_root into the jail")(e)),
+    }
     chdir("/").map_err(step("chdir to the jail's root"))?;
     Ok(())
 }

@@ -130,6 +130,39 @@ impl JailPlan {
         Ok(plan)
     }
 
+    /// The plan of a vhost-user back end: the directories of the `sockets` it
+    /// creates and the `shares` it serves. Returns the resolved paths in the same
+    /// order, for the back end to use inside the jail.
+    pub fn for_back_end(
+        sockets: &[&Path],
+        shares: &[&Path],
+    ) -> Result<(Self, Vec<PathBuf>, Vec<PathBuf>), JailError> {
+        let mut plan = JailPlan::default();
+        let mut wanted = Vec::new();
+        let mut socket_paths = Vec::new();
+        for socket in sockets {
+            let (dir, file) = resolve_new_file("socket", socket)?;
+            wanted.push(Bind {
+                path: dir,
+                is_dir: true,
+                read_only: false,
+            });
+            socket_paths.push(file);
+        }
+        for share in shares {
+            let dir = resolve("share", share)?;
+            wanted.push(Bind {
+                path: dir.clone(),
+                is_dir: true,
+                read_only: false,
+            });
+            plan.shares.push(dir);
+        }
+        plan.binds = dedup(wanted);
+        let share_paths = plan.shares.clone();
+        Ok((plan, socket_paths, share_paths))
+    }
+
     /// The binds, parents before anything inside them; none lies inside another
     /// directory bind (that one already shows it).
     pub fn binds(&self) -> &[Bind] {

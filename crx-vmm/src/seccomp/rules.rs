@@ -457,8 +457,11 @@ mod tests {
         assert_eq!(KVM_GET_REGS, 0x8090_ae81);
         assert_eq!(BLKGETSIZE64, 0x8008_1272);
         assert_eq!(TUNSETOFFLOAD, 0x4004_54d0);
-        assert_eq!(FIONBIO, libc::FIONBIO as u64);
-        assert_eq!(FIOCLEX, libc::FIOCLEX as u64);
+        // The casts matter on musl, whose libc types these as c_int.
+        #[allow(clippy::unnecessary_cast)]
+        let (fionbio, fioclex) = (libc::FIONBIO as u64, libc::FIOCLEX as u64);
+        assert_eq!(FIONBIO, fionbio);
+        assert_eq!(FIOCLEX, fioclex);
     }
 
     #[test]

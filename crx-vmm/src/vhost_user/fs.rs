@@ -229,8 +229,14 @@ mod tests {
         assert_eq!(b.num_queues(), 2, "hiprio + one request queue");
         assert!(b.max_queue_size() >= 1024);
         assert_ne!(b.features() & VIRTIO_F_VERSION_1, 0);
-        assert_ne!(b.features() & (1 << 30), 0, "VHOST_USER_F_PROTOCOL_FEATURES");
-        assert!(b.protocol_features().contains(VhostUserProtocolFeatures::MQ));
+        assert_ne!(
+            b.features() & (1 << 30),
+            0,
+            "VHOST_USER_F_PROTOCOL_FEATURES"
+        );
+        assert!(b
+            .protocol_features()
+            .contains(VhostUserProtocolFeatures::MQ));
     }
 
     #[test]
@@ -238,7 +244,10 @@ mod tests {
         let dir = TestDir::new("vhu-fs-missing");
         let sock = dir.0.join("fs.sock");
         let err = serve_vhost_user_fs(&sock, &dir.0.join("nope")).unwrap_err();
-        assert!(matches!(err, VhostUserFsError::Share(FsError::NoDirectory(_))));
+        assert!(matches!(
+            err,
+            VhostUserFsError::Share(FsError::NoDirectory(_))
+        ));
         assert!(err.is_bad_input());
         assert!(!sock.exists(), "no socket for a back end that cannot serve");
     }

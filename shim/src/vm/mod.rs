@@ -17,7 +17,7 @@ use std::time::Duration;
 pub use choice::{
     choose_backend, probe_kvm, select_backend, BackendChoice, Hypervisor, KvmVerdict, TCG_COST,
 };
-pub use config::{Drive, NetDevice, SerialOutput, SharedDir, VmConfig, VmDevices};
+pub use config::{Drive, NetDevice, SerialOutput, SharedDir, VmConfig, VmDevices, MIN_MEMORY_MIB};
 pub use crx_vmm::CrxVmmBackend;
 pub use qemu::{QemuAccel, QemuBackend};
 pub use resources::{ProcessFigures, VmResources};

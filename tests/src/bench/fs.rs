@@ -84,7 +84,12 @@ fn open_dir(path: &Path) -> Result<File> {
     let c = CString::new(path.as_os_str().as_bytes())?;
     // SAFETY: `c` is a valid C string; the fd is checked and then owned by the File.
     let fd = check(
-        unsafe { libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) },
+        unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        },
         "open the bench directory",
     )?;
     // SAFETY: `fd` was just opened and is owned by nothing else.
@@ -164,7 +169,8 @@ fn host_small(dir: RawFd, names: &[CString], out: &mut Vec<(&'static str, f64)>)
     let t = Instant::now();
     for name in names {
         // SAFETY: `name` is a valid C string.
-        check(unsafe { libc::unlinkat(dir, name.as_ptr(), 0) }, "host unlink")?;
+        let rc = unsafe { libc::unlinkat(dir, name.as_ptr(), 0) };
+        check(rc, "host unlink")?;
     }
     out.push(("unlink", rate(names.len(), t)));
     Ok(())
@@ -194,7 +200,9 @@ fn crx_small(
         let (entry, fh) = d
             .create(parent, name, 0o644, libc::O_WRONLY | libc::O_TRUNC)
             .map_err(fuse_err("create"))?;
-        let n = d.write(entry.nodeid, fh, 0, &data).map_err(fuse_err("write"))?;
+        let n = d
+            .write(entry.nodeid, fh, 0, &data)
+            .map_err(fuse_err("write"))?;
         d.release(entry.nodeid, fh).map_err(fuse_err("release"))?;
         if n as usize != data.len() {
             bail!("crx write: short ({n})");
@@ -263,7 +271,12 @@ fn host_big(path: &Path, mib: usize, out: &mut Vec<(&'static str, f64)>) -> Resu
     Ok(())
 }
 
-fn crx_big(d: &mut FuseDriver, parent: u64, mib: usize, out: &mut Vec<(&'static str, f64)>) -> Result<()> {
+fn crx_big(
+    d: &mut FuseDriver,
+    parent: u64,
+    mib: usize,
+    out: &mut Vec<(&'static str, f64)>,
+) -> Result<()> {
     let (entry, fh) = d
         .create(parent, "big", 0o644, libc::O_RDWR | libc::O_TRUNC)
         .map_err(fuse_err("create"))?;
@@ -306,10 +319,7 @@ fn one_round(
     let host_dir = share.join(format!("host-{round}"));
     std::fs::create_dir(&host_dir)?;
     let names: Vec<String> = (0..config.files).map(|i| format!("f{i:06}")).collect();
-    let cnames = names
-        .iter()
-        .map(|n| cstr(n))
-        .collect::<Result<Vec<_>>>()?;
+    let cnames = names.iter().map(|n| cstr(n)).collect::<Result<Vec<_>>>()?;
     let dir = open_dir(&host_dir)?;
     host_small(dir.as_raw_fd(), &cnames, &mut rates.host)?;
     host_big(&host_dir.join("big"), config.big_file_mib, &mut rates.host)?;
@@ -340,15 +350,15 @@ fn summary(rounds: &[Rates], op: &str, crx: bool) -> Option<Summary> {
 /// system temp dir if None); prints the figures and returns the JSON object.
 pub fn run(config: &FsBenchConfig, parent: Option<&Path>) -> Result<Value> {
     let tmp = match parent {
-        Some(p) => tempfile::Builder::new().prefix("crx-bench-fs-").tempdir_in(p)?,
+        Some(p) => tempfile::Builder::new()
+            .prefix("crx-bench-fs-")
+            .tempdir_in(p)?,
         None => tempfile::Builder::new().prefix("crx-bench-fs-").tempdir()?,
     };
     let share = tmp.path().join("share");
     std::fs::create_dir(&share)?;
     let mut driver = FuseDriver::for_dir(&share).context("start crx's virtio-fs server")?;
-    driver
-        .init()
-        .map_err(fuse_err("FUSE INIT"))?;
+    driver.init().map_err(fuse_err("FUSE INIT"))?;
     println!(
         "crx-bench fs: back end direct (no guest), {} rounds of {} files x {} KiB and a {} MiB file, in {}",
         config.rounds,

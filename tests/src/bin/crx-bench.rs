@@ -72,6 +72,9 @@ enum Command {
         /// Directory for the test file (on a real disk, not tmpfs).
         #[arg(long, default_value = "/var/tmp")]
         dir: std::path::PathBuf,
+        /// Also run the fio jobs inside a QEMU/TCG guest on the same file.
+        #[arg(long)]
+        guest: bool,
     },
 }
 
@@ -110,11 +113,13 @@ fn main() -> Result<()> {
             random_reads,
             rounds,
             dir,
+            guest,
         } => bench::blk::run(&bench::blk::BlkOptions {
             file_mib,
             dir,
             random_reads,
             rounds,
+            guest,
         })?,
     };
     println!("{result}");

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use fuse_backend_rs::abi::fuse_abi::{
     AttrOut, CreateIn, EntryOut, ForgetIn, GetattrIn, InHeader, InitIn, InitOut, LinkIn, MkdirIn,
-    MknodIn, OpenIn, OpenOut, Opcode, OutHeader, ReadIn, ReleaseIn, RenameIn, SetattrIn, WriteIn,
+    MknodIn, Opcode, OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn, RenameIn, SetattrIn, WriteIn,
     WriteOut, KERNEL_MINOR_VERSION, KERNEL_VERSION,
 };
 use virtio_queue::{Queue, QueueT};
@@ -56,6 +56,17 @@ pub const GUEST_INIT_FLAGS: u32 = 0x1 // ASYNC_READ
     | 0x4_0000 // PARALLEL_DIROPS
     | 0x40_0000; // MAX_PAGES
 
+/// Why a driver could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("cannot serve the share")]
+    Server(#[source] FsError),
+    #[error("cannot map the driver's guest memory")]
+    Memory(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("cannot set up the driver's queue")]
+    Queue(#[source] virtio_queue::Error),
+}
+
 /// A failed request: the errno the server answered (positive), or -1 if the server
 /// could not serve the chain at all.
 pub type Errno = i32;
@@ -75,27 +86,30 @@ pub struct FuseDriver {
 
 impl FuseDriver {
     /// A driver for a server of `dir`.
-    pub fn for_dir(dir: &Path) -> Result<Self, FsError> {
-        Ok(Self::new(Arc::new(FsServer::open(dir)?)))
+    pub fn for_dir(dir: &Path) -> Result<Self, DriverError> {
+        Self::new(Arc::new(FsServer::open(dir).map_err(DriverError::Server)?))
     }
 
     /// A driver for `server` (FUSE INIT not yet sent).
-    pub fn new(server: Arc<FsServer>) -> Self {
-        // The layout is fixed and small; failing to map 2 MiB is a host problem the
-        // driver cannot work around.
+    pub fn new(server: Arc<FsServer>) -> Result<Self, DriverError> {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
-            .unwrap_or_else(|e| panic!("cannot map the driver's guest memory: {e}"));
+            .map_err(|e| DriverError::Memory(Box::new(e)))?;
         let size = u64::from(QUEUE_SIZE);
         let desc = GuestAddress(QUEUE_BASE);
         let avail = desc.unchecked_add(16 * size);
         let used = GuestAddress((avail.0 + 6 + 2 * size + 3) & !3);
-        let mut queue = Queue::new(QUEUE_SIZE.min(QUEUE_SIZES[1]))
-            .unwrap_or_else(|e| panic!("queue size: {e}"));
-        let _ = queue.try_set_desc_table_address(desc);
-        let _ = queue.try_set_avail_ring_address(avail);
-        let _ = queue.try_set_used_ring_address(used);
+        let mut queue = Queue::new(QUEUE_SIZE.min(QUEUE_SIZES[1])).map_err(DriverError::Queue)?;
+        queue
+            .try_set_desc_table_address(desc)
+            .map_err(DriverError::Queue)?;
+        queue
+            .try_set_avail_ring_address(avail)
+            .map_err(DriverError::Queue)?;
+        queue
+            .try_set_used_ring_address(used)
+            .map_err(DriverError::Queue)?;
         queue.set_ready(true);
-        Self {
+        Ok(Self {
             server,
             mem,
             queue,
@@ -104,7 +118,7 @@ impl FuseDriver {
             scratch: Vec::with_capacity(BUF_LEN),
             open_flags: HashMap::new(),
             warn: WarnLimiter::new(),
-        }
+        })
     }
 
     /// The guest memory the requests and replies live in.
@@ -185,10 +199,7 @@ impl FuseDriver {
         if is_forget {
             return Ok(0);
         }
-        let out: OutHeader = self
-            .mem
-            .read_obj(GuestAddress(REPLY_HDR))
-            .map_err(|_| -1)?;
+        let out: OutHeader = self.mem.read_obj(GuestAddress(REPLY_HDR)).map_err(|_| -1)?;
         if out.unique != self.unique || out.len != used_len {
             return Err(-1);
         }
@@ -200,9 +211,7 @@ impl FuseDriver {
 
     /// The reply body of the last request as a `T`.
     pub fn reply<T: ByteValued>(&self) -> Result<T, Errno> {
-        self.mem
-            .read_obj(GuestAddress(REPLY_BODY))
-            .map_err(|_| -1)
+        self.mem.read_obj(GuestAddress(REPLY_BODY)).map_err(|_| -1)
     }
 
     /// The first `len` bytes of the last reply's body.
@@ -359,7 +368,13 @@ impl FuseDriver {
         self.reply()
     }
 
-    pub fn mknod(&mut self, parent: u64, name: &str, mode: u32, rdev: u32) -> Result<EntryOut, Errno> {
+    pub fn mknod(
+        &mut self,
+        parent: u64,
+        name: &str,
+        mode: u32,
+        rdev: u32,
+    ) -> Result<EntryOut, Errno> {
         let mknod = MknodIn {
             mode,
             rdev,
@@ -393,7 +408,13 @@ impl FuseDriver {
         self.reply()
     }
 
-    pub fn rename(&mut self, olddir: u64, oldname: &str, newdir: u64, newname: &str) -> Result<(), Errno> {
+    pub fn rename(
+        &mut self,
+        olddir: u64,
+        oldname: &str,
+        newdir: u64,
+        newname: &str,
+    ) -> Result<(), Errno> {
         let rename = RenameIn { newdir };
         self.request(
             Opcode::Rename,
@@ -421,7 +442,13 @@ impl FuseDriver {
 
     /// READ of up to `size` bytes; returns how many the server put in the reply
     /// (they stay in guest memory: see [`reply_bytes`](Self::reply_bytes)).
-    pub fn read_len(&mut self, inode: u64, fh: u64, offset: u64, size: u32) -> Result<usize, Errno> {
+    pub fn read_len(
+        &mut self,
+        inode: u64,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> Result<usize, Errno> {
         let read = ReadIn {
             fh,
             offset,
@@ -464,7 +491,13 @@ impl FuseDriver {
 
     /// WRITE of the first `len` bytes put in place by
     /// [`prepare_write_payload`](Self::prepare_write_payload).
-    pub fn write_prepared(&mut self, inode: u64, fh: u64, offset: u64, len: u32) -> Result<u32, Errno> {
+    pub fn write_prepared(
+        &mut self,
+        inode: u64,
+        fh: u64,
+        offset: u64,
+        len: u32,
+    ) -> Result<u32, Errno> {
         if len as usize > MAX_IO {
             return Err(libc::E2BIG);
         }

@@ -280,7 +280,13 @@ impl FileSystem for ConfinedFs {
         )
     }
 
-    fn flush(&self, ctx: &Context, inode: Inode, handle: Handle, lock_owner: u64) -> io::Result<()> {
+    fn flush(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        handle: Handle,
+        lock_owner: u64,
+    ) -> io::Result<()> {
         self.inner.flush(ctx, inode, handle, lock_owner)
     }
 
@@ -364,7 +370,13 @@ impl FileSystem for ConfinedFs {
         self.inner.fsyncdir(ctx, inode, datasync, handle)
     }
 
-    fn releasedir(&self, ctx: &Context, inode: Inode, flags: u32, handle: Handle) -> io::Result<()> {
+    fn releasedir(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        flags: u32,
+        handle: Handle,
+    ) -> io::Result<()> {
         self.inner.releasedir(ctx, inode, flags, handle)
     }
 

@@ -93,7 +93,10 @@ impl VirtioDevice for Fs {
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        tracing::debug!(offset, "fs: guest wrote the read-only config space; ignored");
+        tracing::debug!(
+            offset,
+            "fs: guest wrote the read-only config space; ignored"
+        );
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {

@@ -46,17 +46,20 @@
 //!
 //! # Host mounts under the share
 //! Lookups cross mount points: `openat` of a mount point gives the mounted root, and
-//! the server neither compares `st_dev` nor hides other mounts. Because the share's
-//! root fd is opened before crx-vmm's jail unshares its mount namespace, lookups
-//! through it walk the host namespace's mount tree: a bind mount the shim adds under
-//! the share after boot is visible at the next lookup with no mount propagation set
-//! up at all (checked: a private mount namespace still sees such mounts through an
-//! fd opened before `unshare(CLONE_NEWNS)`).
+//! the server neither compares `st_dev` nor hides other mounts. Which mounts it sees
+//! is decided by the mount namespace the share's root fd was opened in: lookups walk
+//! that fd's mount tree. Opened on the host (before any `unshare(CLONE_NEWNS)`), it
+//! sees every bind mount the shim adds under the share after boot, with no
+//! propagation set up (checked: a private mount namespace still sees such mounts
+//! through an fd opened before the unshare). Opened inside crx-vmm's jail (`--jail`,
+//! which enters before the devices are built), it sees the jail's slave bind mount of
+//! the share, so the host's share must be a shared mount for later host mounts to
+//! propagate in (`mount --bind S S && mount --make-shared S`, see `crate::jail`).
 //!
 //! # What the server needs once started (for the jail and seccomp filters)
 //! Files: the share's root `O_PATH` fd, `/proc/self/fd` (an `O_PATH` directory fd)
 //! and `/proc/self/mountinfo` (kept open, unused without `inode_file_handles`), all
-//! opened by [`FsServer::open`] before any jail; no host path afterwards.
+//! opened by [`FsServer::open`] (which needs `/proc` mounted then); no path afterwards.
 //! Syscalls on the server thread: `openat` (`O_PATH|O_NOFOLLOW` lookups; reopening
 //! inodes as `/proc/self/fd/N` relative to the kept fd), `statx`, `newfstatat`
 //! (`fstatat64`), `fstatfs` (`fstatvfs`), `readlinkat`, `mkdirat`, `mknodat`,
@@ -70,10 +73,11 @@
 //! umask of 0), plus the device loop's `epoll_wait`, `read`/`write` on eventfds.
 //! Capabilities: `CAP_DAC_OVERRIDE`, `CAP_DAC_READ_SEARCH` (`linkat` with
 //! `AT_EMPTY_PATH`), `CAP_FOWNER`, `CAP_CHOWN`, `CAP_FSETID`, `CAP_SETUID` and
-//! `CAP_SETGID` (acting as the guest's uid/gid), `CAP_MKNOD` is not needed (device
-//! nodes are refused; FIFOs and sockets need none). Without the first five, the
-//! guest's root acts as crx-vmm's uid on the host; without `CAP_SETUID/SETGID`,
-//! creating a file as a non-root guest user fails with EPERM.
+//! `CAP_SETGID` (acting as the guest's uid/gid). `CAP_MKNOD` only for a guest's
+//! `rename(RENAME_WHITEOUT)` (overlayfs in the guest); device nodes are refused and
+//! FIFOs and sockets need none. Without the first five, the guest's root acts as
+//! crx-vmm's uid on the host; without `CAP_SETUID/SETGID`, creating a file as a
+//! non-root guest user fails with EPERM.
 
 use std::path::PathBuf;
 use std::time::Duration;

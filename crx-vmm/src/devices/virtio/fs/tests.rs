@@ -13,6 +13,7 @@ use vm_memory::{ByteValued, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::bench::{FuseDriver, ROOT_ID};
+use super::event_loop::serve_queue;
 use super::*;
 use crate::devices::bus::BusDevice;
 use crate::devices::virtio::mmio::MmioTransport;
@@ -111,7 +112,10 @@ fn files_round_trip_between_guest_and_host() {
         std::fs::metadata(share.path("from-host")).unwrap().ino()
     );
     let fh = d.open(e.nodeid, libc::O_RDONLY).unwrap();
-    assert_eq!(d.read(e.nodeid, fh, 0, 4096).unwrap(), b"written on the host");
+    assert_eq!(
+        d.read(e.nodeid, fh, 0, 4096).unwrap(),
+        b"written on the host"
+    );
     assert_eq!(d.read(e.nodeid, fh, 11, 4).unwrap(), b"the ");
     d.release(e.nodeid, fh).unwrap();
 
@@ -126,7 +130,10 @@ fn files_round_trip_between_guest_and_host() {
     let (c, fh) = d
         .create(ROOT_ID, "from-guest", 0o666, libc::O_WRONLY)
         .unwrap();
-    assert_eq!(d.write(c.nodeid, fh, 0, b"written in the guest").unwrap(), 20);
+    assert_eq!(
+        d.write(c.nodeid, fh, 0, b"written in the guest").unwrap(),
+        20
+    );
     d.release(c.nodeid, fh).unwrap();
     let meta = std::fs::metadata(share.path("from-guest")).unwrap();
     assert!(meta.is_file());
@@ -218,7 +225,10 @@ fn symlinks_are_never_followed_on_the_host() {
     let mut d = share.driver();
     for (name, target) in &links {
         let e = d.lookup(ROOT_ID, name).unwrap();
-        assert!(is_symlink_mode(e.attr.mode), "{name}: the inode is the link");
+        assert!(
+            is_symlink_mode(e.attr.mode),
+            "{name}: the inode is the link"
+        );
         assert_eq!(
             d.readlink(e.nodeid).unwrap(),
             target.as_os_str().as_encoded_bytes(),
@@ -303,7 +313,10 @@ fn a_directory_swapped_for_a_symlink_after_lookup_is_not_followed() {
     assert_eq!(d.lookup(dir.nodeid, "secret").unwrap_err(), libc::ENOENT);
     let (c, cfh) = d.create(dir.nodeid, "new", 0o644, libc::O_RDWR).unwrap();
     d.release(c.nodeid, cfh).unwrap();
-    assert!(share.path("d.old/new").exists(), "created in the looked-up dir");
+    assert!(
+        share.path("d.old/new").exists(),
+        "created in the looked-up dir"
+    );
 
     let fh = d.open(file.nodeid, libc::O_RDONLY).unwrap();
     assert_eq!(d.read(file.nodeid, fh, 0, 100).unwrap(), b"original file");
@@ -319,13 +332,86 @@ fn a_directory_swapped_for_a_symlink_after_lookup_is_not_followed() {
 }
 
 #[test]
+fn racing_a_directory_against_a_symlink_never_reaches_outside() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let share = Share::new("fs-race-loop");
+    let elsewhere = share.top.0.join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::fs::write(elsewhere.join("f"), b"OUTSIDE").unwrap();
+    std::fs::create_dir(share.path("d")).unwrap();
+    std::fs::write(share.path("d/f"), b"inside").unwrap();
+    let mut d = share.driver();
+
+    // The host flips `d` between the directory and a symlink to `elsewhere` as fast
+    // as it can while the guest looks up, opens, reads and creates through it.
+    let stop = Arc::new(AtomicBool::new(false));
+    let flipper = {
+        let (stop, dir, elsewhere) = (stop.clone(), share.dir.clone(), elsewhere.clone());
+        std::thread::spawn(move || {
+            let mut flips = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                std::fs::rename(dir.join("d"), dir.join("d.tmp")).unwrap();
+                std::os::unix::fs::symlink(&elsewhere, dir.join("d")).unwrap();
+                std::fs::remove_file(dir.join("d")).unwrap();
+                std::fs::rename(dir.join("d.tmp"), dir.join("d")).unwrap();
+                flips += 1;
+            }
+            flips
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let (mut through_dir, mut refused) = (0u32, 0u32);
+    for i in 0.. {
+        if Instant::now() > deadline {
+            break;
+        }
+        let Ok(e) = d.lookup(ROOT_ID, "d") else {
+            refused += 1;
+            continue;
+        };
+        if let Ok(f) = d.lookup(e.nodeid, "f") {
+            if let Ok(fh) = d.open(f.nodeid, libc::O_RDONLY) {
+                let data = d.read(f.nodeid, fh, 0, 64).unwrap();
+                assert_eq!(data, b"inside", "read through the symlink");
+                d.release(f.nodeid, fh).unwrap();
+                through_dir += 1;
+            }
+        } else {
+            refused += 1;
+        }
+        if let Ok((c, fh)) = d.create(e.nodeid, &format!("new-{i}"), 0o644, libc::O_RDWR) {
+            d.release(c.nodeid, fh).unwrap();
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let flips = flipper.join().unwrap();
+    assert!(
+        flips > 10 && through_dir > 0,
+        "the race ran ({flips} flips, {through_dir} reads)"
+    );
+    eprintln!("{flips} flips, {through_dir} reads inside, {refused} lookups refused");
+    let mut names: Vec<_> = std::fs::read_dir(&elsewhere)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["f"], "nothing was created outside");
+    assert_eq!(std::fs::read(elsewhere.join("f")).unwrap(), b"OUTSIDE");
+}
+
+#[test]
 fn names_that_are_not_one_component_are_refused_everywhere() {
     let share = Share::new("fs-names");
     std::fs::write(share.path("x"), b"x").unwrap();
     let mut d = share.driver();
     let x = d.lookup(ROOT_ID, "x").unwrap();
     for bad in ["..", ".", "../escaped", "a/b", "/tmp/escaped"] {
-        assert_eq!(d.mkdir(ROOT_ID, bad, 0o755).unwrap_err(), libc::EINVAL, "mkdir {bad}");
+        assert_eq!(
+            d.mkdir(ROOT_ID, bad, 0o755).unwrap_err(),
+            libc::EINVAL,
+            "mkdir {bad}"
+        );
         assert_eq!(
             d.create(ROOT_ID, bad, 0o644, libc::O_RDWR).unwrap_err(),
             libc::EINVAL,
@@ -337,8 +423,14 @@ fn names_that_are_not_one_component_are_refused_everywhere() {
         );
         assert_eq!(d.symlink(ROOT_ID, bad, "x").unwrap_err(), libc::EINVAL);
         assert_eq!(d.link(x.nodeid, ROOT_ID, bad).unwrap_err(), libc::EINVAL);
-        assert_eq!(d.rename(ROOT_ID, "x", ROOT_ID, bad).unwrap_err(), libc::EINVAL);
-        assert_eq!(d.rename(ROOT_ID, bad, ROOT_ID, "y").unwrap_err(), libc::EINVAL);
+        assert_eq!(
+            d.rename(ROOT_ID, "x", ROOT_ID, bad).unwrap_err(),
+            libc::EINVAL
+        );
+        assert_eq!(
+            d.rename(ROOT_ID, bad, ROOT_ID, "y").unwrap_err(),
+            libc::EINVAL
+        );
         assert_eq!(d.unlink(ROOT_ID, bad).unwrap_err(), libc::EINVAL);
         assert_eq!(d.rmdir(ROOT_ID, bad).unwrap_err(), libc::EINVAL);
     }
@@ -353,12 +445,18 @@ fn device_nodes_cannot_be_made_and_special_files_are_never_opened() {
     let mut d = share.driver();
     let null = libc::makedev(1, 3) as u32;
     assert_eq!(
-        d.mknod(ROOT_ID, "null", libc::S_IFCHR | 0o666, null).unwrap_err(),
+        d.mknod(ROOT_ID, "null", libc::S_IFCHR | 0o666, null)
+            .unwrap_err(),
         libc::EPERM
     );
     assert_eq!(
-        d.mknod(ROOT_ID, "sda", libc::S_IFBLK | 0o666, libc::makedev(8, 0) as u32)
-            .unwrap_err(),
+        d.mknod(
+            ROOT_ID,
+            "sda",
+            libc::S_IFBLK | 0o666,
+            libc::makedev(8, 0) as u32
+        )
+        .unwrap_err(),
         libc::EPERM
     );
     assert!(!share.path("null").exists() && !share.path("sda").exists());
@@ -372,7 +470,8 @@ fn device_nodes_cannot_be_made_and_special_files_are_never_opened() {
     assert!(d.open(fifo.nodeid, libc::O_RDONLY).is_err());
 
     // A device node the host put in the share is not opened either.
-    let path = std::ffi::CString::new(share.path("hostnull").as_os_str().as_encoded_bytes()).unwrap();
+    let path =
+        std::ffi::CString::new(share.path("hostnull").as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: `path` is a valid C string; mknod only creates the node.
     let made = unsafe { libc::mknod(path.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) };
     if made == 0 {
@@ -425,13 +524,21 @@ fn a_mount_added_under_the_share_after_start_is_visible() {
     std::fs::write(share.path("vol/from-host-mount"), b"mounted after start").unwrap();
 
     let after = d.lookup(ROOT_ID, "vol").unwrap();
-    assert_ne!(after.nodeid, before.nodeid, "the mount's root is a new inode");
+    assert_ne!(
+        after.nodeid, before.nodeid,
+        "the mount's root is a new inode"
+    );
     let f = d.lookup(after.nodeid, "from-host-mount").unwrap();
     let fh = d.open(f.nodeid, libc::O_RDONLY).unwrap();
-    assert_eq!(d.read(f.nodeid, fh, 0, 100).unwrap(), b"mounted after start");
+    assert_eq!(
+        d.read(f.nodeid, fh, 0, 100).unwrap(),
+        b"mounted after start"
+    );
     d.release(f.nodeid, fh).unwrap();
     // The guest can write into the mount too, and its root's `..` is not answered.
-    let (c, cfh) = d.create(after.nodeid, "from-guest", 0o644, libc::O_RDWR).unwrap();
+    let (c, cfh) = d
+        .create(after.nodeid, "from-guest", 0o644, libc::O_RDWR)
+        .unwrap();
     d.release(c.nodeid, cfh).unwrap();
     assert!(share.path("vol/from-guest").exists());
     assert_eq!(d.lookup(after.nodeid, "..").unwrap_err(), libc::EPERM);
@@ -455,6 +562,131 @@ fn share_setup_names_the_bad_input() {
             FsError::BadTag(_)
         ));
     }
+}
+
+#[test]
+fn malformed_requests_come_back_empty_and_the_server_keeps_serving() {
+    use crate::devices::virtio::mmio::WarnLimiter;
+
+    let share = Share::new("fs-malformed");
+    let server = FsServer::open(&share.dir).unwrap();
+    let mem = guest_memory(MEM_SIZE);
+    let mut tq = TestQueue::new(&mem, GuestAddress(0x1000), 16);
+    let mut queue = tq.create_queue();
+    let mut warn = WarnLimiter::new();
+    let reply = GuestAddress(0x20_0000);
+    let writable = Buf {
+        addr: reply,
+        len: 4096,
+        write: true,
+    };
+    let req = GuestAddress(0x10_0000);
+    let init = {
+        let header = InHeader {
+            len: (std::mem::size_of::<InHeader>() + std::mem::size_of::<InitIn>()) as u32,
+            opcode: 26,
+            unique: 7,
+            ..Default::default()
+        };
+        let mut b = header.as_slice().to_vec();
+        b.extend_from_slice(
+            InitIn {
+                major: 7,
+                minor: 31,
+                ..Default::default()
+            }
+            .as_slice(),
+        );
+        b
+    };
+    let cases: [(&str, Vec<Buf>, &[u8]); 4] = [
+        (
+            "request outside guest memory",
+            vec![
+                Buf {
+                    addr: GuestAddress(MEM_SIZE as u64 + 0x1000),
+                    len: 64,
+                    write: false,
+                },
+                writable,
+            ],
+            b"",
+        ),
+        (
+            "header cut short",
+            vec![
+                Buf {
+                    addr: req,
+                    len: 8,
+                    write: false,
+                },
+                writable,
+            ],
+            &[0xff; 8],
+        ),
+        (
+            "no reply space",
+            vec![Buf {
+                addr: req,
+                len: init.len() as u32,
+                write: false,
+            }],
+            &init,
+        ),
+        (
+            "lookup name without its NUL",
+            vec![
+                Buf {
+                    addr: req,
+                    len: 44,
+                    write: false,
+                },
+                writable,
+            ],
+            &{
+                let mut b = InHeader {
+                    len: 44,
+                    opcode: 1,
+                    nodeid: 1,
+                    ..Default::default()
+                }
+                .as_slice()
+                .to_vec();
+                b.extend_from_slice(b"../e");
+                b
+            },
+        ),
+    ];
+    for (what, bufs, bytes) in cases {
+        if !bytes.is_empty() {
+            mem.write_slice(bytes, req).unwrap();
+        }
+        let before = tq.used_idx();
+        tq.add_chain(&bufs);
+        assert!(serve_queue(&server, &mem, &mut queue, &mut warn), "{what}");
+        assert_eq!(tq.used_idx(), before.wrapping_add(1), "{what}: returned");
+        let (_, len) = tq.used_elem(before);
+        if len > 0 {
+            let out: OutHeader = mem.read_obj(reply).unwrap();
+            assert!(out.error < 0, "{what}: only an error reply");
+        }
+    }
+    // A good request after all that is served.
+    mem.write_slice(&init, req).unwrap();
+    let before = tq.used_idx();
+    tq.add_chain(&[
+        Buf {
+            addr: req,
+            len: init.len() as u32,
+            write: false,
+        },
+        writable,
+    ]);
+    serve_queue(&server, &mem, &mut queue, &mut warn);
+    let (_, len) = tq.used_elem(before);
+    let out: OutHeader = mem.read_obj(reply).unwrap();
+    assert_eq!((out.unique, out.error, out.len), (7, 0, len));
+    share.assert_outside_untouched();
 }
 
 // The device behind the MMIO transport.
@@ -568,7 +800,9 @@ fn device_answers_fuse_init_on_the_request_queue() {
     let init_out: InitOut = mem.read_obj(GuestAddress(reply.0 + 16)).unwrap();
     assert_eq!(init_out.major, 7);
     assert_ne!(
-        t.interrupt_status().load(std::sync::atomic::Ordering::SeqCst) & VIRTIO_MMIO_INT_VRING,
+        t.interrupt_status()
+            .load(std::sync::atomic::Ordering::SeqCst)
+            & VIRTIO_MMIO_INT_VRING,
         0
     );
     // Reset stops the thread; the device can start again.

@@ -1,0 +1,243 @@
+//! One pod's VM, as the task service sees it: booted through the configured backend
+//! with the pod share as its virtio-fs device, the agent awaited (with a deadline),
+//! clients for the agent's services, and a watcher thread that reports the VM's end
+//! when nobody asked for it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crx_protocols::hybrid_vsock::{self, AgentAddress};
+use crx_protocols::v1::container_ttrpc::ContainersClient;
+use crx_protocols::v1::sandbox_ttrpc::SandboxClient;
+use crx_shim::config::ShimConfig;
+use crx_shim::vm::{
+    select_backend, BackendKind, SerialOutput, SharedDir, Vm, VmConfig, VmDevices, VmError,
+    VmExit,
+};
+
+use crate::rootfs::{PodPaths, SHARE_TAG};
+
+/// How often the watcher looks at the VM (and so how late it may notice a stop
+/// request).
+const WATCH_INTERVAL: Duration = Duration::from_millis(200);
+/// How long a stopping VM gets between SIGTERM and SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// Why a pod VM could not be brought up.
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    #[error("no VMM for this pod: {0}")]
+    Backend(String),
+    #[error("could not start the pod VM")]
+    Vm(#[source] VmError),
+    #[error("the crx agent in the pod VM ({backend}) did not answer within {timeout:?}: {cause}{vm_state}")]
+    AgentTimeout {
+        backend: BackendKind,
+        timeout: Duration,
+        cause: std::io::Error,
+        vm_state: String,
+    },
+    #[error("the pod VM ended before its agent answered: {0}")]
+    DiedBooting(String),
+    #[error("could not open a second connection to the agent")]
+    Connect(#[source] std::io::Error),
+    #[error("internal error: {0}")]
+    Join(String),
+}
+
+/// A running pod VM and its agent.
+pub struct Pod {
+    pub backend: BackendKind,
+    pub sandbox: SandboxClient,
+    pub containers: ContainersClient,
+    /// The agent's protocol version (`Health.Version`).
+    pub protocol_version: u32,
+    /// From spawn to the agent's first answer.
+    pub ready_after: Duration,
+    /// The VM's hybrid-vsock socket (stdio streams connect through it).
+    pub agent_socket: std::path::PathBuf,
+    vm: Arc<Mutex<Box<dyn Vm>>>,
+    stopping: Arc<AtomicBool>,
+}
+
+/// Called (once, on the watcher thread) when the VM ends without a stop request.
+pub type DeathHandler = Box<dyn FnOnce(String) + Send>;
+
+impl Pod {
+    /// Boots the pod's VM with `paths.share()` as its share and waits for the agent.
+    /// The share (and the first container's rootfs in it) must be ready.
+    pub async fn boot(
+        sandbox_id: &str,
+        paths: &PodPaths,
+        config: &ShimConfig,
+        on_death: DeathHandler,
+    ) -> Result<Pod, PodError> {
+        let vm_config = VmConfig {
+            name: sandbox_id.to_owned(),
+            run_dir: paths.root.clone(),
+            kernel: config.kernel.clone(),
+            initramfs: config.initramfs.clone(),
+            vcpus: config.vcpus,
+            memory_mib: config.memory_mib,
+            kernel_cmdline: config.kernel_params.clone(),
+            serial: if config.guest_console {
+                SerialOutput::File(paths.root.join("console.log"))
+            } else {
+                SerialOutput::Off
+            },
+            crx_vmm_binary: config.crx_vmm.clone(),
+            qemu_binary: config.qemu.clone(),
+            devices: VmDevices {
+                shares: vec![SharedDir {
+                    tag: SHARE_TAG.into(),
+                    host_dir: paths.share(),
+                }],
+                ..Default::default()
+            },
+        };
+        let wanted = config.hypervisor;
+        let started = Instant::now();
+        let vm = tokio::task::spawn_blocking(move || {
+            let (backend, choice) = select_backend(wanted).map_err(PodError::Backend)?;
+            tracing::info!(backend = %choice.kind, "starting the pod VM");
+            backend.start(&vm_config).map_err(PodError::Vm)
+        })
+        .await
+        .map_err(|e| PodError::Join(e.to_string()))??;
+        let backend = vm.kind();
+        let agent_socket = vm.agent_socket().to_path_buf();
+        let vm = Arc::new(Mutex::new(vm));
+        let addr = AgentAddress::HybridVsock {
+            uds_path: agent_socket.clone(),
+            port: crx_protocols::AGENT_VSOCK_PORT,
+        };
+        // A VM that dies while booting fails the wait at once, not at the deadline.
+        let ready = tokio::select! {
+            r = hybrid_vsock::wait_for_agent(&addr, Instant::now() + config.agent_timeout) => r,
+            exit = watch_boot(vm.clone()) => {
+                stop_vm(vm.clone()).await;
+                return Err(PodError::DiedBooting(exit));
+            }
+        };
+        let ready = match ready {
+            Ok(r) => r,
+            Err(cause) => {
+                let vm_state = stop_vm(vm.clone()).await;
+                return Err(PodError::AgentTimeout {
+                    backend,
+                    timeout: config.agent_timeout,
+                    cause,
+                    vm_state,
+                });
+            }
+        };
+        let ready_after = started.elapsed();
+        tracing::info!(
+            ?ready_after,
+            attempts = ready.attempts,
+            protocol = ready.version.protocol_version,
+            agent = %ready.version.agent_version,
+            "agent ready"
+        );
+        // The ready clients cover Health/Agent/Storage; Sandbox and Containers get a
+        // connection of their own.
+        let conn_addr = addr.clone();
+        let client = match tokio::task::spawn_blocking(move || {
+            conn_addr.connect(Duration::from_secs(10))
+        })
+        .await
+        {
+            Ok(Ok(stream)) => hybrid_vsock::ttrpc_client(stream).map_err(PodError::Connect),
+            Ok(Err(e)) => Err(PodError::Connect(e)),
+            Err(e) => Err(PodError::Join(e.to_string())),
+        };
+        let client = match client {
+            Ok(c) => c,
+            Err(e) => {
+                stop_vm(vm.clone()).await;
+                return Err(e);
+            }
+        };
+        let stopping = Arc::new(AtomicBool::new(false));
+        spawn_watcher(vm.clone(), stopping.clone(), on_death);
+        Ok(Pod {
+            backend,
+            sandbox: SandboxClient::new(client.clone()),
+            containers: ContainersClient::new(client),
+            protocol_version: ready.version.protocol_version,
+            ready_after,
+            agent_socket,
+            vm,
+            stopping,
+        })
+    }
+
+    /// Stops the VM (idempotent); the watcher reports nothing for a requested stop.
+    pub async fn stop(&self) -> String {
+        self.stopping.store(true, Ordering::SeqCst);
+        stop_vm(self.vm.clone()).await
+    }
+
+    /// Process names and pids of the VM.
+    pub fn vm_pids(&self) -> Vec<(&'static str, u32)> {
+        lock(&self.vm).pids()
+    }
+}
+
+fn lock(vm: &Mutex<Box<dyn Vm>>) -> std::sync::MutexGuard<'_, Box<dyn Vm>> {
+    // A panic while holding the VM cannot leave it in a state worse than a dead VM.
+    vm.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Stops the VM off the async threads; returns how it ended, for messages.
+async fn stop_vm(vm: Arc<Mutex<Box<dyn Vm>>>) -> String {
+    let ended = tokio::task::spawn_blocking(move || lock(&vm).stop(STOP_GRACE)).await;
+    match ended {
+        Ok(Ok(exit)) => format!("; VM ended: {exit}"),
+        Ok(Err(e)) => format!("; stopping the VM failed: {e}"),
+        Err(e) => format!("; stopping the VM panicked: {e}"),
+    }
+}
+
+/// Resolves when the VM ends (polled, off the async threads), with how it ended.
+async fn watch_boot(vm: Arc<Mutex<Box<dyn Vm>>>) -> String {
+    loop {
+        let v = vm.clone();
+        let polled = tokio::task::spawn_blocking(move || lock(&v).wait_timeout(Duration::ZERO)).await;
+        match polled {
+            Ok(Ok(None)) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Ok(Ok(Some(exit))) => return exit.to_string(),
+            Ok(Err(e)) => return format!("waiting for the VM failed: {e}"),
+            Err(e) => return format!("waiting for the VM panicked: {e}"),
+        }
+    }
+}
+
+fn spawn_watcher(vm: Arc<Mutex<Box<dyn Vm>>>, stopping: Arc<AtomicBool>, on_death: DeathHandler) {
+    let spawned = std::thread::Builder::new()
+        .name("crx-vm-watch".into())
+        .spawn(move || loop {
+            if stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            let result = lock(&vm).wait_timeout(WATCH_INTERVAL);
+            let reason = match result {
+                Ok(None) => continue,
+                Ok(Some(exit)) => describe(&exit),
+                Err(e) => format!("waiting for the pod VM failed: {e}"),
+            };
+            if !stopping.load(Ordering::SeqCst) {
+                tracing::error!(%reason, "the pod VM ended");
+                on_death(reason);
+            }
+            return;
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "could not start the VM watcher thread");
+    }
+}
+
+fn describe(exit: &VmExit) -> String {
+    format!("the pod VM ended: {exit}")
+}

@@ -1,0 +1,259 @@
+//! The host side of a pod's files: the run directory `/run/crx/<sandbox>/`, the pod
+//! share inside it (what the guest mounts over virtio-fs) and each container's rootfs
+//! mounted into the share. Nothing here ever deletes through a live mount: a tree is
+//! removed only once nothing is mounted under it.
+
+use std::path::{Path, PathBuf};
+
+use containerd_shim::protos::types::mount::Mount;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+/// Where every pod's run directory lives.
+pub const RUN_ROOT: &str = "/run/crx";
+/// The virtio-fs tag of the pod share.
+pub const SHARE_TAG: &str = "crxshare";
+/// Where the agent mounts the pod share in the guest (under its storage root).
+pub const GUEST_SHARE: &str = "/run/crx/storage/share";
+
+/// Why a host mount step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RootfsError {
+    #[error("cannot create {path:?}")]
+    Mkdir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot mount {what} on {target:?}: {message}")]
+    Mount {
+        what: String,
+        target: PathBuf,
+        message: String,
+    },
+    #[error("cannot remove {path:?}: {reason}")]
+    Remove { path: PathBuf, reason: String },
+}
+
+/// The paths of one pod.
+#[derive(Clone, Debug)]
+pub struct PodPaths {
+    pub root: PathBuf,
+}
+
+impl PodPaths {
+    pub fn new(sandbox_id: &str) -> Self {
+        PodPaths {
+            root: Path::new(RUN_ROOT).join(sandbox_id),
+        }
+    }
+
+    pub fn share(&self) -> PathBuf {
+        self.root.join("share")
+    }
+
+    /// A container's directory in the share; its rootfs is `<dir>/rootfs`.
+    pub fn container_dir(&self, container_id: &str) -> PathBuf {
+        self.share().join(container_id)
+    }
+
+    pub fn container_rootfs(&self, container_id: &str) -> PathBuf {
+        self.container_dir(container_id).join("rootfs")
+    }
+
+    /// Records the pid of the shim that owns this pod (read by `delete`).
+    pub fn shim_pid_file(&self) -> PathBuf {
+        self.root.join("shim.pid")
+    }
+}
+
+/// The guest path of a container's rootfs.
+pub fn guest_rootfs(container_id: &str) -> String {
+    format!("{GUEST_SHARE}/{container_id}/rootfs")
+}
+
+fn mkdir(path: &Path) -> Result<(), RootfsError> {
+    std::fs::create_dir_all(path).map_err(|source| RootfsError::Mkdir {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn mount_err(what: &str, target: &Path, e: impl std::fmt::Display) -> RootfsError {
+    RootfsError::Mount {
+        what: what.to_owned(),
+        target: target.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+/// Creates the share and makes it a shared mount point of its own, so container
+/// rootfs mounted later propagate into a jailed VMM's mount namespace.
+pub fn prepare_share(paths: &PodPaths) -> Result<(), RootfsError> {
+    let share = paths.share();
+    mkdir(&share)?;
+    if !mounts_under(&share).iter().any(|m| m == &share) {
+        mount(
+            Some(&share),
+            &share,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| mount_err("the pod share (bind)", &share, e))?;
+    }
+    mount(
+        None::<&str>,
+        &share,
+        None::<&str>,
+        MsFlags::MS_SHARED,
+        None::<&str>,
+    )
+    .map_err(|e| mount_err("the pod share (make shared)", &share, e))
+}
+
+/// Mounts containerd's rootfs mounts (in order) on `<share>/<container>/rootfs`; with
+/// no mounts, bind-mounts the bundle's own `rootfs` directory.
+pub fn mount_container_rootfs(
+    paths: &PodPaths,
+    container_id: &str,
+    mounts: &[Mount],
+    bundle: &Path,
+) -> Result<PathBuf, RootfsError> {
+    let target = paths.container_rootfs(container_id);
+    mkdir(&target)?;
+    if mounts.is_empty() {
+        let source = bundle.join("rootfs");
+        mount(
+            Some(&source),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|e| mount_err(&format!("bundle rootfs {source:?}"), &target, e))?;
+        return Ok(target);
+    }
+    for m in mounts {
+        let result = containerd_shim::mount::mount_rootfs(
+            Some(m.type_.as_str()).filter(|t| !t.is_empty()),
+            Some(m.source.as_str()).filter(|s| !s.is_empty()),
+            &m.options,
+            &target,
+        );
+        if let Err(e) = result {
+            let err = mount_err(&format!("{} {:?}", m.type_, m.source), &target, e);
+            unmount_tree(&target);
+            return Err(err);
+        }
+    }
+    Ok(target)
+}
+
+/// Mount points at or below `dir`, deepest first (from `/proc/self/mountinfo`).
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut found: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape_mountinfo(p)))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found.dedup();
+    found
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() {
+            let digits = std::str::from_utf8(&bytes[i + 1..i + 4]).unwrap_or("");
+            if let Ok(v) = u8::from_str_radix(digits, 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Detaches every mount at or below `dir`, deepest first; a stacked mount takes more
+/// than one pass. Returns the mounts still there (normally none).
+pub fn unmount_tree(dir: &Path) -> Vec<PathBuf> {
+    for _ in 0..8 {
+        let mounts = mounts_under(dir);
+        if mounts.is_empty() {
+            return mounts;
+        }
+        for m in &mounts {
+            if let Err(e) = umount2(m, MntFlags::MNT_DETACH) {
+                tracing::debug!(mount = ?m, error = %e, "unmount");
+            }
+        }
+    }
+    mounts_under(dir)
+}
+
+/// Unmounts everything under `dir`, then removes it; refuses to remove anything while
+/// a mount is left (deleting through it would destroy a container's files).
+pub fn remove_tree(dir: &Path) -> Result<(), RootfsError> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let left = unmount_tree(dir);
+    if !left.is_empty() {
+        return Err(RootfsError::Remove {
+            path: dir.to_path_buf(),
+            reason: format!("still mounted: {left:?}"),
+        });
+    }
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(RootfsError::Remove {
+            path: dir.to_path_buf(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape_mountinfo(r"/a\040b"), "/a b");
+        assert_eq!(unescape_mountinfo(r"/a\134b"), r"/a\b");
+        assert_eq!(unescape_mountinfo(r"/end\04"), r"/end\04");
+    }
+
+    #[test]
+    fn a_tree_with_a_mount_is_unmounted_before_removal() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        let tgt = dir.path().join("tree/mnt");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::create_dir_all(&tgt).unwrap();
+        std::fs::write(src.join("keep"), "precious").unwrap();
+        mount(Some(&src), &tgt, None::<&str>, MsFlags::MS_BIND, None::<&str>).unwrap();
+        assert_eq!(mounts_under(&dir.path().join("tree")), vec![tgt.clone()]);
+        remove_tree(&dir.path().join("tree")).unwrap();
+        assert!(!dir.path().join("tree").exists());
+        // The bind source kept its file: removal went through no mount.
+        assert_eq!(std::fs::read_to_string(src.join("keep")).unwrap(), "precious");
+    }
+
+    #[test]
+    fn guest_paths_live_under_the_share() {
+        assert_eq!(guest_rootfs("c1"), "/run/crx/storage/share/c1/rootfs");
+        let p = PodPaths::new("pod1");
+        assert_eq!(p.container_rootfs("c1"), Path::new("/run/crx/pod1/share/c1/rootfs"));
+    }
+}

@@ -1,0 +1,290 @@
+//! Splices containerd's stdio FIFOs to the agent's per-stream vsock connections (see
+//! the protocol's `stdio.proto`): each declared stream is one connection to guest port
+//! `STDIO_VSOCK_PORT` that starts with a `CRXS` header naming the process and stream.
+//! Streams are attached after the agent created the process and before it starts it,
+//! so no output is lost. A stream's copier ends when either side closes; closing the
+//! FIFO then lets containerd's log copier (and `ctr`) see EOF.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crx_protocols::hybrid_vsock;
+use crx_protocols::v1::container::StdioSpec;
+use crx_protocols::v1::stdio::{StreamAccept, StreamHeader, StreamKind};
+use protobuf::Message;
+use tokio::task::JoinHandle;
+
+use crate::process::StdioPaths;
+
+const MAGIC: &[u8; 4] = b"CRXS";
+/// Largest header or accept message (stdio.proto).
+const MAX_FRAME: usize = 512;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a stream could not be attached.
+#[derive(Debug, thiserror::Error)]
+pub enum StdioError {
+    #[error("connecting the {stream:?} stream to the agent")]
+    Connect {
+        stream: StreamKind,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the agent refused the {stream:?} stream: {reason}")]
+    Refused { stream: StreamKind, reason: String },
+    #[error("opening containerd's FIFO {path:?}")]
+    Fifo {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("internal error: {0}")]
+    Join(String),
+}
+
+/// The streams a process declares to the agent, from containerd's FIFO paths.
+pub fn spec_of(paths: &StdioPaths) -> StdioSpec {
+    let mut s = StdioSpec::new();
+    s.terminal = paths.terminal;
+    s.stdin = !paths.stdin.is_empty();
+    s.stdout = !paths.terminal && !paths.stdout.is_empty();
+    s.stderr = !paths.terminal && !paths.stderr.is_empty();
+    s
+}
+
+/// The copiers of one process's streams.
+#[derive(Debug, Default)]
+pub struct Streams {
+    copiers: Vec<JoinHandle<()>>,
+    stdin: Option<JoinHandle<()>>,
+}
+
+impl Streams {
+    /// Stops feeding stdin (CloseIO): the agent's CloseStdin gives the program EOF.
+    pub fn close_stdin(&mut self) {
+        if let Some(h) = self.stdin.take() {
+            h.abort();
+        }
+    }
+
+    /// Waits (bounded) for the output copiers to drain, so containerd sees all output
+    /// before it learns of the exit.
+    pub async fn drain(&mut self, timeout: Duration) {
+        for h in self.copiers.drain(..) {
+            if tokio::time::timeout(timeout, h).await.is_err() {
+                tracing::warn!("an output stream did not reach EOF in time");
+            }
+        }
+    }
+}
+
+impl Drop for Streams {
+    fn drop(&mut self) {
+        for h in self.copiers.iter().chain(self.stdin.iter()) {
+            h.abort();
+        }
+    }
+}
+
+/// Connects every declared stream of (container, exec) and starts its copier.
+pub async fn attach(
+    agent_socket: &Path,
+    container_id: &str,
+    exec_id: &str,
+    paths: &StdioPaths,
+) -> Result<Streams, StdioError> {
+    let mut streams = Streams::default();
+    let wanted: Vec<(StreamKind, &str)> = if paths.terminal {
+        vec![(StreamKind::STREAM_KIND_TTY, "")]
+    } else {
+        [
+            (StreamKind::STREAM_KIND_STDIN, paths.stdin.as_str()),
+            (StreamKind::STREAM_KIND_STDOUT, paths.stdout.as_str()),
+            (StreamKind::STREAM_KIND_STDERR, paths.stderr.as_str()),
+        ]
+        .into_iter()
+        .filter(|(_, p)| !p.is_empty())
+        .collect()
+    };
+    for (kind, _) in wanted {
+        let conn = connect(agent_socket, container_id, exec_id, kind).await?;
+        match kind {
+            StreamKind::STREAM_KIND_STDIN => {
+                let fifo = open_fifo(&paths.stdin, false).await?;
+                streams.stdin = Some(spawn_copy(fifo, conn, true));
+            }
+            StreamKind::STREAM_KIND_STDOUT => {
+                let fifo = open_fifo(&paths.stdout, true).await?;
+                streams.copiers.push(spawn_copy(conn, fifo, false));
+            }
+            StreamKind::STREAM_KIND_STDERR => {
+                let fifo = open_fifo(&paths.stderr, true).await?;
+                streams.copiers.push(spawn_copy(conn, fifo, false));
+            }
+            _ => {
+                let out = conn.try_clone().map_err(|source| StdioError::Connect {
+                    stream: kind,
+                    source,
+                })?;
+                if !paths.stdin.is_empty() {
+                    let fifo = open_fifo(&paths.stdin, false).await?;
+                    streams.stdin = Some(spawn_copy(fifo, conn, true));
+                }
+                if !paths.stdout.is_empty() {
+                    let fifo = open_fifo(&paths.stdout, true).await?;
+                    streams.copiers.push(spawn_copy(out, fifo, false));
+                }
+            }
+        }
+    }
+    Ok(streams)
+}
+
+/// Opens a FIFO containerd created (blocking open: containerd holds the other end).
+async fn open_fifo(path: &str, write: bool) -> Result<std::fs::File, StdioError> {
+    let p = PathBuf::from(path);
+    tokio::task::spawn_blocking(move || {
+        std::fs::OpenOptions::new()
+            .read(!write)
+            .write(write)
+            .open(&p)
+            .map_err(|source| StdioError::Fifo { path: p, source })
+    })
+    .await
+    .map_err(|e| StdioError::Join(e.to_string()))?
+}
+
+/// Copies `from` to `to` on a blocking thread until EOF or an error; with
+/// `shutdown_write`, half-closes the socket afterwards so the guest reads EOF.
+fn spawn_copy<R, W>(mut from: R, mut to: W, shutdown_write: bool) -> JoinHandle<()>
+where
+    R: Read + Send + 'static,
+    W: Write + Send + AsHalfClose + 'static,
+{
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = std::io::copy(&mut from, &mut to) {
+            tracing::debug!(error = %e, "stdio copy ended");
+        }
+        let _ = to.flush();
+        if shutdown_write {
+            to.half_close();
+        }
+    })
+}
+
+/// Writers that can signal EOF without closing the read side.
+trait AsHalfClose {
+    fn half_close(&mut self) {}
+}
+impl AsHalfClose for UnixStream {
+    fn half_close(&mut self) {
+        let _ = self.shutdown(std::net::Shutdown::Write);
+    }
+}
+impl AsHalfClose for std::fs::File {}
+
+/// One stream connection with its accepted handshake.
+async fn connect(
+    agent_socket: &Path,
+    container_id: &str,
+    exec_id: &str,
+    kind: StreamKind,
+) -> Result<UnixStream, StdioError> {
+    let mut header = StreamHeader::new();
+    header.container_id = container_id.to_owned();
+    header.exec_id = exec_id.to_owned();
+    header.stream = kind.into();
+    let socket = agent_socket.to_path_buf();
+    tokio::task::spawn_blocking(move || handshake(&socket, &header, kind))
+        .await
+        .map_err(|e| StdioError::Join(e.to_string()))?
+}
+
+fn handshake(socket: &Path, header: &StreamHeader, kind: StreamKind) -> Result<UnixStream, StdioError> {
+    let io = |source| StdioError::Connect {
+        stream: kind,
+        source,
+    };
+    let mut conn = hybrid_vsock::connect(socket, crx_protocols::STDIO_VSOCK_PORT, HANDSHAKE_TIMEOUT)
+        .map_err(io)?;
+    conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(io)?;
+    conn.write_all(&frame_header(header).map_err(io)?).map_err(io)?;
+    let mut len = [0u8; 2];
+    conn.read_exact(&mut len).map_err(io)?;
+    let len = usize::from(u16::from_be_bytes(len));
+    if len == 0 || len > MAX_FRAME {
+        return Err(StdioError::Refused {
+            stream: kind,
+            reason: format!("accept message of {len} bytes is out of bounds"),
+        });
+    }
+    let mut body = vec![0u8; len];
+    conn.read_exact(&mut body).map_err(io)?;
+    let accept = StreamAccept::parse_from_bytes(&body).map_err(|e| StdioError::Refused {
+        stream: kind,
+        reason: format!("malformed accept message: {e}"),
+    })?;
+    if !accept.accepted {
+        return Err(StdioError::Refused {
+            stream: kind,
+            reason: accept.error.chars().take(MAX_FRAME).collect(),
+        });
+    }
+    conn.set_read_timeout(None).map_err(io)?;
+    Ok(conn)
+}
+
+/// `CRXS`, the header's length (u16 big-endian), the header.
+fn frame_header(header: &StreamHeader) -> std::io::Result<Vec<u8>> {
+    let body = header.write_to_bytes().map_err(std::io::Error::other)?;
+    if body.is_empty() || body.len() > MAX_FRAME {
+        return Err(std::io::Error::other(format!(
+            "stream header of {} bytes is out of bounds",
+            body.len()
+        )));
+    }
+    let len = u16::try_from(body.len()).map_err(std::io::Error::other)?;
+    let mut out = Vec::with_capacity(6 + body.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_header_frame_is_magic_length_body() {
+        let mut h = StreamHeader::new();
+        h.container_id = "c1".into();
+        h.stream = StreamKind::STREAM_KIND_STDOUT.into();
+        let f = frame_header(&h).unwrap();
+        assert_eq!(&f[..4], b"CRXS");
+        let len = usize::from(u16::from_be_bytes([f[4], f[5]]));
+        assert_eq!(len, f.len() - 6);
+        let back = StreamHeader::parse_from_bytes(&f[6..]).unwrap();
+        assert_eq!(back.container_id, "c1");
+    }
+
+    #[test]
+    fn a_terminal_process_declares_one_tty_stream() {
+        let tty = spec_of(&StdioPaths {
+            stdin: "/in".into(),
+            stdout: "/out".into(),
+            stderr: String::new(),
+            terminal: true,
+        });
+        assert!(tty.terminal && tty.stdin && !tty.stdout && !tty.stderr);
+        let plain = spec_of(&StdioPaths {
+            stdin: String::new(),
+            stdout: "/out".into(),
+            stderr: "/err".into(),
+            terminal: false,
+        });
+        assert!(!plain.terminal && !plain.stdin && plain.stdout && plain.stderr);
+    }
+}

@@ -1,0 +1,133 @@
+//! What the shim turns into guest terms before the agent sees it: the OCI spec (guest
+//! rootfs path, no host namespace paths, no host hooks, the pod's network namespace is
+//! the guest's own) and containerd's runtime options (`ConfigPath`).
+
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use serde_json::Value;
+
+/// The spec the agent gets for a container whose rootfs is `guest_rootfs`.
+pub fn guest_spec(spec: &Value, guest_rootfs: &str) -> Value {
+    let mut spec = spec.clone();
+    let readonly = spec
+        .pointer("/root/readonly")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    if let Some(obj) = spec.as_object_mut() {
+        obj.insert(
+            "root".into(),
+            serde_json::json!({"path": guest_rootfs, "readonly": readonly}),
+        );
+        // Hooks are host programs; the guest has none of them.
+        obj.remove("hooks");
+    }
+    if let Some(namespaces) = spec
+        .pointer_mut("/linux/namespaces")
+        .and_then(Value::as_array_mut)
+    {
+        // The guest is the pod: its network is the pod's, and host namespace files
+        // mean nothing inside it.
+        namespaces.retain(|ns| ns.get("type").and_then(Value::as_str) != Some("network"));
+        for ns in namespaces.iter_mut() {
+            if let Some(o) = ns.as_object_mut() {
+                o.remove("path");
+            }
+        }
+    }
+    spec
+}
+
+/// containerd's runtime options: `runtimeoptions.v1.Options` (CRI's and `ctr
+/// --runtime-config-path`'s), whose field 2 is `config_path`.
+pub fn config_path(options: Option<&Any>) -> Option<String> {
+    let any = options?;
+    if !any.type_url.ends_with("runtimeoptions.v1.Options") {
+        return None;
+    }
+    proto_string_field(&any.value, 2).filter(|p| !p.is_empty())
+}
+
+/// Reads length-delimited field `want` of a protobuf message; None if absent or the
+/// message is malformed (it comes from containerd, but is still bounded here).
+fn proto_string_field(mut buf: &[u8], want: u64) -> Option<String> {
+    let mut found = None;
+    while !buf.is_empty() {
+        let (tag, rest) = varint(buf)?;
+        buf = rest;
+        match tag & 7 {
+            0 => buf = varint(buf)?.1,
+            1 => buf = buf.get(8..)?,
+            5 => buf = buf.get(4..)?,
+            2 => {
+                let (len, rest) = varint(buf)?;
+                let len = usize::try_from(len).ok()?;
+                let field = rest.get(..len)?;
+                if tag >> 3 == want {
+                    found = Some(String::from_utf8(field.to_vec()).ok()?);
+                }
+                buf = &rest[len..];
+            }
+            _ => return None,
+        }
+    }
+    found
+}
+
+fn varint(buf: &[u8]) -> Option<(u64, &[u8])> {
+    let mut v = 0u64;
+    for (i, b) in buf.iter().enumerate().take(10) {
+        v |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((v, &buf[i + 1..]));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_guest_spec_has_the_guest_rootfs_and_no_host_namespace_paths() {
+        let spec = serde_json::json!({
+            "root": {"path": "rootfs", "readonly": true},
+            "hooks": {"prestart": [{"path": "/usr/bin/host-hook"}]},
+            "linux": {"namespaces": [
+                {"type": "pid"},
+                {"type": "network", "path": "/var/run/netns/cni-1"},
+                {"type": "ipc", "path": "/proc/42/ns/ipc"}
+            ]}
+        });
+        let g = guest_spec(&spec, "/run/crx/storage/share/c1/rootfs");
+        assert_eq!(g["root"]["path"], "/run/crx/storage/share/c1/rootfs");
+        assert_eq!(g["root"]["readonly"], true);
+        assert!(g.get("hooks").is_none());
+        let ns = g["linux"]["namespaces"].as_array().unwrap();
+        assert_eq!(ns.len(), 2);
+        assert!(ns.iter().all(|n| n.get("path").is_none()));
+    }
+
+    #[test]
+    fn config_path_is_read_from_runtime_options() {
+        // field 1 "x", field 2 "/etc/crx/alt.toml"
+        let mut value = vec![0x0a, 1, b'x', 0x12, 17];
+        value.extend_from_slice(b"/etc/crx/alt.toml");
+        let any = Any {
+            type_url: "runtimeoptions.v1.Options".into(),
+            value,
+            ..Default::default()
+        };
+        assert_eq!(config_path(Some(&any)).as_deref(), Some("/etc/crx/alt.toml"));
+        let other = Any {
+            type_url: "containerd.runc.v1.Options".into(),
+            ..any.clone()
+        };
+        assert_eq!(config_path(Some(&other)), None);
+        let truncated = Any {
+            value: vec![0x12, 40, b'/'],
+            ..any
+        };
+        assert_eq!(config_path(Some(&truncated)), None);
+        assert_eq!(config_path(None), None);
+    }
+}

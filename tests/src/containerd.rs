@@ -1,0 +1,567 @@
+//! A private containerd for tests: Debian's containerd 1.6 (installed by
+//! `scripts/lib.sh`, never by the tests) with its own config, root, state and socket,
+//! the CRI plugin disabled, and crx's shim first on its `PATH` so that
+//! `--runtime io.containerd.crx.v2` finds `containerd-shim-crx-v2`. Dropping it kills
+//! what is left of its tasks and shims, stops containerd, unmounts everything under its
+//! directory and removes it.
+//!
+//! Also builds the test image: a single-layer OCI image of Debian's `busybox-static`
+//! (`/bin/busybox` plus applet links, `Cmd` `/bin/sh`), imported with `ctr images
+//! import` under [`BUSYBOX_IMAGE`].
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+
+/// The reference the busybox test image is imported under.
+pub const BUSYBOX_IMAGE: &str = "docker.io/crx/busybox-test:latest";
+/// The containerd namespace the tests use.
+pub const NAMESPACE: &str = "crx-test";
+/// How long one `ctr` call may take before the harness gives up on it (a VM boot
+/// under TCG on a busy 2-core machine is part of some calls).
+pub const CTR_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// A running private containerd.
+pub struct Containerd {
+    dir: PathBuf,
+    child: Option<Child>,
+    socket: PathBuf,
+    /// Files made for this containerd outside its directory, removed on drop.
+    extra_files: Vec<PathBuf>,
+}
+
+/// Output of one `ctr` call.
+#[derive(Debug)]
+pub struct CtrOutput {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CtrOutput {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+impl From<Output> for CtrOutput {
+    fn from(out: Output) -> Self {
+        CtrOutput {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+/// The directory holding the built `containerd-shim-crx-v2`: `$CRX_SHIM_DIR`, else
+/// the workspace's `target/debug`. Build it first: `cargo build -p
+/// containerd-shim-crx-v2`.
+pub fn shim_dir() -> Result<PathBuf> {
+    let dir = match std::env::var_os("CRX_SHIM_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => crate::artifacts::workspace_root().join("target/debug"),
+    };
+    let bin = dir.join("containerd-shim-crx-v2");
+    ensure!(
+        bin.is_file(),
+        "{} not found: build it with `cargo build -p containerd-shim-crx-v2` (or set CRX_SHIM_DIR)",
+        bin.display()
+    );
+    Ok(dir)
+}
+
+impl Containerd {
+    /// Starts containerd with `env` added to its environment (and so to the shims it
+    /// starts), and waits until it answers `ctr version`.
+    pub fn start(env: &[(&str, OsString)]) -> Result<Self> {
+        for tool in ["containerd", "ctr", "runc"] {
+            ensure!(
+                which(tool).is_some(),
+                "{tool} is not installed: run scripts/lib.sh's install_packages \
+                 (apt-get install containerd runc)"
+            );
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("crx-ctrd-")
+            .tempdir_in("/tmp")
+            .context("creating containerd's directory")?
+            .keep();
+        let socket = dir.join("containerd.sock");
+        let config = dir.join("config.toml");
+        std::fs::write(&config, config_toml(&dir, &socket)).context("writing config.toml")?;
+
+        let mut path = OsString::from(shim_dir()?);
+        path.push(":");
+        path.push(std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into()));
+        let log = std::fs::File::create(dir.join("containerd.log")).context("containerd.log")?;
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .env("PATH", path)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning containerd")?;
+        let mut ctrd = Containerd {
+            dir,
+            child: Some(child),
+            socket,
+            extra_files: Vec::new(),
+        };
+        ctrd.wait_ready(Duration::from_secs(30))?;
+        Ok(ctrd)
+    }
+
+    /// Starts containerd for crx tests: the shim reads a config (through
+    /// `CRX_SHIM_CONFIG`) naming the built guest kernel, initramfs and static crx-vmm,
+    /// `hypervisor = "qemu"` (TCG here), a generous agent deadline, plus `extra` lines.
+    pub fn start_crx(extra: &str) -> Result<Self> {
+        let config = write_crx_config(extra)?;
+        let started = Self::start(&[("CRX_SHIM_CONFIG", config.clone().into_os_string())]);
+        match started {
+            Ok(mut c) => {
+                c.extra_files.push(config);
+                Ok(c)
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&config);
+                Err(e)
+            }
+        }
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!(
+                        "containerd exited ({status}) before it was ready: {}",
+                        self.log_tail(20)
+                    );
+                }
+            }
+            if self.socket.exists() {
+                let out = self.ctr_timeout(&["version"], Duration::from_secs(5))?;
+                if out.success() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "containerd did not answer within {timeout:?}: {}",
+                    self.log_tail(20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The private directory (config, root, state, socket, log).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The last `lines` lines of containerd's log (which includes the shims' logs).
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+
+    /// Runs `ctr -a SOCK -n crx-test ARGS` with [`CTR_TIMEOUT`].
+    pub fn ctr(&self, args: &[&str]) -> Result<CtrOutput> {
+        self.ctr_timeout(args, CTR_TIMEOUT)
+    }
+
+    /// Runs `ctr` with a deadline (through coreutils' `timeout`, whose code 124 means
+    /// it fired).
+    pub fn ctr_timeout(&self, args: &[&str], timeout: Duration) -> Result<CtrOutput> {
+        let out = Command::new("timeout")
+            .arg("--kill-after=5")
+            .arg(format!("{}", timeout.as_secs().max(1)))
+            .arg("ctr")
+            .arg("-a")
+            .arg(&self.socket)
+            .args(["-n", NAMESPACE])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running ctr {args:?}"))?;
+        let out = CtrOutput::from(out);
+        ensure!(
+            out.code != Some(124) && out.code != Some(137),
+            "ctr {args:?} did not finish within {timeout:?}; stderr: {}",
+            out.stderr.trim()
+        );
+        Ok(out)
+    }
+
+    /// Builds the busybox image and imports it; returns its reference.
+    pub fn import_busybox(&self) -> Result<&'static str> {
+        let tar = build_busybox_image(&self.dir.join("image"))?;
+        let tar = tar.to_string_lossy().into_owned();
+        let out = self.ctr(&["images", "import", &tar])?;
+        ensure!(out.success(), "ctr images import failed: {}", out.stderr.trim());
+        let out = self.ctr(&["images", "check"])?;
+        ensure!(out.success(), "ctr images check failed: {}", out.stderr.trim());
+        ensure!(
+            out.stdout.contains(BUSYBOX_IMAGE),
+            "the imported image is not listed as {BUSYBOX_IMAGE}: {}",
+            out.stdout
+        );
+        Ok(BUSYBOX_IMAGE)
+    }
+
+    /// Task ids `ctr task ls` lists.
+    pub fn task_ids(&self) -> Result<Vec<String>> {
+        self.list_ids(&["tasks", "ls", "-q"])
+    }
+
+    /// Container ids `ctr containers ls` lists.
+    pub fn container_ids(&self) -> Result<Vec<String>> {
+        self.list_ids(&["containers", "ls", "-q"])
+    }
+
+    fn list_ids(&self, args: &[&str]) -> Result<Vec<String>> {
+        let out = self.ctr(args)?;
+        ensure!(out.success(), "ctr {args:?}: {}", out.stderr.trim());
+        Ok(out
+            .stdout
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect())
+    }
+
+    /// Best effort: kills and deletes every task and container of the test namespace.
+    fn remove_everything(&self) {
+        let short = Duration::from_secs(60);
+        for task in self.task_ids().unwrap_or_default() {
+            let _ = self.ctr_timeout(&["tasks", "kill", "-s", "SIGKILL", &task], short);
+            let _ = self.ctr_timeout(&["tasks", "delete", "-f", &task], short);
+        }
+        for c in self.container_ids().unwrap_or_default() {
+            let _ = self.ctr_timeout(&["containers", "rm", &c], short);
+        }
+    }
+
+    /// Shim processes this containerd started (their command line names its socket).
+    pub fn shim_pids(&self) -> Vec<u32> {
+        let needle = self.socket.to_string_lossy().into_owned();
+        crate::vm_harness::processes_mentioning(&needle)
+            .into_iter()
+            .filter(|(_, cmd)| cmd.contains("containerd-shim"))
+            .map(|(pid, _)| pid)
+            .collect()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        self.remove_everything();
+        let shims = self.shim_pids();
+        if let Some(mut child) = self.child.take() {
+            terminate(&mut child, Duration::from_secs(10));
+        }
+        for pid in shims {
+            // SAFETY: kill(2) on a pid we just found running a shim of this containerd.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+        unmount_under(&self.dir);
+        let _ = std::fs::remove_dir_all(&self.dir);
+        for f in &self.extra_files {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+/// Writes a shim config for the built artifacts (see [`Containerd::start_crx`]);
+/// returns its path (under /tmp, unique).
+pub fn write_crx_config(extra: &str) -> Result<PathBuf> {
+    use crate::artifacts;
+    let text = format!(
+        "hypervisor = \"qemu\"\nkernel = {:?}\ninitramfs = {:?}\ncrx_vmm = {:?}\nqemu = {:?}\n\
+         agent_timeout_secs = 120\nlog_level = \"debug\"\n{extra}\n",
+        artifacts::guest_kernel()?,
+        artifacts::guest_initramfs()?,
+        artifacts::static_binary("crx-vmm")?,
+        artifacts::qemu_binary()?,
+    );
+    let file = tempfile::Builder::new()
+        .prefix("crx-shim-config-")
+        .suffix(".toml")
+        .tempfile_in("/tmp")
+        .context("creating the shim config")?;
+    std::fs::write(file.path(), text)?;
+    let (_, path) = file.keep().context("keeping the shim config")?;
+    Ok(path)
+}
+
+/// What a pod left on the host: VM processes naming its run directory, mounts under
+/// it, the directory itself. Empty when the pod is fully gone.
+pub fn pod_leftovers(sandbox_id: &str) -> Vec<String> {
+    let root = Path::new("/run/crx").join(sandbox_id);
+    let needle = format!("{}/", root.display());
+    let mut left: Vec<String> = crate::vm_harness::processes_mentioning(&needle)
+        .into_iter()
+        .map(|(pid, cmd)| format!("process {pid}: {cmd}"))
+        .collect();
+    left.extend(
+        mounts_under(&root)
+            .into_iter()
+            .map(|m| format!("mount {}", m.display())),
+    );
+    if root.exists() {
+        left.push(format!("directory {}", root.display()));
+    }
+    left
+}
+
+/// Polls until `check` returns an empty list or `timeout` passes; returns the last list.
+pub fn wait_until_empty(timeout: Duration, mut check: impl FnMut() -> Vec<String>) -> Vec<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = check();
+        if left.is_empty() || Instant::now() > deadline {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn terminate(child: &mut Child, grace: Duration) {
+    // SAFETY: kill(2) on our own child, which we have not reaped yet.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+}
+
+/// containerd 1.6's config: everything under `dir`, no CRI.
+fn config_toml(dir: &Path, socket: &Path) -> String {
+    let d = dir.display();
+    format!(
+        r#"version = 2
+root = "{d}/root"
+state = "{d}/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.devmapper"]
+
+[grpc]
+  address = "{s}"
+
+[ttrpc]
+  address = "{s}.ttrpc"
+
+[debug]
+  level = "debug"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/opt"
+"#,
+        s = socket.display()
+    )
+}
+
+/// Mount points at or below `dir`, deepest first (from `/proc/self/mountinfo`).
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut found: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape_mountinfo(p)))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() {
+            let digits = std::str::from_utf8(&bytes[i + 1..i + 4]).unwrap_or("");
+            if let Ok(v) = u8::from_str_radix(digits, 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Detaches every mount at or below `dir`, deepest first.
+pub fn unmount_under(dir: &Path) {
+    for _ in 0..3 {
+        let mounts = mounts_under(dir);
+        if mounts.is_empty() {
+            return;
+        }
+        for m in mounts {
+            let Ok(c) = std::ffi::CString::new(m.as_os_str().as_encoded_bytes()) else {
+                continue;
+            };
+            // SAFETY: umount2 with a valid NUL-terminated path; MNT_DETACH never blocks.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Stores `data` as a blob of the OCI layout at `oci`; returns (digest, size).
+fn put_blob(oci: &Path, data: &[u8]) -> Result<(String, usize)> {
+    let tmp = oci.join("blob.tmp");
+    std::fs::write(&tmp, data)?;
+    put_blob_file(oci, &tmp)
+}
+
+fn put_blob_file(oci: &Path, file: &Path) -> Result<(String, usize)> {
+    let sum = run(Command::new("sha256sum").arg(file))?;
+    let hex = sum
+        .split_whitespace()
+        .next()
+        .filter(|h| h.len() == 64)
+        .with_context(|| format!("sha256sum printed {sum:?}"))?
+        .to_owned();
+    let size = usize::try_from(std::fs::metadata(file)?.len())?;
+    let blobs = oci.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs)?;
+    std::fs::rename(file, blobs.join(&hex))?;
+    Ok((format!("sha256:{hex}"), size))
+}
+
+/// Builds the busybox OCI image tarball under `work`; returns its path.
+pub fn build_busybox_image(work: &Path) -> Result<PathBuf> {
+    let busybox = Path::new("/bin/busybox");
+    ensure!(
+        busybox.is_file(),
+        "/bin/busybox missing: apt-get install busybox-static"
+    );
+    let _ = std::fs::remove_dir_all(work);
+    let layer = work.join("layer");
+    let bin = layer.join("bin");
+    std::fs::create_dir_all(&bin)?;
+    for d in ["etc", "proc", "sys", "dev", "tmp", "root"] {
+        std::fs::create_dir_all(layer.join(d))?;
+    }
+    std::fs::copy(busybox, bin.join("busybox"))?;
+    let applets = run(Command::new(busybox).arg("--list"))?;
+    for applet in applets.lines().map(str::trim) {
+        if applet.is_empty() || applet == "busybox" || applet.contains('/') {
+            continue;
+        }
+        std::os::unix::fs::symlink("busybox", bin.join(applet))?;
+    }
+    std::fs::write(layer.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
+    std::fs::write(layer.join("etc/group"), "root:x:0:\n")?;
+
+    let oci = work.join("oci");
+    std::fs::create_dir_all(&oci)?;
+    let layer_tar = work.join("layer.tar");
+    run(Command::new("tar")
+        .args(["--numeric-owner", "--owner=0", "--group=0", "-C"])
+        .arg(&layer)
+        .arg("-cf")
+        .arg(&layer_tar)
+        .arg("."))?;
+    let (layer_digest, layer_size) = put_blob_file(&oci, &layer_tar)?;
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {
+            "Cmd": ["/bin/sh"],
+            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+            "WorkingDir": "/"
+        },
+        "rootfs": {"type": "layers", "diff_ids": [layer_digest]}
+    });
+    let (config_digest, config_size) = put_blob(&oci, &serde_json::to_vec(&config)?)?;
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": config_digest, "size": config_size
+        },
+        "layers": [{
+            "mediaType": "application/vnd.oci.image.layer.v1.tar",
+            "digest": layer_digest, "size": layer_size
+        }]
+    });
+    let (manifest_digest, manifest_size) = put_blob(&oci, &serde_json::to_vec(&manifest)?)?;
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest_digest, "size": manifest_size,
+            "platform": {"architecture": "amd64", "os": "linux"},
+            "annotations": {
+                "io.containerd.image.name": BUSYBOX_IMAGE,
+                "org.opencontainers.image.ref.name": "latest"
+            }
+        }]
+    });
+    std::fs::write(oci.join("index.json"), serde_json::to_vec(&index)?)?;
+    std::fs::write(oci.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    let tar = work.join("busybox-oci.tar");
+    run(Command::new("tar")
+        .args(["--numeric-owner", "--owner=0", "--group=0", "-C"])
+        .arg(&oci)
+        .arg("-cf")
+        .arg(&tar)
+        .args(["oci-layout", "index.json", "blobs"]))?;
+    Ok(tar)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape_mountinfo(r"/a\040b"), "/a b");
+        assert_eq!(unescape_mountinfo(r"/a\134b"), r"/a\b");
+        assert_eq!(unescape_mountinfo(r"/plain"), "/plain");
+        assert_eq!(unescape_mountinfo(r"/end\04"), r"/end\04");
+    }
+}

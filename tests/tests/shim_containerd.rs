@@ -1,0 +1,281 @@
+//! containerd-shim-crx-v2 under a real containerd (Debian's 1.6, private config, root,
+//! state and socket; see `crx_tests::containerd`), with a busybox image built locally
+//! from `busybox-static`, pods on the QEMU/TCG backend with the built guest kernel,
+//! initramfs and static crx-vmm.
+//!
+//! Every crx case checks that the pod left nothing behind: no VM process, no mount,
+//! no `/run/crx/<pod>` entry, no shim process or socket, no task in `ctr task ls`.
+//!
+//! Run one at a time (they share the host's `/run/crx` and `/run/containerd/s`):
+//! `cargo build -p containerd-shim-crx-v2 && cargo test -p crx-tests --test shim_containerd -- --test-threads=1`.
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::path::Path;
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use anyhow::{bail, ensure, Context, Result};
+    use crx_tests::containerd::{self, pod_leftovers, wait_until_empty, Containerd, CtrOutput};
+    use crx_tests::vm_harness::processes_mentioning;
+
+    const CRX: &str = "io.containerd.crx.v2";
+    /// How long the host may take to release a pod after its last task went.
+    const RELEASE: Duration = Duration::from_secs(30);
+
+    /// Shim sockets containerd-shim creates (`/run/containerd/s/<hash>`).
+    fn shim_sockets() -> BTreeSet<String> {
+        std::fs::read_dir("/run/containerd/s")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// Nothing of pod `id` is left: processes, mounts, run dir, shims, sockets, tasks.
+    fn assert_nothing_left(ctrd: &Containerd, id: &str, sockets_before: &BTreeSet<String>) -> Result<()> {
+        let left = wait_until_empty(RELEASE, || {
+            let mut l = pod_leftovers(id);
+            l.extend(ctrd.shim_pids().into_iter().map(|p| format!("shim process {p}")));
+            l.extend(
+                shim_sockets()
+                    .difference(sockets_before)
+                    .map(|s| format!("shim socket /run/containerd/s/{s}")),
+            );
+            l
+        });
+        ensure!(left.is_empty(), "pod {id} left: {left:#?}\n{}", ctrd.log_tail(30));
+        let tasks = ctrd.task_ids()?;
+        ensure!(tasks.is_empty(), "ctr task ls still lists {tasks:?}");
+        Ok(())
+    }
+
+    /// The harness itself, with runc: the image runs, output and exit code come back,
+    /// and nothing of the private containerd is left after drop.
+    #[test]
+    fn harness_runs_busybox_with_runc() -> Result<()> {
+        let ctrd = Containerd::start(&[])?;
+        let image = ctrd.import_busybox()?;
+        let out = ctrd.ctr(&["run", "--rm", image, "runc-t1", "/bin/echo", "hi"])?;
+        ensure!(
+            out.success() && out.stdout == "hi\n",
+            "ctr run: {out:?}\n{}",
+            ctrd.log_tail(20)
+        );
+        let out = ctrd.ctr(&["run", "--rm", image, "runc-t2", "/bin/sh", "-c", "exit 7"])?;
+        ensure!(out.code == Some(7), "exit code did not pass through: {out:?}");
+        ensure!(ctrd.task_ids()?.is_empty(), "tasks left after --rm");
+        let dir = ctrd.dir().to_path_buf();
+        drop(ctrd);
+        ensure!(!dir.exists(), "{} left behind", dir.display());
+        ensure!(
+            containerd::mounts_under(&dir).is_empty(),
+            "mounts left under {}",
+            dir.display()
+        );
+        Ok(())
+    }
+
+    /// A trivial container through `ctr run --runtime io.containerd.crx.v2`: a real
+    /// VM boots on QEMU/TCG and the agent answers. The container then either runs
+    /// (output and exit code through containerd) or, while the agent cannot run
+    /// containers yet, ctr fails naming the agent call that is not implemented. Either
+    /// way the pod leaves nothing behind, and a second run works the same.
+    #[test]
+    fn ctr_run_on_crx_runs_or_names_the_missing_agent_call_and_leaves_nothing() -> Result<()> {
+        let ctrd = Containerd::start_crx("")?;
+        let image = ctrd.import_busybox()?;
+        let sockets = shim_sockets();
+        for (id, code) in [("crx-run1", 0), ("crx-run2", 3)] {
+            let started = Instant::now();
+            let out = ctrd.ctr(&[
+                "run", "--rm", "--runtime", CRX, image, id, "/bin/sh", "-c",
+                &format!("echo hi; exit {code}"),
+            ])?;
+            let took = started.elapsed();
+            if out.success() || out.code == Some(code) {
+                ensure!(out.code == Some(code) && out.stdout == "hi\n", "{id}: {out:?}");
+            } else {
+                ensure!(
+                    out.stderr.contains("does not implement") && out.stderr.contains("not implemented"),
+                    "{id}: ctr failed without naming an unimplemented agent call: {out:?}\n{}",
+                    ctrd.log_tail(30)
+                );
+            }
+            eprintln!("{id}: ctr run took {took:?}: {}", out.stderr.trim());
+            assert_nothing_left(&ctrd, id, &sockets)?;
+            ensure!(ctrd.container_ids()?.is_empty(), "containers left after --rm");
+        }
+        let log = std::fs::read_to_string(ctrd.dir().join("containerd.log"))?;
+        ensure!(
+            log.contains("pod VM ready"),
+            "the shim's own log did not reach containerd's log"
+        );
+        Ok(())
+    }
+
+    /// containerd's runtime option `ConfigPath` (`ctr --runtime-config-path`) selects
+    /// the shim's config; a config naming a missing kernel fails with that path in the
+    /// error, before any VM process starts.
+    #[test]
+    fn a_missing_kernel_named_by_config_path_is_reported_and_nothing_is_left() -> Result<()> {
+        let ctrd = Containerd::start_crx("")?;
+        let image = ctrd.import_busybox()?;
+        let sockets = shim_sockets();
+        let bad = ctrd.dir().join("bad-crx.toml");
+        std::fs::write(&bad, "hypervisor = \"qemu\"\nkernel = \"/nonexistent/crx/vmlinux\"\n")?;
+        let bad = bad.to_string_lossy().into_owned();
+        let out = ctrd.ctr(&[
+            "run", "--rm", "--runtime", CRX, "--runtime-config-path", &bad, image, "crx-badk",
+            "/bin/true",
+        ])?;
+        ensure!(!out.success(), "a missing kernel was accepted: {out:?}");
+        ensure!(
+            out.stderr.contains("/nonexistent/crx/vmlinux"),
+            "the error does not name the kernel: {out:?}"
+        );
+        assert_nothing_left(&ctrd, "crx-badk", &sockets)
+    }
+
+    /// Starts `ctr run` of a pod in the background, waits until its QEMU runs, and
+    /// returns the child and QEMU's pid.
+    fn run_until_qemu(ctrd: &Containerd, image: &str, id: &str) -> Result<(std::process::Child, u32)> {
+        let child = Command::new("timeout")
+            .args(["180", "ctr", "-a"])
+            .arg(ctrd.socket())
+            .args(["-n", containerd::NAMESPACE, "run", "--rm", "--runtime", CRX, image, id, "/bin/true"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning ctr run")?;
+        let needle = format!("/run/crx/{id}/");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let qemu = processes_mentioning(&needle)
+                .into_iter()
+                .find(|(_, cmd)| cmd.contains("qemu-system"));
+            if let Some((pid, _)) = qemu {
+                return Ok((child, pid));
+            }
+            if Instant::now() > deadline {
+                bail!("no QEMU for {id} within 60 s\n{}", ctrd.log_tail(30));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn finish(child: std::process::Child) -> Result<CtrOutput> {
+        Ok(CtrOutput::from(child.wait_with_output()?))
+    }
+
+    fn kill(pid: u32) {
+        // SAFETY: kill(2) on a pid the test just found; SIGKILL is the fault injected.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    }
+
+    /// Fault: the VMM dies while the pod boots. ctr fails promptly (not at the agent
+    /// deadline) saying the pod VM ended, and the pod leaves nothing behind.
+    #[test]
+    fn a_vmm_killed_during_boot_fails_the_task_and_leaves_nothing() -> Result<()> {
+        let ctrd = Containerd::start_crx("")?;
+        let image = ctrd.import_busybox()?;
+        let sockets = shim_sockets();
+        let (child, qemu) = run_until_qemu(&ctrd, image, "crx-vmmkill")?;
+        let killed_at = Instant::now();
+        kill(qemu);
+        let out = finish(child)?;
+        ensure!(!out.success(), "ctr run succeeded without its VM: {out:?}");
+        ensure!(
+            out.stderr.contains("pod VM ended"),
+            "the error does not say the VM ended: {out:?}"
+        );
+        ensure!(
+            killed_at.elapsed() < Duration::from_secs(30),
+            "ctr took {:?} to report the dead VM",
+            killed_at.elapsed()
+        );
+        assert_nothing_left(&ctrd, "crx-vmmkill", &sockets)
+    }
+
+    /// Fault: the shim is killed while its pod boots. The VM dies with it, containerd
+    /// runs the shim's `delete`, and nothing of the pod is left.
+    #[test]
+    fn a_shim_killed_during_boot_leaves_nothing() -> Result<()> {
+        let ctrd = Containerd::start_crx("")?;
+        let image = ctrd.import_busybox()?;
+        let sockets = shim_sockets();
+        let (child, _qemu) = run_until_qemu(&ctrd, image, "crx-shimkill")?;
+        let shims = ctrd.shim_pids();
+        ensure!(!shims.is_empty(), "no shim process found");
+        for pid in shims {
+            kill(pid);
+        }
+        let out = finish(child)?;
+        ensure!(!out.success(), "ctr run succeeded without its shim: {out:?}");
+        assert_nothing_left(&ctrd, "crx-shimkill", &sockets)
+    }
+
+    /// The `delete` action after a shim died: it kills the VM processes the shim left,
+    /// unmounts and removes `/run/crx/<pod>`, prints a DeleteResponse, and a second
+    /// run succeeds with nothing to do.
+    #[test]
+    fn shim_delete_releases_what_a_dead_shim_left_and_is_idempotent() -> Result<()> {
+        let shim = containerd::shim_dir()?.join("containerd-shim-crx-v2");
+        let id = "crx-delete-test";
+        let bundle = tempfile::tempdir()?;
+        std::fs::write(bundle.path().join("config.json"), br#"{"ociVersion":"1.0.2"}"#)?;
+        let root = Path::new("/run/crx").join(id);
+        let rootfs = root.join("share").join(id).join("rootfs");
+        std::fs::create_dir_all(&rootfs)?;
+        let src = bundle.path().join("src");
+        std::fs::create_dir_all(&src)?;
+        std::fs::write(src.join("precious"), "keep")?;
+        let status = Command::new("mount").args(["--bind"]).arg(&src).arg(&rootfs).status()?;
+        ensure!(status.success(), "bind mount failed");
+        // Stands in for a VM process: its command line names the pod's run directory.
+        let mut vm = Command::new("tail")
+            .arg("-F")
+            .arg(root.join("agent.vsock"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let delete = || -> Result<std::process::Output> {
+            Command::new(&shim)
+                .args(["-namespace", "crx-test", "-address", "/nonexistent/containerd.sock", "-id", id, "delete"])
+                .env("TTRPC_ADDRESS", "/nonexistent/containerd.sock.ttrpc")
+                .current_dir(bundle.path())
+                .output()
+                .context("running the shim's delete")
+        };
+        let first = delete()?;
+        let reaped = vm.try_wait()?.is_some() || {
+            std::thread::sleep(Duration::from_millis(200));
+            vm.try_wait()?.is_some()
+        };
+        if !reaped {
+            let _ = vm.kill();
+        }
+        ensure!(
+            first.status.success(),
+            "delete failed: {}",
+            String::from_utf8_lossy(&first.stderr)
+        );
+        ensure!(!first.stdout.is_empty(), "delete printed no DeleteResponse");
+        ensure!(reaped, "the left-over VM process survived delete");
+        ensure!(pod_leftovers(id).is_empty(), "left: {:?}", pod_leftovers(id));
+        ensure!(
+            std::fs::read_to_string(src.join("precious"))? == "keep",
+            "delete removed files through a mount"
+        );
+        let second = delete()?;
+        ensure!(
+            second.status.success(),
+            "second delete failed: {}",
+            String::from_utf8_lossy(&second.stderr)
+        );
+        Ok(())
+    }
+}
