@@ -293,12 +293,25 @@ mod tests {
             .collect()
     }
 
+    /// The threads once every one is filtered (the main thread confines itself just
+    /// after the vCPUs start, so it may trail the guest's ready line).
+    fn wait_all_filtered(pid: u32) -> Vec<(String, String)> {
+        let start = Instant::now();
+        loop {
+            let threads = thread_filters(pid);
+            if threads.iter().all(|(_, mode)| mode == "2") || start.elapsed() > DEADLINE {
+                return threads;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     #[test]
     fn a_booted_vm_has_every_thread_filtered_unless_told_otherwise() {
         common::require_kvm();
         let dir = common::test_dir("seccomp-boot");
         let child = start_spinning(&dir, &[]);
-        let threads = thread_filters(child.id());
+        let threads = wait_all_filtered(child.id());
         assert!(
             threads.iter().any(|(n, _)| n == "crx-vcpu-0"),
             "{threads:?}"
@@ -317,9 +330,8 @@ mod tests {
 
     fn host_mounts_under(path: &Path) -> Vec<String> {
         let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        let needle = path.to_str().unwrap();
         text.lines()
-            .filter(|l| l.split(' ').nth(4).is_some_and(|m| m.starts_with(needle)))
+            .filter(|l| l.split(' ').nth(4).is_some_and(|m| Path::new(m).starts_with(path)))
             .map(String::from)
             .collect()
     }
@@ -344,6 +356,7 @@ mod tests {
             ],
         );
         let pid = child.id();
+        wait_all_filtered(pid);
         assert_eq!(status_field(pid, None, "CapEff").as_deref(), Some("0000000000000000"));
         assert_eq!(status_field(pid, None, "CapBnd").as_deref(), Some("0000000000000000"));
         assert_eq!(status_field(pid, None, "NoNewPrivs").as_deref(), Some("1"));
@@ -414,6 +427,81 @@ mod tests {
         assert!(stop(child).success());
         let _ = Command::new("umount").args(["-R", share_s]).status();
         assert!(host_mounts_under(&dir).is_empty(), "{:?}", host_mounts_under(&dir));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn jail_uid_and_gid_are_taken_with_no_capability_left() {
+        common::require_kvm();
+        let dir = common::test_dir("jail-uid");
+        let jail = dir.join("root");
+        std::fs::create_dir_all(&jail).unwrap();
+        let child = start_spinning(
+            &dir,
+            &[
+                "--jail",
+                jail.to_str().unwrap(),
+                "--jail-uid",
+                "65534",
+                "--jail-gid",
+                "65533",
+            ],
+        );
+        let pid = child.id();
+        assert_eq!(
+            status_field(pid, None, "Uid").as_deref(),
+            Some("65534\t65534\t65534\t65534")
+        );
+        assert_eq!(
+            status_field(pid, None, "Gid").as_deref(),
+            Some("65533\t65533\t65533\t65533")
+        );
+        assert_eq!(status_field(pid, None, "Groups").as_deref(), Some(""));
+        assert_eq!(status_field(pid, None, "CapPrm").as_deref(), Some("0000000000000000"));
+        assert!(stop(child).success());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_vhost_user_vsock_back_end_jails_itself_around_its_sockets() {
+        let dir = common::test_dir("jail-vhu");
+        let jail = dir.join("root");
+        let run = dir.join("run");
+        std::fs::create_dir_all(&jail).unwrap();
+        std::fs::create_dir_all(&run).unwrap();
+        let (socket, uds) = (run.join("vhu.sock"), run.join("vsock.sock"));
+        let mut child = Command::new(BIN)
+            .arg("vhost-user-vsock")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--uds")
+            .arg(&uds)
+            .arg("--jail")
+            .arg(&jail)
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while socket.symlink_metadata().is_err() {
+            assert!(child.try_wait().unwrap().is_none(), "back end ended early");
+            assert!(start.elapsed() < DEADLINE, "no vhost-user socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let pid = child.id();
+        assert_eq!(status_field(pid, None, "CapEff").as_deref(), Some("0000000000000000"));
+        assert_eq!(status_field(pid, None, "NoNewPrivs").as_deref(), Some("1"));
+        assert_eq!(status_field(pid, None, "Seccomp").as_deref(), Some("2"));
+        let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+        let mounts: Vec<&str> = mountinfo
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .collect();
+        assert_eq!(mounts, ["/", run.to_str().unwrap()], "{mountinfo}");
+        assert!(uds.symlink_metadata().is_ok(), "hybrid socket made on the host");
+        assert!(stop(child).success());
+        assert!(socket.symlink_metadata().is_err() && uds.symlink_metadata().is_err());
+        assert!(host_mounts_under(&dir).is_empty());
         std::fs::remove_dir_all(dir).unwrap();
     }
 

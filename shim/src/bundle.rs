@@ -85,7 +85,16 @@ mod tests {
 
     #[test]
     fn ids_that_could_escape_a_directory_are_refused() {
-        for bad in ["", "..", "../x", "a/b", ".hidden", "-x", &"a".repeat(77), "a b"] {
+        for bad in [
+            "",
+            "..",
+            "../x",
+            "a/b",
+            ".hidden",
+            "-x",
+            &"a".repeat(77),
+            "a b",
+        ] {
             assert!(check_id("id", bad).is_err(), "{bad:?}");
         }
         for good in ["abc", "a.b_c-d", "0123456789abcdef"] {

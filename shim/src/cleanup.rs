@@ -25,12 +25,14 @@ pub fn delete_action(bundle_dir: &Path, id: &str) -> Result<(), String> {
         }
     };
     let paths = PodPaths::new(&sandbox);
-    remove_stale_shim_socket(bundle_dir);
     if shim_alive(&paths) {
         tracing::info!(%sandbox, container = id, "pod shim still running: releasing only this container");
         return rootfs::remove_tree(&paths.container_dir(id)).map_err(|e| e.to_string());
     }
-    release_pod(&paths)
+    let released = release_pod(&paths);
+    // After the VM processes are gone: none of them may still hold the socket.
+    remove_stale_shim_socket(bundle_dir);
+    released
 }
 
 /// Kills what is left of a pod whose shim is gone and removes its run directory.

@@ -107,7 +107,9 @@ impl ShimConfig {
             ..ShimConfig::default()
         };
         if let Some(h) = raw.hypervisor {
-            c.hypervisor = h.parse().map_err(|e: String| bad(format!("hypervisor: {e}")))?;
+            c.hypervisor = h
+                .parse()
+                .map_err(|e: String| bad(format!("hypervisor: {e}")))?;
         }
         for (slot, value, key) in [
             (&mut c.kernel, raw.kernel, "kernel"),
@@ -145,7 +147,9 @@ impl ShimConfig {
         }
         if let Some(t) = raw.agent_timeout_secs {
             if t == 0 || t > 3600 {
-                return Err(bad(format!("agent_timeout_secs: {t} is not between 1 and 3600")));
+                return Err(bad(format!(
+                    "agent_timeout_secs: {t} is not between 1 and 3600"
+                )));
             }
             c.agent_timeout = Duration::from_secs(t);
         }
@@ -258,6 +262,17 @@ mod tests {
                 "{text}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn the_shipped_example_states_the_defaults() {
+        let example = include_str!("../config.toml.example");
+        let c = parse(example).unwrap();
+        let defaults = ShimConfig {
+            source: c.source.clone(),
+            ..ShimConfig::default()
+        };
+        assert_eq!(c, defaults);
     }
 
     #[test]

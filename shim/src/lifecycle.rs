@@ -29,7 +29,11 @@ impl Shim for CrxShim {
         let level = ShimConfig::resolve(None)
             .map(|c| c.log_level)
             .unwrap_or_else(|_| "info".into());
-        let level = if args.debug { "debug".to_owned() } else { level };
+        let level = if args.debug {
+            "debug".to_owned()
+        } else {
+            level
+        };
         match args.action.as_str() {
             "" => logging::init_server(&level),
             "delete" => logging::init_action(&level),
@@ -55,8 +59,8 @@ impl Shim for CrxShim {
     /// derived from the sandbox id, and a second server on it steps aside).
     async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
         let spec = bundle::read_spec(&self.bundle).map_err(|e| Error::Other(e.to_string()))?;
-        let grouping =
-            bundle::sandbox_id(&spec, &opts.id).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let grouping = bundle::sandbox_id(&spec, &opts.id)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         tracing::info!(id = %opts.id, sandbox = %grouping, "start");
         let address = spawn(opts, &grouping, Vec::new()).await?;
         std::fs::write(self.bundle.join("address"), address.as_bytes())

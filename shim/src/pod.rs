@@ -12,8 +12,7 @@ use crx_protocols::v1::container_ttrpc::ContainersClient;
 use crx_protocols::v1::sandbox_ttrpc::SandboxClient;
 use crx_shim::config::ShimConfig;
 use crx_shim::vm::{
-    select_backend, BackendKind, SerialOutput, SharedDir, Vm, VmConfig, VmDevices, VmError,
-    VmExit,
+    select_backend, BackendKind, SerialOutput, SharedDir, Vm, VmConfig, VmDevices, VmError, VmExit,
 };
 
 use crate::rootfs::{PodPaths, SHARE_TAG};
@@ -96,6 +95,7 @@ impl Pod {
                 ..Default::default()
             },
         };
+        close_on_exec_inherited();
         let wanted = config.hypervisor;
         let started = Instant::now();
         let vm = tokio::task::spawn_blocking(move || {
@@ -106,6 +106,12 @@ impl Pod {
         .await
         .map_err(|e| PodError::Join(e.to_string()))??;
         let backend = vm.kind();
+        if config.jail && backend == BackendKind::CrxVmm {
+            // VmConfig has no jail switch yet: say so rather than imply a jail.
+            tracing::warn!(
+                "jail = true, but this build's crx-vmm backend does not take a jail option yet"
+            );
+        }
         let agent_socket = vm.agent_socket().to_path_buf();
         let vm = Arc::new(Mutex::new(vm));
         let addr = AgentAddress::HybridVsock {
@@ -143,15 +149,14 @@ impl Pod {
         // The ready clients cover Health/Agent/Storage; Sandbox and Containers get a
         // connection of their own.
         let conn_addr = addr.clone();
-        let client = match tokio::task::spawn_blocking(move || {
-            conn_addr.connect(Duration::from_secs(10))
-        })
-        .await
-        {
-            Ok(Ok(stream)) => hybrid_vsock::ttrpc_client(stream).map_err(PodError::Connect),
-            Ok(Err(e)) => Err(PodError::Connect(e)),
-            Err(e) => Err(PodError::Join(e.to_string())),
-        };
+        let client =
+            match tokio::task::spawn_blocking(move || conn_addr.connect(Duration::from_secs(10)))
+                .await
+            {
+                Ok(Ok(stream)) => hybrid_vsock::ttrpc_client(stream).map_err(PodError::Connect),
+                Ok(Err(e)) => Err(PodError::Connect(e)),
+                Err(e) => Err(PodError::Join(e.to_string())),
+            };
         let client = match client {
             Ok(c) => c,
             Err(e) => {
@@ -185,6 +190,28 @@ impl Pod {
     }
 }
 
+/// Marks every open descriptor above stderr close-on-exec, so VM processes inherit
+/// none of the shim's (its ttrpc listener above all: a VMM holding it would keep a
+/// dead shim's socket answering). Descriptors a backend passes on purpose are opened
+/// later, by the backend.
+fn close_on_exec_inherited() {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    for fd in fds {
+        // A descriptor closed since the listing fails with EBADF: nothing to do.
+        if let Ok(bits) = fcntl(fd, FcntlArg::F_GETFD) {
+            let flags = FdFlag::from_bits_truncate(bits) | FdFlag::FD_CLOEXEC;
+            let _ = fcntl(fd, FcntlArg::F_SETFD(flags));
+        }
+    }
+}
+
 fn lock(vm: &Mutex<Box<dyn Vm>>) -> std::sync::MutexGuard<'_, Box<dyn Vm>> {
     // A panic while holding the VM cannot leave it in a state worse than a dead VM.
     vm.lock().unwrap_or_else(|p| p.into_inner())
@@ -204,7 +231,8 @@ async fn stop_vm(vm: Arc<Mutex<Box<dyn Vm>>>) -> String {
 async fn watch_boot(vm: Arc<Mutex<Box<dyn Vm>>>) -> String {
     loop {
         let v = vm.clone();
-        let polled = tokio::task::spawn_blocking(move || lock(&v).wait_timeout(Duration::ZERO)).await;
+        let polled =
+            tokio::task::spawn_blocking(move || lock(&v).wait_timeout(Duration::ZERO)).await;
         match polled {
             Ok(Ok(None)) => tokio::time::sleep(Duration::from_millis(50)).await,
             Ok(Ok(Some(exit))) => return exit.to_string(),

@@ -149,6 +149,43 @@ pub fn mount_container_rootfs(
     Ok(target)
 }
 
+/// Binds each host path into `<share>/<container>/mounts/<index>` (a file for a
+/// file, a directory otherwise); returns `(index, guest path)` for the spec. On
+/// error what was bound stays for the container's clean-up (`remove_tree`).
+pub fn bind_into_share(
+    paths: &PodPaths,
+    container_id: &str,
+    binds: &[crate::translate::HostBind],
+) -> Result<Vec<(usize, String)>, RootfsError> {
+    let dir = paths.container_dir(container_id).join("mounts");
+    let mut out = Vec::with_capacity(binds.len());
+    for b in binds {
+        let target = dir.join(b.index.to_string());
+        mkdir(&dir)?;
+        if b.source.is_dir() {
+            mkdir(&target)?;
+        } else {
+            std::fs::File::create(&target).map_err(|source| RootfsError::Mkdir {
+                path: target.clone(),
+                source,
+            })?;
+        }
+        mount(
+            Some(&b.source),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|e| mount_err(&format!("host path {:?}", b.source), &target, e))?;
+        out.push((
+            b.index,
+            format!("{GUEST_SHARE}/{container_id}/mounts/{}", b.index),
+        ));
+    }
+    Ok(out)
+}
+
 /// Mount points at or below `dir`, deepest first (from `/proc/self/mountinfo`).
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
@@ -242,18 +279,73 @@ mod tests {
         std::fs::create_dir_all(&src).unwrap();
         std::fs::create_dir_all(&tgt).unwrap();
         std::fs::write(src.join("keep"), "precious").unwrap();
-        mount(Some(&src), &tgt, None::<&str>, MsFlags::MS_BIND, None::<&str>).unwrap();
+        mount(
+            Some(&src),
+            &tgt,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
         assert_eq!(mounts_under(&dir.path().join("tree")), vec![tgt.clone()]);
         remove_tree(&dir.path().join("tree")).unwrap();
         assert!(!dir.path().join("tree").exists());
         // The bind source kept its file: removal went through no mount.
-        assert_eq!(std::fs::read_to_string(src.join("keep")).unwrap(), "precious");
+        assert_eq!(
+            std::fs::read_to_string(src.join("keep")).unwrap(),
+            "precious"
+        );
+    }
+
+    #[test]
+    fn host_binds_land_in_the_share_and_go_with_it() {
+        let src = tempfile::tempdir().unwrap();
+        std::fs::write(src.path().join("hosts"), "127.0.0.1 pod\n").unwrap();
+        std::fs::create_dir(src.path().join("vol")).unwrap();
+        std::fs::write(src.path().join("vol/data"), "v").unwrap();
+        let paths = PodPaths::new(&format!("crx-unit-bind-{}", std::process::id()));
+        let binds = [
+            crate::translate::HostBind {
+                index: 3,
+                source: src.path().join("hosts"),
+            },
+            crate::translate::HostBind {
+                index: 5,
+                source: src.path().join("vol"),
+            },
+        ];
+        let guest = bind_into_share(&paths, "c1", &binds).unwrap();
+        assert_eq!(
+            guest[0],
+            (3, "/run/crx/storage/share/c1/mounts/3".to_string())
+        );
+        let mounts = paths.container_dir("c1").join("mounts");
+        assert_eq!(
+            std::fs::read_to_string(mounts.join("3")).unwrap(),
+            "127.0.0.1 pod\n"
+        );
+        assert_eq!(std::fs::read_to_string(mounts.join("5/data")).unwrap(), "v");
+        let missing = [crate::translate::HostBind {
+            index: 0,
+            source: "/nonexistent/x".into(),
+        }];
+        let err = bind_into_share(&paths, "c2", &missing).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/x"), "{err}");
+        remove_tree(&paths.root).unwrap();
+        assert!(!paths.root.exists());
+        assert_eq!(
+            std::fs::read_to_string(src.path().join("vol/data")).unwrap(),
+            "v"
+        );
     }
 
     #[test]
     fn guest_paths_live_under_the_share() {
         assert_eq!(guest_rootfs("c1"), "/run/crx/storage/share/c1/rootfs");
         let p = PodPaths::new("pod1");
-        assert_eq!(p.container_rootfs("c1"), Path::new("/run/crx/pod1/share/c1/rootfs"));
+        assert_eq!(
+            p.container_rootfs("c1"),
+            Path::new("/run/crx/pod1/share/c1/rootfs")
+        );
     }
 }

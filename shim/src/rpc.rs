@@ -24,7 +24,10 @@ pub fn internal(message: impl Into<String>) -> Error {
 
 /// A task API call crx does not offer.
 pub fn unimplemented(call: &str, why: &str) -> Error {
-    status(Code::UNIMPLEMENTED, format!("crx: {call} is not supported: {why}"))
+    status(
+        Code::UNIMPLEMENTED,
+        format!("crx does not offer {call}: {why}"),
+    )
 }
 
 /// The code of a ttrpc error (UNKNOWN for transport errors).
@@ -42,8 +45,7 @@ pub fn agent_error(call: &str, e: Error) -> Error {
         Error::RpcStatus(s) if is_unimplemented(s) => status(
             Code::UNIMPLEMENTED,
             format!(
-                "the crx agent in the pod VM does not implement {call} yet ({}); \
-                 this crx build cannot run that part of a container",
+                "the crx agent in the pod VM does not implement {call}: {}",
                 s.message()
             ),
         ),
@@ -73,22 +75,41 @@ mod tests {
     fn an_unimplemented_agent_call_stays_unimplemented_and_names_the_call() {
         let e = agent_error(
             "Sandbox.CreateSandbox",
-            status(Code::UNIMPLEMENTED, "/crx.agent.v1.Sandbox/CreateSandbox is not supported"),
+            status(
+                Code::UNIMPLEMENTED,
+                "/crx.agent.v1.Sandbox/CreateSandbox is not supported",
+            ),
         );
         assert_eq!(code_of(&e), Code::UNIMPLEMENTED);
-        let Error::RpcStatus(s) = e else { panic!("not a status") };
-        assert!(s.message().contains("Sandbox.CreateSandbox"), "{}", s.message());
-        assert!(s.message().contains("does not implement"), "{}", s.message());
+        let Error::RpcStatus(s) = e else {
+            panic!("not a status")
+        };
+        assert!(
+            s.message().contains("Sandbox.CreateSandbox"),
+            "{}",
+            s.message()
+        );
+        assert!(
+            s.message().contains("does not implement"),
+            "{}",
+            s.message()
+        );
     }
 
     #[test]
     fn an_agent_without_the_service_counts_as_unimplemented() {
         let e = agent_error(
             "Sandbox.CreateSandbox",
-            status(Code::INVALID_ARGUMENT, "crx.agent.v1.Sandbox service does not exist"),
+            status(
+                Code::INVALID_ARGUMENT,
+                "crx.agent.v1.Sandbox service does not exist",
+            ),
         );
         assert_eq!(code_of(&e), Code::UNIMPLEMENTED);
-        let other = agent_error("Containers.CreateContainer", status(Code::INVALID_ARGUMENT, "bad spec"));
+        let other = agent_error(
+            "Containers.CreateContainer",
+            status(Code::INVALID_ARGUMENT, "bad spec"),
+        );
         assert_eq!(code_of(&other), Code::INVALID_ARGUMENT);
     }
 

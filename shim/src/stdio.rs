@@ -202,15 +202,21 @@ async fn connect(
         .map_err(|e| StdioError::Join(e.to_string()))?
 }
 
-fn handshake(socket: &Path, header: &StreamHeader, kind: StreamKind) -> Result<UnixStream, StdioError> {
+fn handshake(
+    socket: &Path,
+    header: &StreamHeader,
+    kind: StreamKind,
+) -> Result<UnixStream, StdioError> {
     let io = |source| StdioError::Connect {
         stream: kind,
         source,
     };
-    let mut conn = hybrid_vsock::connect(socket, crx_protocols::STDIO_VSOCK_PORT, HANDSHAKE_TIMEOUT)
-        .map_err(io)?;
+    let mut conn =
+        hybrid_vsock::connect(socket, crx_protocols::STDIO_VSOCK_PORT, HANDSHAKE_TIMEOUT)
+            .map_err(io)?;
     conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(io)?;
-    conn.write_all(&frame_header(header).map_err(io)?).map_err(io)?;
+    conn.write_all(&frame_header(header).map_err(io)?)
+        .map_err(io)?;
     let mut len = [0u8; 2];
     conn.read_exact(&mut len).map_err(io)?;
     let len = usize::from(u16::from_be_bytes(len));
@@ -268,6 +274,96 @@ mod tests {
         assert_eq!(len, f.len() - 6);
         let back = StreamHeader::parse_from_bytes(&f[6..]).unwrap();
         assert_eq!(back.container_id, "c1");
+    }
+
+    /// A stand-in for the VMM and the agent's stdio port: accepts one connection,
+    /// checks the CONNECT line and the CRXS header, answers `accept`, then writes
+    /// `output` and closes. Returns the header it got.
+    fn fake_agent(
+        listener: std::os::unix::net::UnixListener,
+        accept: StreamAccept,
+        output: &'static [u8],
+    ) -> std::thread::JoinHandle<StreamHeader> {
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut line = Vec::new();
+            let mut byte = [0u8; 1];
+            while conn.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
+                line.push(byte[0]);
+            }
+            assert_eq!(line, b"CONNECT 1026");
+            conn.write_all(b"OK 5000\n").unwrap();
+            let mut magic = [0u8; 6];
+            conn.read_exact(&mut magic).unwrap();
+            assert_eq!(&magic[..4], b"CRXS");
+            let mut body = vec![0u8; usize::from(u16::from_be_bytes([magic[4], magic[5]]))];
+            conn.read_exact(&mut body).unwrap();
+            let header = StreamHeader::parse_from_bytes(&body).unwrap();
+            let reply = accept.write_to_bytes().unwrap();
+            conn.write_all(&u16::try_from(reply.len()).unwrap().to_be_bytes())
+                .unwrap();
+            conn.write_all(&reply).unwrap();
+            conn.write_all(output).unwrap();
+            header
+        })
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn stdout_reaches_containerds_fifo_and_ends_with_eof() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("agent.vsock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let mut ok = StreamAccept::new();
+        ok.accepted = true;
+        let agent = fake_agent(listener, ok, b"hello from the guest");
+        let fifo = dir.path().join("stdout");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // containerd holds the read end: a reader thread stands in for it.
+        let reader_path = fifo.clone();
+        let reader = std::thread::spawn(move || std::fs::read(reader_path).unwrap());
+        let paths = StdioPaths {
+            stdout: fifo.to_string_lossy().into_owned(),
+            ..Default::default()
+        };
+        let rt = runtime();
+        rt.block_on(async {
+            let mut streams = attach(&socket, "c1", "e1", &paths).await.unwrap();
+            streams.drain(Duration::from_secs(10)).await;
+        });
+        let header = agent.join().unwrap();
+        assert_eq!(header.container_id, "c1");
+        assert_eq!(header.exec_id, "e1");
+        assert_eq!(
+            header.stream.enum_value(),
+            Ok(StreamKind::STREAM_KIND_STDOUT)
+        );
+        assert_eq!(reader.join().unwrap(), b"hello from the guest");
+    }
+
+    #[test]
+    fn a_refused_stream_is_an_error_with_the_agents_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("agent.vsock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let mut no = StreamAccept::new();
+        no.error = "stream stdout was not declared".into();
+        let agent = fake_agent(listener, no, b"");
+        let paths = StdioPaths {
+            stdout: dir.path().join("unused").to_string_lossy().into_owned(),
+            ..Default::default()
+        };
+        let err = runtime()
+            .block_on(attach(&socket, "c1", "", &paths))
+            .expect_err("refused stream accepted");
+        agent.join().unwrap();
+        assert!(err.to_string().contains("was not declared"), "{err}");
     }
 
     #[test]

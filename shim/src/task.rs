@@ -21,8 +21,8 @@ use containerd_shim::api::{
 };
 use containerd_shim::asynchronous::{publisher::RemotePublisher, ExitSignal};
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM,
-    TaskPaused, TaskResumed, TaskStart,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
+    TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::{MessageDyn, MessageField};
@@ -49,6 +49,9 @@ use crate::translate;
 
 /// Deadline of an ordinary agent call.
 const AGENT_CALL: Duration = Duration::from_secs(30);
+/// Deadline of a clean-up call (RemoveContainer, DestroySandbox): the host side goes
+/// regardless, so a hung guest must not hold Delete for long.
+const CLEANUP_CALL: Duration = Duration::from_secs(5);
 /// Deadline of one WaitProcess long poll (asked again on DEADLINE_EXCEEDED).
 const WAIT_POLL: Duration = Duration::from_secs(60);
 /// How long output may take to drain after a process exits, before the exit is
@@ -159,7 +162,12 @@ impl Inner {
     async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
         if let Err(e) = self
             .publisher
-            .publish(ttrpc::context::Context::default(), topic, &self.namespace, event)
+            .publish(
+                ttrpc::context::Context::default(),
+                topic,
+                &self.namespace,
+                event,
+            )
             .await
         {
             tracing::warn!(topic, error = %e, "publishing an event failed");
@@ -168,6 +176,21 @@ impl Inner {
 
     /// Records a process's exit (once) and publishes TaskExit.
     async fn process_exited(&self, container_id: &str, exec_id: &str, exit: Exit) {
+        // Output first (outside the lock: draining may take a moment), so containerd
+        // has all of it before it learns of the exit.
+        let streams = {
+            let mut state = self.state.lock().await;
+            let Ok(c) = state.container_mut(container_id) else {
+                return;
+            };
+            let Ok(p) = c.process_mut(exec_id) else {
+                return;
+            };
+            p.streams.take()
+        };
+        if let Some(mut streams) = streams {
+            streams.drain(DRAIN).await;
+        }
         let pid = {
             let mut state = self.state.lock().await;
             let Ok(c) = state.container_mut(container_id) else {
@@ -176,16 +199,22 @@ impl Inner {
             let Ok(p) = c.process_mut(exec_id) else {
                 return;
             };
-            if let Some(streams) = p.streams.as_mut() {
-                streams.drain(DRAIN).await;
-            }
             if !p.process.set_exit(exit) {
                 return;
             }
             p.process.pid
         };
-        tracing::info!(container_id, exec_id, status = exit.status, "process exited");
-        let id = if exec_id.is_empty() { container_id } else { exec_id };
+        tracing::info!(
+            container_id,
+            exec_id,
+            status = exit.status,
+            "process exited"
+        );
+        let id = if exec_id.is_empty() {
+            container_id
+        } else {
+            exec_id
+        };
         self.publish(
             topics::TASK_EXIT_EVENT_TOPIC,
             Box::new(TaskExit {
@@ -242,26 +271,17 @@ impl Inner {
         req.exec_id = exec_id.clone();
         loop {
             let deadline = Instant::now() + WAIT_POLL;
-            match pod.containers.wait_process(context_until(deadline), &req).await {
+            match pod
+                .containers
+                .wait_process(context_until(deadline), &req)
+                .await
+            {
                 Ok(resp) => {
                     let exit = resp.exit.into_option().unwrap_or_default();
-                    let at = SystemTime::UNIX_EPOCH
-                        + Duration::from_nanos(exit.exited_at_unix_nanos);
-                    let at = if exit.exited_at_unix_nanos == 0 {
-                        SystemTime::now()
-                    } else {
-                        at
-                    };
-                    if exit.oom_killed {
-                        self.publish(
-                            topics::TASK_OOM_EVENT_TOPIC,
-                            Box::new(TaskOOM {
-                                container_id: container_id.clone(),
-                                ..Default::default()
-                            }),
-                        )
-                        .await;
-                    }
+                    // The host's clock, not the guest's: a TCG guest's clock drifts,
+                    // and nothing the guest says is trusted further than needed.
+                    let at = SystemTime::now();
+                    // OOM kills arrive as events (`watch_events`), once each.
                     self.process_exited(
                         &container_id,
                         &exec_id,
@@ -275,13 +295,116 @@ impl Inner {
                 }
                 Err(e) if rpc::code_of(&e) == Code::DEADLINE_EXCEEDED => continue,
                 Err(e) => {
-                    if self.state.lock().await.pod_gone.is_some() {
+                    if !self.is_current(&pod).await {
                         return;
                     }
                     tracing::warn!(%container_id, %exec_id, error = %e, "WaitProcess failed; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
+        }
+    }
+}
+
+impl Inner {
+    /// True while `pod` is this shim's live pod (a watcher of a released pod stops).
+    async fn is_current(&self, pod: &Arc<Pod>) -> bool {
+        let state = self.state.lock().await;
+        state.pod_gone.is_none() && state.pod.as_ref().is_some_and(|p| Arc::ptr_eq(p, pod))
+    }
+
+    /// Long-polls the agent's event stream: OOM kills become TaskOOM, exits are
+    /// recorded (WaitProcess reports them too; the first report wins). Everything in
+    /// an event is checked against what the shim knows before it is used.
+    async fn watch_events(self: Arc<Self>, pod: Arc<Pod>) {
+        let mut after = 0u64;
+        loop {
+            let mut req = agent_api::GetEventsRequest::new();
+            req.after_sequence = after;
+            req.max_events = 256;
+            let deadline = context_until(Instant::now() + WAIT_POLL);
+            match pod.containers.get_events(deadline, &req).await {
+                Ok(resp) => {
+                    if resp.dropped > 0 {
+                        tracing::warn!(
+                            dropped = resp.dropped,
+                            "the agent dropped events; exits still come from WaitProcess"
+                        );
+                    }
+                    for ev in resp.events.iter().take(256) {
+                        // Sequence numbers must grow; anything else is replayed or bogus.
+                        if ev.sequence <= after {
+                            continue;
+                        }
+                        after = ev.sequence;
+                        self.handle_event(ev).await;
+                    }
+                }
+                Err(e) if rpc::code_of(&e) == Code::DEADLINE_EXCEEDED => {}
+                Err(e) if rpc::code_of(&e) == Code::UNIMPLEMENTED => {
+                    tracing::info!("the agent has no event stream: no OOM events for this pod");
+                    return;
+                }
+                Err(e) => {
+                    if !self.is_current(&pod).await {
+                        return;
+                    }
+                    tracing::warn!(error = %e, "GetEvents failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+            if !self.is_current(&pod).await {
+                return;
+            }
+        }
+    }
+
+    async fn handle_event(&self, ev: &agent_api::Event) {
+        use agent_api::event::Kind;
+        let known = {
+            let state = self.state.lock().await;
+            state
+                .containers
+                .get(&ev.container_id)
+                .is_some_and(|c| c.process(&ev.exec_id).is_ok())
+        };
+        if !known {
+            tracing::debug!(container = %ev.container_id, exec = %ev.exec_id, "event for an unknown process ignored");
+            return;
+        }
+        match &ev.kind {
+            Some(Kind::OomKillCount(count)) => {
+                tracing::warn!(container = %ev.container_id, count, "OOM kill in the container");
+                self.publish(
+                    topics::TASK_OOM_EVENT_TOPIC,
+                    Box::new(TaskOOM {
+                        container_id: ev.container_id.clone(),
+                        ..Default::default()
+                    }),
+                )
+                .await;
+            }
+            Some(Kind::Exited(exit)) => {
+                let started = {
+                    let state = self.state.lock().await;
+                    state
+                        .container(&ev.container_id)
+                        .and_then(|c| c.process(&ev.exec_id))
+                        .is_ok_and(|p| p.process.started)
+                };
+                // An exit before Start went out would overtake TaskStart; the
+                // WaitProcess watcher started after it reports that exit instead.
+                if started {
+                    let exit = Exit {
+                        status: exit.exit_status.min(255),
+                        at: SystemTime::now(),
+                    };
+                    self.process_exited(&ev.container_id, &ev.exec_id, exit)
+                        .await;
+                }
+            }
+            // None, or a kind newer than this shim: nothing to do.
+            _ => {}
         }
     }
 }
@@ -386,6 +509,7 @@ impl TaskService {
                     );
                     agent_error(&call, e)
                 })?;
+            tokio::spawn(self.inner.clone().watch_events(pod.clone()));
         } else {
             let _ = state.live_pod()?;
             tokio::task::spawn_blocking(move || {
@@ -397,7 +521,12 @@ impl TaskService {
         }
         let pod = state.live_pod()?;
         let stdio = stdio_paths(&req.stdin, &req.stdout, &req.stderr, req.terminal);
-        let guest_spec = translate::guest_spec(spec, &rootfs::guest_rootfs(&req.id));
+        let (p, cid, wanted) = (paths.clone(), req.id.clone(), translate::host_binds(spec));
+        let binds = tokio::task::spawn_blocking(move || rootfs::bind_into_share(&p, &cid, &wanted))
+            .await
+            .map_err(internal("bind mounts"))?
+            .map_err(|e| rpc::status(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let guest_spec = translate::guest_spec(spec, &rootfs::guest_rootfs(&req.id), &binds);
         let mut creq = agent_api::CreateContainerRequest::new();
         creq.container_id = req.id.clone();
         creq.oci_spec = serde_json::to_vec(&guest_spec).map_err(internal("spec"))?;
@@ -454,7 +583,10 @@ impl Task for TaskService {
         bundle::check_id("container id", &req.id)
             .map_err(|e| rpc::status(Code::INVALID_ARGUMENT, e.to_string()))?;
         if !req.checkpoint.is_empty() {
-            return Err(rpc::unimplemented("Create from a checkpoint", "crx does not restore checkpoints"));
+            return Err(rpc::unimplemented(
+                "Create from a checkpoint",
+                "crx does not restore checkpoints",
+            ));
         }
         let spec = bundle::read_spec(std::path::Path::new(&req.bundle))
             .map_err(|e| rpc::status(Code::INVALID_ARGUMENT, error_chain(&e)))?;
@@ -477,7 +609,10 @@ impl Task for TaskService {
             None => state.sandbox_id = Some(sandbox_id.clone()),
         }
         tracing::info!(id = %req.id, sandbox = %sandbox_id, "create");
-        let (pid, streams) = match self.create_in_pod(&mut state, &req, &spec, &sandbox_id).await {
+        let (pid, streams) = match self
+            .create_in_pod(&mut state, &req, &spec, &sandbox_id)
+            .await
+        {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(id = %req.id, error = %e, "create failed");
@@ -587,15 +722,27 @@ impl Task for TaskService {
         })
     }
 
-    async fn delete(&self, _ctx: &TtrpcContext, req: DeleteRequest) -> ttrpc::Result<DeleteResponse> {
+    async fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: DeleteRequest,
+    ) -> ttrpc::Result<DeleteResponse> {
         let mut state = self.inner.state.lock().await;
         let c = state.container(&req.id)?;
         let p = &c.process(&req.exec_id)?.process;
         if p.started && p.exit().is_none() {
             return Err(rpc::precondition(format!(
                 "{} {:?} is still running",
-                if req.exec_id.is_empty() { "container" } else { "exec" },
-                if req.exec_id.is_empty() { &req.id } else { &req.exec_id }
+                if req.exec_id.is_empty() {
+                    "container"
+                } else {
+                    "exec"
+                },
+                if req.exec_id.is_empty() {
+                    &req.id
+                } else {
+                    &req.exec_id
+                }
             )));
         }
         let exit = p.exit().unwrap_or(Exit {
@@ -617,7 +764,8 @@ impl Task for TaskService {
             let mut rreq = agent_api::RemoveContainerRequest::new();
             rreq.container_id = req.id.clone();
             rreq.force = true;
-            if let Err(e) = pod.containers.remove_container(ctx(), &rreq).await {
+            let deadline = context_until(Instant::now() + CLEANUP_CALL);
+            if let Err(e) = pod.containers.remove_container(deadline, &rreq).await {
                 // The host side goes regardless; the VM goes with the last task.
                 tracing::warn!(id = %req.id, error = %agent_error("Containers.RemoveContainer", e), "agent remove");
             }
@@ -635,7 +783,8 @@ impl Task for TaskService {
             if let Ok(pod) = state.live_pod() {
                 let mut dreq = DestroySandboxRequest::new();
                 dreq.grace_period_ms = 1000;
-                if let Err(e) = pod.sandbox.destroy_sandbox(ctx(), &dreq).await {
+                let deadline = context_until(Instant::now() + CLEANUP_CALL);
+                if let Err(e) = pod.sandbox.destroy_sandbox(deadline, &dreq).await {
                     tracing::debug!(error = %e, "DestroySandbox");
                 }
             }
@@ -766,7 +915,11 @@ impl Task for TaskService {
             if p.exit().is_some() {
                 return Err(rpc::not_found(format!(
                     "process {:?} (already finished)",
-                    if req.exec_id.is_empty() { &req.id } else { &req.exec_id }
+                    if req.exec_id.is_empty() {
+                        &req.id
+                    } else {
+                        &req.exec_id
+                    }
                 )));
             }
             state.live_pod()?
@@ -802,7 +955,10 @@ impl Task for TaskService {
                 ));
             }
             if c.init.process.exit().is_some() {
-                return Err(rpc::precondition(format!("container {:?} has exited", req.id)));
+                return Err(rpc::precondition(format!(
+                    "container {:?} has exited",
+                    req.id
+                )));
             }
             state.live_pod()?
         };
@@ -810,7 +966,11 @@ impl Task for TaskService {
         let mut ereq = agent_api::ExecProcessRequest::new();
         ereq.container_id = req.id.clone();
         ereq.exec_id = req.exec_id.clone();
-        ereq.process = req.spec.as_ref().map(|a| a.value.clone()).unwrap_or_default();
+        ereq.process = req
+            .spec
+            .as_ref()
+            .map(|a| a.value.clone())
+            .unwrap_or_default();
         ereq.stdio = MessageField::some(stdio::spec_of(&stdio));
         pod.containers
             .exec_process(ctx(), &ereq)
@@ -888,7 +1048,11 @@ impl Task for TaskService {
         let mut ureq = agent_api::UpdateContainerRequest::new();
         ureq.container_id = req.id.clone();
         // containerd sends the OCI LinuxResources as JSON inside the Any.
-        ureq.linux_resources = req.resources.as_ref().map(|a| a.value.clone()).unwrap_or_default();
+        ureq.linux_resources = req
+            .resources
+            .as_ref()
+            .map(|a| a.value.clone())
+            .unwrap_or_default();
         pod.containers
             .update_container(ctx(), &ureq)
             .await
@@ -899,7 +1063,11 @@ impl Task for TaskService {
     async fn wait(&self, _ctx: &TtrpcContext, req: WaitRequest) -> ttrpc::Result<WaitResponse> {
         let mut rx = {
             let state = self.inner.state.lock().await;
-            state.container(&req.id)?.process(&req.exec_id)?.process.subscribe()
+            state
+                .container(&req.id)?
+                .process(&req.exec_id)?
+                .process
+                .subscribe()
         };
         let exit = loop {
             if let Some(exit) = *rx.borrow_and_update() {
@@ -945,9 +1113,16 @@ impl Task for TaskService {
         })
     }
 
-    async fn connect(&self, _ctx: &TtrpcContext, req: ConnectRequest) -> ttrpc::Result<ConnectResponse> {
+    async fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ConnectRequest,
+    ) -> ttrpc::Result<ConnectResponse> {
         let state = self.inner.state.lock().await;
-        let task_pid = state.containers.get(&req.id).map_or(0, |c| c.init.process.pid);
+        let task_pid = state
+            .containers
+            .get(&req.id)
+            .map_or(0, |c| c.init.process.pid);
         Ok(ConnectResponse {
             shim_pid: std::process::id(),
             task_pid,
@@ -976,5 +1151,245 @@ impl TaskService {
         let state = self.inner.state.lock().await;
         state.container(id)?;
         state.live_pod()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use containerd_shim::api::{CreateTaskRequest, ExecProcessRequest};
+
+    /// The generated Task trait answers NOT_FOUND "... is not supported" for every
+    /// method not overridden; containerd would read that as "no such task".
+    const GENERATED_DEFAULT: &str = "is not supported";
+
+    fn ctx() -> TtrpcContext {
+        TtrpcContext {
+            mh: ttrpc::MessageHeader {
+                length: 0,
+                stream_id: 1,
+                type_: 1,
+                flags: 0,
+            },
+            metadata: Default::default(),
+            timeout_nano: 0,
+        }
+    }
+
+    fn check<T: std::fmt::Debug>(call: &str, r: ttrpc::Result<T>, want: Option<Code>) {
+        match (r, want) {
+            (Ok(_), None) => {}
+            (Ok(v), Some(code)) => panic!("{call}: expected {code:?}, got {v:?}"),
+            (Err(e), want) => {
+                let ttrpc::Error::RpcStatus(s) = &e else {
+                    panic!("{call}: not a status: {e:?}")
+                };
+                assert!(
+                    !s.message().contains(GENERATED_DEFAULT),
+                    "{call}: generated default: {s:?}"
+                );
+                assert_eq!(Some(s.code()), want, "{call}: {s:?}");
+            }
+        }
+    }
+
+    /// Every task RPC of task API v2 is answered by crx (a real answer, or an
+    /// explicit UNIMPLEMENTED), never by the generated NOT_FOUND default.
+    #[test]
+    fn every_task_rpc_is_implemented_or_explicitly_unimplemented() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let events = dir.path().join("containerd.sock.ttrpc");
+        let _listener = std::os::unix::net::UnixListener::bind(&events).unwrap();
+        rt.block_on(async {
+            let publisher = RemotePublisher::new(events.to_string_lossy())
+                .await
+                .unwrap();
+            let svc = TaskService::new("test".into(), publisher, Arc::new(ExitSignal::default()));
+            let c = &ctx();
+            let nf = Some(Code::NOT_FOUND);
+            let id = || "nope".to_string();
+            check(
+                "State",
+                svc.state(
+                    c,
+                    StateRequest {
+                        id: id(),
+                        ..Default::default()
+                    },
+                )
+                .await,
+                nf,
+            );
+            let bundle = dir.path().join("no-bundle").to_string_lossy().into_owned();
+            let create = CreateTaskRequest {
+                id: id(),
+                bundle,
+                ..Default::default()
+            };
+            check(
+                "Create",
+                svc.create(c, create).await,
+                Some(Code::INVALID_ARGUMENT),
+            );
+            check(
+                "Start",
+                svc.start(
+                    c,
+                    StartRequest {
+                        id: id(),
+                        ..Default::default()
+                    },
+                )
+                .await,
+                nf,
+            );
+            check(
+                "Delete",
+                svc.delete(
+                    c,
+                    DeleteRequest {
+                        id: id(),
+                        ..Default::default()
+                    },
+                )
+                .await,
+                nf,
+            );
+            check(
+                "Pids",
+                svc.pids(
+                    c,
+                    PidsRequest {
+                        id: id(),
+                        ..Default::default()
+                    },
+                )
+                .await,
+                nf,
+            );
+            check(
+                "Pause",
+                svc.pause(
+                    c,
+                    PauseRequest {
+                        id: id(),
+                        ..Default::default()
+                    },
+                )
+                .await,
+                nf,
+            );
+            check(
+                "Resume",
+                svc.resume(
+                    c,
+                    ResumeRequest {
+                        id: id(),
+                        ..Default::default()
+                    },
+                )
+                .await,
+                nf,
+            );
+            check(
+                "Checkpoint",
+                svc.checkpoint(c, CheckpointTaskRequest::default()).await,
+                Some(Code::UNIMPLEMENTED),
+            );
+            check(
+                "Kill",
+                svc.kill(
+                    c,
+                    KillRequest {
+                        id: id(),
+                        signal: 9,
+                        ..Default::default()
+                    },
+                )
+                .await,
+                nf,
+            );
+            let exec = ExecProcessRequest {
+                id: id(),
+                exec_id: "e1".into(),
+                ..Default::default()
+            };
+            check("Exec", svc.exec(c, exec).await, nf);
+            check(
+                "ResizePty",
+                svc.resize_pty(
+                    c,
+                    ResizePtyRequest {
+                        id: id(),
+                        ..Default::default()
+                    },
+                )
+                .await,
+                nf,
+            );
+            let close = CloseIORequest {
+                id: id(),
+                stdin: true,
+                ..Default::default()
+            };
+            check("CloseIO", svc.close_io(c, close).await, nf);
+            check(
+                "Update",
+                svc.update(
+                    c,
+                    UpdateTaskRequest {
+                        id: id(),
+                        ..Default::default()
+                    },
+                )
+                .await,
+                nf,
+            );
+            check(
+                "Wait",
+                svc.wait(
+                    c,
+                    WaitRequest {
+                        id: id(),
+                        ..Default::default()
+                    },
+                )
+                .await,
+                nf,
+            );
+            check(
+                "Stats",
+                svc.stats(
+                    c,
+                    StatsRequest {
+                        id: id(),
+                        ..Default::default()
+                    },
+                )
+                .await,
+                nf,
+            );
+            check(
+                "Connect",
+                svc.connect(
+                    c,
+                    ConnectRequest {
+                        id: id(),
+                        ..Default::default()
+                    },
+                )
+                .await,
+                None,
+            );
+            check(
+                "Shutdown",
+                svc.shutdown(c, ShutdownRequest::default()).await,
+                None,
+            );
+        });
     }
 }

@@ -1,13 +1,56 @@
 //! What the shim turns into guest terms before the agent sees it: the OCI spec (guest
-//! rootfs path, no host namespace paths, no host hooks, the pod's network namespace is
-//! the guest's own) and containerd's runtime options (`ConfigPath`).
+//! rootfs path, host bind-mount sources replaced by their copies in the pod share, no
+//! host namespace paths, no host hooks, the pod's network namespace is the guest's
+//! own) and containerd's runtime options (`ConfigPath`).
 
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use serde_json::Value;
 
-/// The spec the agent gets for a container whose rootfs is `guest_rootfs`.
-pub fn guest_spec(spec: &Value, guest_rootfs: &str) -> Value {
+/// A bind mount of a host path in the spec (`/etc/hosts`, a volume, ...): the guest
+/// cannot see the host path, so the shim binds it into the pod share.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostBind {
+    /// Index in the spec's `mounts`.
+    pub index: usize,
+    pub source: std::path::PathBuf,
+}
+
+/// The spec's bind mounts of host paths.
+pub fn host_binds(spec: &Value) -> Vec<HostBind> {
+    let Some(mounts) = spec.get("mounts").and_then(Value::as_array) else {
+        return Vec::new();
+    };
+    mounts
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| {
+            let typ = m.get("type").and_then(Value::as_str).unwrap_or("");
+            let opts = m.get("options").and_then(Value::as_array);
+            let bind_opt = opts.is_some_and(|o| {
+                o.iter()
+                    .any(|v| matches!(v.as_str(), Some("bind") | Some("rbind")))
+            });
+            typ == "bind" || bind_opt
+        })
+        .filter_map(|(index, m)| {
+            let source = m.get("source").and_then(Value::as_str)?;
+            let source = std::path::PathBuf::from(source);
+            source.is_absolute().then_some(HostBind { index, source })
+        })
+        .collect()
+}
+
+/// The spec the agent gets for a container whose rootfs is `guest_rootfs`; `binds`
+/// gives the guest path of each host bind mount (by index in `mounts`).
+pub fn guest_spec(spec: &Value, guest_rootfs: &str, binds: &[(usize, String)]) -> Value {
     let mut spec = spec.clone();
+    if let Some(mounts) = spec.get_mut("mounts").and_then(Value::as_array_mut) {
+        for (index, guest) in binds {
+            if let Some(m) = mounts.get_mut(*index).and_then(Value::as_object_mut) {
+                m.insert("source".into(), Value::String(guest.clone()));
+            }
+        }
+    }
     let readonly = spec
         .pointer("/root/readonly")
         .and_then(Value::as_bool)
@@ -98,13 +141,45 @@ mod tests {
                 {"type": "ipc", "path": "/proc/42/ns/ipc"}
             ]}
         });
-        let g = guest_spec(&spec, "/run/crx/storage/share/c1/rootfs");
+        let g = guest_spec(&spec, "/run/crx/storage/share/c1/rootfs", &[]);
         assert_eq!(g["root"]["path"], "/run/crx/storage/share/c1/rootfs");
         assert_eq!(g["root"]["readonly"], true);
         assert!(g.get("hooks").is_none());
         let ns = g["linux"]["namespaces"].as_array().unwrap();
         assert_eq!(ns.len(), 2);
         assert!(ns.iter().all(|n| n.get("path").is_none()));
+    }
+
+    #[test]
+    fn host_bind_mounts_are_found_and_pointed_at_the_share() {
+        let spec = serde_json::json!({"mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/x/hosts", "options": ["rbind", "ro"]},
+            {"destination": "/data", "source": "/srv/data", "options": ["rbind"]},
+            {"destination": "/rel", "type": "bind", "source": "relative"}
+        ]});
+        let binds = host_binds(&spec);
+        assert_eq!(
+            binds,
+            vec![
+                HostBind {
+                    index: 1,
+                    source: "/var/lib/x/hosts".into()
+                },
+                HostBind {
+                    index: 2,
+                    source: "/srv/data".into()
+                },
+            ]
+        );
+        let g = guest_spec(&spec, "/r", &[(1, "/g/1".into()), (2, "/g/2".into())]);
+        assert_eq!(g["mounts"][1]["source"], "/g/1");
+        assert_eq!(
+            g["mounts"][1]["options"],
+            serde_json::json!(["rbind", "ro"])
+        );
+        assert_eq!(g["mounts"][2]["source"], "/g/2");
+        assert_eq!(g["mounts"][0]["source"], "proc");
     }
 
     #[test]
@@ -117,7 +192,10 @@ mod tests {
             value,
             ..Default::default()
         };
-        assert_eq!(config_path(Some(&any)).as_deref(), Some("/etc/crx/alt.toml"));
+        assert_eq!(
+            config_path(Some(&any)).as_deref(),
+            Some("/etc/crx/alt.toml")
+        );
         let other = Any {
             type_url: "containerd.runc.v1.Options".into(),
             ..any.clone()

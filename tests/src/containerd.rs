@@ -96,7 +96,9 @@ impl Containerd {
 
         let mut path = OsString::from(shim_dir()?);
         path.push(":");
-        path.push(std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into()));
+        path.push(
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into()),
+        );
         let log = std::fs::File::create(dir.join("containerd.log")).context("containerd.log")?;
         let child = Command::new("containerd")
             .arg("--config")
@@ -212,9 +214,17 @@ impl Containerd {
         let tar = build_busybox_image(&self.dir.join("image"))?;
         let tar = tar.to_string_lossy().into_owned();
         let out = self.ctr(&["images", "import", &tar])?;
-        ensure!(out.success(), "ctr images import failed: {}", out.stderr.trim());
+        ensure!(
+            out.success(),
+            "ctr images import failed: {}",
+            out.stderr.trim()
+        );
         let out = self.ctr(&["images", "check"])?;
-        ensure!(out.success(), "ctr images check failed: {}", out.stderr.trim());
+        ensure!(
+            out.success(),
+            "ctr images check failed: {}",
+            out.stderr.trim()
+        );
         ensure!(
             out.stdout.contains(BUSYBOX_IMAGE),
             "the imported image is not listed as {BUSYBOX_IMAGE}: {}",

@@ -18,8 +18,11 @@
 //! reopens its files through `/proc/self/fd`). The tap fd is inherited and the KVM
 //! fd already open.
 //!
+//! `crx-vmm vhost-user-vsock --jail DIR` uses the same jail with only its sockets'
+//! directories bound ([`JailPlan::for_back_end`], [`enter_plan`]).
+//!
 //! Split by job: `plan.rs` decides what is bound where (and makes every path in the
-//! VM config absolute), `mounts.rs` builds the root and pivots into it, `privs.rs`
+//! VM config absolute), `mounts.rs` builds the root and switches to it, `privs.rs`
 //! drops capabilities, switches ids and sets no_new_privs.
 
 use std::path::PathBuf;
