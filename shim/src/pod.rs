@@ -70,6 +70,7 @@ impl Pod {
         sandbox_id: &str,
         paths: &PodPaths,
         config: &ShimConfig,
+        (vcpus, memory_mib): (u8, u32),
         on_death: DeathHandler,
     ) -> Result<Pod, PodError> {
         let vm_config = VmConfig {
@@ -77,8 +78,8 @@ impl Pod {
             run_dir: paths.root.clone(),
             kernel: config.kernel.clone(),
             initramfs: config.initramfs.clone(),
-            vcpus: config.vcpus,
-            memory_mib: config.memory_mib,
+            vcpus,
+            memory_mib,
             kernel_cmdline: config.kernel_params.clone(),
             serial: if config.guest_console {
                 SerialOutput::File(paths.root.join("console.log"))

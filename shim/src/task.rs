@@ -475,7 +475,8 @@ impl TaskService {
                     handle.spawn(inner.vm_died(reason));
                 }
             });
-            let pod = Pod::boot(sandbox_id, &paths, &config, on_death)
+            let size = translate::vm_size(spec, config.vcpus, config.memory_mib);
+            let pod = Pod::boot(sandbox_id, &paths, &config, size, on_death)
                 .await
                 .map_err(|e| rpc::status(Code::UNAVAILABLE, error_chain(&e)))?;
             tracing::info!(

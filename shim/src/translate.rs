@@ -79,6 +79,46 @@ pub fn guest_spec(spec: &Value, guest_rootfs: &str, binds: &[(usize, String)]) -
     spec
 }
 
+/// containerd 1.7+'s CRI plugin states the pod's limits on the sandbox spec.
+const SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+const SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+const SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+/// The most vCPUs a pod VM gets, whatever the spec says.
+const MAX_VCPUS: u64 = 64;
+/// The most memory a pod's limit adds to its VM (1 TiB).
+const MAX_LIMIT_MIB: u64 = 1 << 20;
+
+/// The pod VM's size from its sandbox spec: the configured size is the floor and the
+/// fixed overhead; a CPU limit (quota/period, rounded up) raises the vCPUs, a memory
+/// limit is added to the memory. From the CRI sandbox annotations when present, else
+/// from the spec's own `linux.resources` (a plain `ctr run` container is its own pod).
+pub fn vm_size(spec: &Value, vcpus: u8, memory_mib: u32) -> (u8, u32) {
+    let ann = |k: &str| {
+        spec.pointer("/annotations")
+            .and_then(|a| a.get(k))
+            .and_then(Value::as_str)
+            .and_then(|v| v.parse::<i64>().ok())
+    };
+    let res = |p: &str| spec.pointer(p).and_then(Value::as_i64);
+    let quota = ann(SANDBOX_CPU_QUOTA).or_else(|| res("/linux/resources/cpu/quota"));
+    let period = ann(SANDBOX_CPU_PERIOD).or_else(|| res("/linux/resources/cpu/period"));
+    let memory = ann(SANDBOX_MEMORY).or_else(|| res("/linux/resources/memory/limit"));
+    let mut cpus = u64::from(vcpus);
+    if let (Some(q), Some(p)) = (quota, period) {
+        if let (Ok(q), Ok(p)) = (u64::try_from(q), u64::try_from(p)) {
+            if q > 0 && p > 0 {
+                cpus = cpus.max(q.div_ceil(p));
+            }
+        }
+    }
+    let cpus = u8::try_from(cpus.min(MAX_VCPUS)).unwrap_or(vcpus);
+    let limit_mib = memory
+        .and_then(|m| u64::try_from(m).ok())
+        .map_or(0, |m| m.div_ceil(1 << 20).min(MAX_LIMIT_MIB));
+    let mem = u64::from(memory_mib).saturating_add(limit_mib);
+    (cpus, u32::try_from(mem).unwrap_or(u32::MAX))
+}
+
 /// containerd's runtime options: `runtimeoptions.v1.Options` (CRI's and `ctr
 /// --runtime-config-path`'s), whose field 2 is `config_path`.
 pub fn config_path(options: Option<&Any>) -> Option<String> {
@@ -180,6 +220,33 @@ mod tests {
         );
         assert_eq!(g["mounts"][2]["source"], "/g/2");
         assert_eq!(g["mounts"][0]["source"], "proc");
+    }
+
+    #[test]
+    fn the_vm_is_sized_from_the_pods_limits() {
+        assert_eq!(vm_size(&serde_json::json!({}), 1, 256), (1, 256));
+        let cri = serde_json::json!({"annotations": {
+            "io.kubernetes.cri.sandbox-cpu-quota": "250000",
+            "io.kubernetes.cri.sandbox-cpu-period": "100000",
+            "io.kubernetes.cri.sandbox-memory": "536870912"
+        }});
+        assert_eq!(vm_size(&cri, 1, 256), (3, 256 + 512));
+        let plain = serde_json::json!({"linux": {"resources": {
+            "cpu": {"quota": 50000, "period": 100000},
+            "memory": {"limit": 1048577}
+        }}});
+        assert_eq!(vm_size(&plain, 2, 128), (2, 130));
+        let silly = serde_json::json!({"annotations": {
+            "io.kubernetes.cri.sandbox-cpu-quota": "-1",
+            "io.kubernetes.cri.sandbox-cpu-period": "0",
+            "io.kubernetes.cri.sandbox-memory": "-5"
+        }});
+        assert_eq!(vm_size(&silly, 1, 256), (1, 256));
+        let huge = serde_json::json!({"linux": {"resources": {
+            "cpu": {"quota": i64::MAX, "period": 1},
+            "memory": {"limit": i64::MAX}
+        }}});
+        assert_eq!(vm_size(&huge, 1, 256), (64, 256 + (1 << 20)));
     }
 
     #[test]

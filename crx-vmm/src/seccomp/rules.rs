@@ -418,12 +418,11 @@ pub fn for_role(role: ThreadRole) -> Result<Rules, SeccompError> {
             r.merge(event_loop()).merge(fs_ops()?);
         }
         ThreadRole::Api => {
-            // Accepts control connections, receives backing fds (SCM_RIGHTS) or opens
-            // backing paths, and sizes them.
+            // Accepts control connections, receives backing fds (SCM_RIGHTS; no path
+            // is ever opened here), sizes them and flushes the backing they replace.
             r.merge(event_loop())
                 .merge(unix_socket()?)
                 .merge(block_io()?);
-            r.allow(&[libc::SYS_openat, libc::SYS_open]);
         }
         ThreadRole::Device => {
             for role in ThreadRole::DEVICES {
@@ -488,6 +487,7 @@ mod tests {
         assert!(!vcpu.contains(libc::SYS_openat));
         assert!(!vcpu.contains(libc::SYS_clone));
         assert!(!for_role(ThreadRole::Rng).unwrap().contains(libc::SYS_socket));
+        assert!(!for_role(ThreadRole::Api).unwrap().contains(libc::SYS_openat));
     }
 
     #[test]

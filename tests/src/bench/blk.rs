@@ -247,8 +247,8 @@ for d in /sys/block/vd*; do
     [ "$(cat "$d/serial" 2>/dev/null)" = crx-bench ] && dev=/dev/$(basename "$d")
 done
 [ -n "$dev" ] || { result error "no drive with serial crx-bench"; reboot -f; }
-size=$(sed -n 's/.*crx.size_mib=\([0-9]*\).*//p' /proc/cmdline)
-ios=$(sed -n 's/.*crx.random_reads=\([0-9]*\).*//p' /proc/cmdline)
+size=$(sed -n 's/.*crx.size_mib=\([0-9]*\).*/\1/p' /proc/cmdline)
+ios=$(sed -n 's/.*crx.random_reads=\([0-9]*\).*/\1/p' /proc/cmdline)
 common="--filename=$dev --ioengine=psync --direct=1 --minimal --size=${size}M --runtime=30"
 result seq-write "$(fio --name=w --rw=write --bs=1M --end_fsync=1 $common 2>&1 | tail -n 1)"
 result seq-read "$(fio --name=r --rw=read --bs=1M $common 2>&1 | tail -n 1)"

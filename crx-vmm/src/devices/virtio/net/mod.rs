@@ -11,8 +11,9 @@
 //!   rx buffers;
 //! - `frame.rs`: the guest-facing parsing (header checks, chain → iovecs, rx buffer
 //!   gathering), each bound in one place;
-//! - `bench.rs`: the back end driven directly (no guest) for `crx-bench net`, and the
-//!   throwaway network namespaces the tests and the benchmark put their taps in.
+//! - `bench.rs`: the back end driven directly (no guest) for `crx-bench net`;
+//! - `netns.rs`: the throwaway network namespaces, taps and packet sockets the tests
+//!   and the benchmark use.
 //!
 //! # Creating the tap
 //!
@@ -75,6 +76,7 @@ pub mod bench;
 mod device;
 mod event_loop;
 mod frame;
+pub mod netns;
 mod tap;
 
 pub use device::Net;

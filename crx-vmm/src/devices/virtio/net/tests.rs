@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::bench::{in_netns, test_frame, IsolatedTap, PacketSocket, TEST_ETHERTYPE};
 use super::device::NET_FEATURES;
+use super::netns::{in_netns, test_frame, IsolatedTap, PacketSocket, TEST_ETHERTYPE};
 use super::*;
 use crate::devices::bus::BusDevice;
 use crate::devices::virtio::mmio::MmioTransport;
