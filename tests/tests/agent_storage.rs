@@ -263,6 +263,7 @@ mod tests {
             ),
             "unknown tag",
         )?;
+        eprintln!("unknown tag: {code:?}: {message}");
         ensure!(code == ttrpc::Code::NOT_FOUND, "{code:?} {message}");
         ensure!(message.contains("\"no-such-tag\""), "{message}");
 
