@@ -197,6 +197,13 @@ async fn serve_guest(listen: ListenAddr, marker: Option<&BootMarker>, state_dir:
         }
     };
     let state = AgentState::new(StorageManager::new(state_dir.join("storage")));
+    #[cfg(feature = "containers")]
+    start_containers(
+        &state,
+        _reaper.as_ref(),
+        state_dir,
+        containers::stdio::StdioAddr::Vsock(crx_protocols::STDIO_VSOCK_PORT),
+    );
     let listener = server::bind_with_retry(&listen).await;
     if let Some(marker) = marker {
         marker.write(crx_protocols::boot_marker::AGENT_READY);
@@ -234,6 +241,28 @@ fn log_seccomp_self_test() {
         Ok(()) => tracing::info!("seccomp self-test passed: container profiles are enforced"),
         Err(e) => tracing::error!(error = %server::error_chain(&e), "seccomp self-test failed"),
     }
+}
+
+/// Starts the container manager and its stdio listener and hands them to the services;
+/// on failure the Containers service answers UNAVAILABLE and the log says why.
+#[cfg(feature = "containers")]
+fn start_containers(
+    state: &Arc<AgentState>,
+    reaper: Option<&reaper::Reaper>,
+    state_dir: &Path,
+    stdio: containers::stdio::StdioAddr,
+) {
+    let Some(reaper) = reaper else {
+        tracing::error!("no reaper: containers disabled (their exits could not be reported)");
+        return;
+    };
+    let exits = containers::exits::ExitTable::spawn(reaper.subscribe());
+    let manager = Arc::new(containers::manager::ContainerManager::new(state_dir, exits));
+    if let Err(e) = containers::stdio::spawn_listener(&stdio, manager.clone()) {
+        tracing::error!(error = %server::error_chain(&e), "containers disabled");
+        return;
+    }
+    state.set_containers(manager);
 }
 
 fn install_panic_hook() {
@@ -335,6 +364,31 @@ async fn serve_host(listen: ListenAddr, state_dir: &Path) -> anyhow::Result<()> 
 
     let state: Arc<AgentState> = AgentState::new(StorageManager::new(state_dir.join("storage")));
     let listener = server::bind(&listen)?;
+    // Streams come to `<ttrpc socket>_1026`, as a VMM's hybrid vsock names host ports.
+    #[cfg(feature = "containers")]
+    let stdio_socket = match &listen {
+        ListenAddr::Unix(path) => {
+            let mut name = path.clone().into_os_string();
+            name.push(format!("_{}", crx_protocols::STDIO_VSOCK_PORT));
+            let name = PathBuf::from(name);
+            start_containers(
+                &state,
+                Some(&_reaper),
+                state_dir,
+                containers::stdio::StdioAddr::Unix(name.clone()),
+            );
+            Some(name)
+        }
+        ListenAddr::Vsock(_) => {
+            start_containers(
+                &state,
+                Some(&_reaper),
+                state_dir,
+                containers::stdio::StdioAddr::Vsock(crx_protocols::STDIO_VSOCK_PORT),
+            );
+            None
+        }
+    };
     let socket_file = match &listen {
         ListenAddr::Unix(path) => Some(path.clone()),
         ListenAddr::Vsock(_) => None,
@@ -348,6 +402,10 @@ async fn serve_host(listen: ListenAddr, state_dir: &Path) -> anyhow::Result<()> 
     }
     server.stop().await;
     state.storage().unmount_all().await;
+    #[cfg(feature = "containers")]
+    if let Some(path) = stdio_socket {
+        let _ = std::fs::remove_file(path);
+    }
     tracing::info!("stopped");
     Ok(())
 }

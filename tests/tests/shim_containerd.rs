@@ -249,9 +249,11 @@ mod tests {
         kill(qemu);
         let out = finish(child)?;
         ensure!(!out.success(), "ctr run succeeded without its VM: {out:?}");
+        // Killed while booting: Create fails naming the VM's end. (Should the agent
+        // win the race on a fast host and the task run, the task exits 137 instead.)
         ensure!(
-            out.stderr.contains("pod VM ended"),
-            "the error does not say the VM ended: {out:?}"
+            out.stderr.contains("pod VM ended") || out.code == Some(137),
+            "neither the error nor the exit status says the VM ended: {out:?}"
         );
         ensure!(
             killed_at.elapsed() < Duration::from_secs(30),

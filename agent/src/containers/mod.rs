@@ -1,7 +1,13 @@
-//! Containers through youki's `libcontainer` (cargo feature `containers`, off until the
-//! container work lands; see `agent/CONTAINERS.md`). For now: a start-up self-test that
-//! the statically linked libseccomp really enforces a profile, so a broken link shows
-//! as a logged failure instead of containers that silently run unfiltered.
+//! Containers through youki's `libcontainer` (cargo feature `containers`; see
+//! `agent/CONTAINERS.md`): the manager of the pod's containers, their stdio streams,
+//! the exit table, the spec translation, and a start-up self-test that the statically
+//! linked libseccomp really enforces a profile, so a broken link shows as a logged
+//! failure instead of containers that silently run unfiltered.
+
+pub mod exits;
+pub mod manager;
+pub mod spec;
+pub mod stdio;
 
 use libcontainer::oci_spec::runtime::{
     LinuxSeccompAction, LinuxSeccompBuilder, LinuxSyscallBuilder,

@@ -12,7 +12,8 @@ use ttrpc::r#async::TtrpcContext;
 /// The Sandbox and Containers services, before they do anything.
 pub struct DraftServices;
 
-fn unimplemented<T>(method: &str) -> ttrpc::Result<T> {
+/// The UNIMPLEMENTED answer for `method` ("Service.Method").
+pub(crate) fn unimplemented<T>(method: &str) -> ttrpc::Result<T> {
     Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
         ttrpc::Code::UNIMPLEMENTED,
         format!(

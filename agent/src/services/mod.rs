@@ -1,5 +1,7 @@
 //! The ttrpc services the agent serves, and the state they share.
 
+#[cfg(feature = "containers")]
+pub mod containers;
 pub mod drafts;
 pub mod health;
 pub mod lifecycle;
@@ -19,6 +21,12 @@ pub struct AgentState {
     shutdown: watch::Sender<bool>,
     /// The storages the agent mounted.
     storage: StorageManager,
+    /// The pod's containers, once the manager is up.
+    #[cfg(feature = "containers")]
+    containers: std::sync::OnceLock<Arc<crate::containers::manager::ContainerManager>>,
+    /// Mount points of each container's storages, unmounted when it is removed.
+    #[cfg(feature = "containers")]
+    container_storages: std::sync::Mutex<HashMap<String, Vec<std::path::PathBuf>>>,
 }
 
 impl AgentState {
@@ -27,7 +35,42 @@ impl AgentState {
         Arc::new(AgentState {
             shutdown: watch::channel(false).0,
             storage,
+            #[cfg(feature = "containers")]
+            containers: std::sync::OnceLock::new(),
+            #[cfg(feature = "containers")]
+            container_storages: std::sync::Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Hands the container manager to the services (once).
+    #[cfg(feature = "containers")]
+    pub fn set_containers(&self, manager: Arc<crate::containers::manager::ContainerManager>) {
+        let _ = self.containers.set(manager);
+    }
+
+    /// The container manager, if it started.
+    #[cfg(feature = "containers")]
+    pub fn containers(&self) -> Option<&Arc<crate::containers::manager::ContainerManager>> {
+        self.containers.get()
+    }
+
+    /// Remembers the storages mounted for container `id`.
+    #[cfg(feature = "containers")]
+    pub fn set_container_storages(&self, id: &str, mount_points: Vec<std::path::PathBuf>) {
+        self.container_storages
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_owned(), mount_points);
+    }
+
+    /// Forgets and returns the storages mounted for container `id`.
+    #[cfg(feature = "containers")]
+    pub fn take_container_storages(&self, id: &str) -> Vec<std::path::PathBuf> {
+        self.container_storages
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+            .unwrap_or_default()
     }
 
     /// The agent's mounts.
@@ -66,6 +109,11 @@ pub fn all(state: &Arc<AgentState>) -> HashMap<String, ttrpc::r#async::Service> 
     services.extend(sandbox_ttrpc::create_sandbox(Arc::new(
         drafts::DraftServices,
     )));
+    #[cfg(feature = "containers")]
+    services.extend(container_ttrpc::create_containers(Arc::new(
+        containers::ContainersService::new(state.clone()),
+    )));
+    #[cfg(not(feature = "containers"))]
     services.extend(container_ttrpc::create_containers(Arc::new(
         drafts::DraftServices,
     )));

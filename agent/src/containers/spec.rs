@@ -1,0 +1,181 @@
+//! Turns the OCI spec a CreateContainer request carries into the bundle libcontainer
+//! builds from: bounded, parsed, checked and normalised (rootfs from the request,
+//! libcontainer's `noNewPrivileges: false` quirk removed, a cgroup path under the
+//! pod's cgroup when the spec names none, no terminal until ttys exist).
+
+use std::path::{Path, PathBuf};
+
+use libcontainer::oci_spec::runtime::{RootBuilder, Spec};
+
+/// Largest accepted `oci_spec` (container.proto).
+pub const MAX_SPEC_BYTES: usize = 1 << 20;
+/// Longest container or exec id.
+pub const MAX_ID_LEN: usize = 128;
+/// Parent of every container's cgroup when its spec names none.
+const POD_CGROUP: &str = "/crx";
+
+/// What is wrong with a request's spec or ids.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// Larger than [`MAX_SPEC_BYTES`].
+    #[error("oci_spec is {0} bytes; the limit is {MAX_SPEC_BYTES}")]
+    TooLarge(usize),
+    /// Not a runtime-spec config.json.
+    #[error("oci_spec is not a valid OCI runtime spec")]
+    Parse(#[source] serde_json::Error),
+    /// Parsed, but not something the agent can run.
+    #[error("oci_spec: {0}")]
+    Unsupported(String),
+    /// A malformed container or exec id.
+    #[error("bad {what} {id:?}: 1-{MAX_ID_LEN} characters of [A-Za-z0-9_.-], not starting with '.' or '-'")]
+    BadId { what: &'static str, id: String },
+    /// The rootfs is not an absolute path to a directory.
+    #[error("rootfs {0:?} is not an existing directory (absolute guest path)")]
+    Rootfs(String),
+    /// The bundle could not be written.
+    #[error("cannot write the bundle {}", .path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Checks a container or exec id: it names directories, so no separators, no dot files.
+pub fn check_id(what: &'static str, id: &str) -> Result<(), SpecError> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && !id.starts_with(['.', '-'])
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::BadId {
+            what,
+            id: id.chars().take(MAX_ID_LEN + 1).collect(),
+        })
+    }
+}
+
+/// Parses and normalises `raw` for container `id` with its root at `rootfs`.
+pub fn prepare(id: &str, raw: &[u8], rootfs: &str) -> Result<Spec, SpecError> {
+    if raw.len() > MAX_SPEC_BYTES {
+        return Err(SpecError::TooLarge(raw.len()));
+    }
+    let mut spec: Spec = serde_json::from_slice(raw).map_err(SpecError::Parse)?;
+    if !spec.version().starts_with("1.") {
+        return Err(SpecError::Unsupported(format!(
+            "ociVersion {:?} is not 1.x",
+            spec.version()
+        )));
+    }
+    let root = Path::new(rootfs);
+    if !root.is_absolute() || !root.is_dir() {
+        return Err(SpecError::Rootfs(rootfs.to_owned()));
+    }
+    let readonly = spec.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false);
+    let new_root = RootBuilder::default()
+        .path(root)
+        .readonly(readonly)
+        .build()
+        .map_err(|e| SpecError::Unsupported(e.to_string()))?;
+    spec.set_root(Some(new_root));
+
+    let Some(mut process) = spec.process().clone() else {
+        return Err(SpecError::Unsupported("no process".into()));
+    };
+    if process.args().as_ref().is_none_or(|a| a.is_empty()) {
+        return Err(SpecError::Unsupported("process.args is empty".into()));
+    }
+    if process.terminal() == Some(true) {
+        return Err(SpecError::Unsupported(
+            "process.terminal is not supported by this agent yet".into(),
+        ));
+    }
+    // libcontainer 0.7 tests the key for presence, not value: a present `false` makes it
+    // load the seccomp filter too late to succeed (agent/CONTAINERS.md).
+    if process.no_new_privileges() == Some(false) {
+        process.set_no_new_privileges(None);
+    }
+    spec.set_process(Some(process));
+
+    let Some(mut linux) = spec.linux().clone() else {
+        return Err(SpecError::Unsupported("no linux section".into()));
+    };
+    if linux.cgroups_path().is_none() {
+        linux.set_cgroups_path(Some(PathBuf::from(format!("{POD_CGROUP}/{id}"))));
+    }
+    spec.set_linux(Some(linux));
+    Ok(spec)
+}
+
+/// Writes `spec` as `<dir>/config.json` (the bundle libcontainer reads).
+pub fn write_bundle(dir: &Path, spec: &Spec) -> Result<(), SpecError> {
+    let write_err = |source| SpecError::Write {
+        path: dir.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(write_err)?;
+    let json = serde_json::to_vec(spec).map_err(|e| write_err(std::io::Error::other(e)))?;
+    std::fs::write(dir.join("config.json"), json).map_err(write_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minimal(extra_process: &str) -> String {
+        format!(
+            r#"{{"ociVersion":"1.0.2","root":{{"path":"ignored"}},
+               "process":{{"args":["true"],"cwd":"/"{extra_process}}},
+               "linux":{{"namespaces":[{{"type":"mount"}}]}}}}"#
+        )
+    }
+
+    #[test]
+    fn normalises_root_cgroup_and_no_new_privileges() {
+        let spec = prepare("c1", minimal(r#","noNewPrivileges":false"#).as_bytes(), "/").unwrap();
+        assert_eq!(spec.root().as_ref().unwrap().path(), Path::new("/"));
+        assert_eq!(spec.process().as_ref().unwrap().no_new_privileges(), None);
+        assert_eq!(
+            spec.linux().as_ref().unwrap().cgroups_path().as_deref(),
+            Some(Path::new("/crx/c1"))
+        );
+        let spec = prepare("c1", minimal(r#","noNewPrivileges":true"#).as_bytes(), "/").unwrap();
+        assert_eq!(spec.process().as_ref().unwrap().no_new_privileges(), Some(true));
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_run() {
+        assert!(matches!(prepare("c", b"{", "/"), Err(SpecError::Parse(_))));
+        assert!(matches!(
+            prepare("c", &vec![b' '; MAX_SPEC_BYTES + 1], "/"),
+            Err(SpecError::TooLarge(_))
+        ));
+        assert!(matches!(
+            prepare("c", minimal("").as_bytes(), "relative"),
+            Err(SpecError::Rootfs(_))
+        ));
+        assert!(matches!(
+            prepare("c", minimal(r#","terminal":true"#).as_bytes(), "/"),
+            Err(SpecError::Unsupported(_))
+        ));
+        let no_args = r#"{"ociVersion":"1.0.2","process":{"args":[],"cwd":"/"},"linux":{}}"#;
+        assert!(matches!(
+            prepare("c", no_args.as_bytes(), "/"),
+            Err(SpecError::Unsupported(_))
+        ));
+    }
+
+    #[test]
+    fn checks_ids() {
+        for good in ["a", "pod-1_x.y", &"a".repeat(MAX_ID_LEN)] {
+            check_id("id", good).unwrap();
+        }
+        for bad in ["", ".", "..", "-a", "a/b", "a b", &"a".repeat(MAX_ID_LEN + 1)] {
+            assert!(check_id("id", bad).is_err(), "{bad:?}");
+        }
+    }
+}
