@@ -1,7 +1,8 @@
 //! Build script. With the `containers` feature on a musl target it links the small C
 //! shim (`src/containers/fortify_shim.c`) that lets Debian's glibc-built `libseccomp.a`
-//! link against musl, and checks that libseccomp will be linked statically. Without the
-//! feature it does nothing. See `CONTAINERS.md`.
+//! link against musl, and checks that libseccomp will be linked statically
+//! (LIBSECCOMP_LINK_TYPE and LIBSECCOMP_LIB_PATH are set for the workspace in
+//! `.cargo/config.toml`). Without the feature it does nothing. See `CONTAINERS.md`.
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

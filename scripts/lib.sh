@@ -18,7 +18,7 @@ need_root() {
 # device tests' and benchmarks' guests (tests/src/test_guest.rs). The kernel build, the initramfs
 # builder and the nested-KVM rig install their own (kernel-config/build.sh,
 # rootfs/build.sh, tests/l1/prepare.sh).
-CRX_APT_PACKAGES=(build-essential qemu-system-x86 musl-tools busybox-static fio iperf3)
+CRX_APT_PACKAGES=(build-essential qemu-system-x86 musl-tools busybox-static fio iperf3 libseccomp-dev)
 # containerd (Debian 12: 1.6.20, task API v2) and runc for the shim's tests against a real
 # containerd (tests/src/containerd.rs starts a private one; nothing is enabled system-wide).
 CRX_APT_PACKAGES+=(containerd runc)

@@ -12,6 +12,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
+use std::os::fd::AsFd as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::{Arc, OnceLock};
@@ -72,6 +73,9 @@ pub enum LoggingError {
     /// A global subscriber was already installed.
     #[error("a log subscriber is already installed")]
     AlreadyInstalled,
+    /// stderr could not be duplicated for the host-mode log.
+    #[error("cannot duplicate stderr for the log")]
+    Stderr(#[source] io::Error),
 }
 
 /// Where logs went, for the first log line.
@@ -114,7 +118,14 @@ pub fn init_guest(
 
 /// Host mode: stderr.
 pub fn init_host(level: LevelFilter) -> Result<LogTarget, LoggingError> {
-    install(Sink::Stderr, level)?;
+    // A private copy of stderr: a container process the agent starts keeps logging
+    // through the agent's subscriber until it execs, after its own stdio is already on
+    // fds 0-2, and those lines belong in the agent's log, not in the container's stderr.
+    let stderr = io::stderr()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(LoggingError::Stderr)?;
+    install(Sink::Stderr(File::from(stderr)), level)?;
     Ok(LogTarget::Stderr)
 }
 
@@ -141,7 +152,7 @@ fn install(sink: Sink, level: LevelFilter) -> Result<(), LoggingError> {
 enum Sink {
     Kmsg(Kmsg),
     Stream(StreamSink),
-    Stderr,
+    Stderr(File),
 }
 
 /// Hands tracing one writer per event.
@@ -177,8 +188,8 @@ impl Write for EventWriter<'_> {
         match self.sink {
             Sink::Kmsg(kmsg) => kmsg.write_record(self.level, buf),
             Sink::Stream(stream) => stream.queue(self.level, buf),
-            Sink::Stderr => {
-                io::stderr().write_all(buf)?;
+            Sink::Stderr(file) => {
+                let _ = (&*file).write_all(buf);
             }
         }
         // A log line that cannot be written is dropped, never an error for the caller.

@@ -77,8 +77,8 @@ impl Reaper {
     }
 
     /// Exits from now on.
-    // Process management (containers, exec) will subscribe; today only the tests do.
-    #[allow(dead_code)]
+    // The container manager subscribes; without containers only the tests do.
+    #[cfg_attr(not(feature = "containers"), allow(dead_code))]
     pub fn subscribe(&self) -> broadcast::Receiver<ChildExit> {
         self.exits.subscribe()
     }

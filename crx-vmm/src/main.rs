@@ -375,7 +375,9 @@ fn run(
         return fail(exit::EXIT_VMM_ERROR, &error_chain(&e));
     }
     if seccomp_mode == SeccompMode::Log {
-        tracing::warn!("--seccomp log: calls outside the filters are only logged (kernel log, type=1326)");
+        tracing::warn!(
+            "--seccomp log: calls outside the filters are only logged (kernel log, type=1326)"
+        );
     }
     let vmm = match builder::build(&config, format, &kvm, cleaner) {
         Ok(vmm) => vmm,
@@ -457,9 +459,8 @@ fn vhost_user_vsock(
     let (socket, uds) = match &jail {
         None => (socket, uds),
         Some(jail) => {
-            let entered = jail::JailPlan::for_back_end(&[&socket, &uds], &[]).and_then(
-                |(plan, sockets, _)| jail::enter_plan(jail, &plan).map(|()| sockets),
-            );
+            let entered = jail::JailPlan::for_back_end(&[&socket, &uds], &[])
+                .and_then(|(plan, sockets, _)| jail::enter_plan(jail, &plan).map(|()| sockets));
             match entered.as_deref() {
                 Ok([socket, uds]) => (socket.clone(), uds.clone()),
                 Ok(_) => return fail(exit::EXIT_VMM_ERROR, "jail: socket paths lost"),
@@ -614,7 +615,9 @@ fn main() {
             Ok(cleaner) => Some(cleaner),
             Err(e) => std::process::exit(fail(
                 exit::EXIT_VMM_ERROR,
-                &format!("cannot start the cleanup process that removes the vsock and API sockets: {e}"),
+                &format!(
+                    "cannot start the cleanup process that removes the vsock and API sockets: {e}"
+                ),
             )),
         }
     } else {

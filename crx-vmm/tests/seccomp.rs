@@ -65,7 +65,11 @@ mod tests {
     fn assert_ran_to_the_end(scenario: &str) {
         let out = run_child(scenario);
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{scenario}: {:?}: {stderr}", out.status);
+        assert!(
+            out.status.success(),
+            "{scenario}: {:?}: {stderr}",
+            out.status
+        );
         assert!(stderr.contains("ALLOWED-OK"), "{scenario}: {stderr}");
     }
 
@@ -248,7 +252,10 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
                 let _ = tx.send(line);
             }
         });
@@ -331,7 +338,11 @@ mod tests {
     fn host_mounts_under(path: &Path) -> Vec<String> {
         let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         text.lines()
-            .filter(|l| l.split(' ').nth(4).is_some_and(|m| Path::new(m).starts_with(path)))
+            .filter(|l| {
+                l.split(' ')
+                    .nth(4)
+                    .is_some_and(|m| Path::new(m).starts_with(path))
+            })
             .map(String::from)
             .collect()
     }
@@ -357,8 +368,14 @@ mod tests {
         );
         let pid = child.id();
         wait_all_filtered(pid);
-        assert_eq!(status_field(pid, None, "CapEff").as_deref(), Some("0000000000000000"));
-        assert_eq!(status_field(pid, None, "CapBnd").as_deref(), Some("0000000000000000"));
+        assert_eq!(
+            status_field(pid, None, "CapEff").as_deref(),
+            Some("0000000000000000")
+        );
+        assert_eq!(
+            status_field(pid, None, "CapBnd").as_deref(),
+            Some("0000000000000000")
+        );
         assert_eq!(status_field(pid, None, "NoNewPrivs").as_deref(), Some("1"));
         assert_eq!(status_field(pid, None, "Seccomp").as_deref(), Some("2"));
         // Its root: the kernel and the socket's directory, at their host paths.
@@ -369,7 +386,10 @@ mod tests {
         assert!(!inside(&dir.join("secret")).exists(), "no other host file");
         assert!(!root.join("etc").exists() && !root.join("dev").exists());
         // The socket crx-vmm made in the jail is the host's.
-        assert!(sock.symlink_metadata().is_ok(), "socket visible on the host");
+        assert!(
+            sock.symlink_metadata().is_ok(),
+            "socket visible on the host"
+        );
         let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
         let mounts: Vec<&str> = mountinfo
             .lines()
@@ -377,9 +397,16 @@ mod tests {
             .collect();
         assert_eq!(mounts.len(), 3, "root, kernel, socket dir: {mountinfo}");
         assert_eq!(mounts[0], "/");
-        assert!(mountinfo.contains(" / / ro,"), "read-only tmpfs root: {mountinfo}");
+        assert!(
+            mountinfo.contains(" / / ro,"),
+            "read-only tmpfs root: {mountinfo}"
+        );
         // Nothing of the jail reached the host's mount table.
-        assert!(host_mounts_under(&dir).is_empty(), "{:?}", host_mounts_under(&dir));
+        assert!(
+            host_mounts_under(&dir).is_empty(),
+            "{:?}",
+            host_mounts_under(&dir)
+        );
         assert!(stop(child).success());
         assert!(sock.symlink_metadata().is_err(), "socket removed");
         assert!(host_mounts_under(&dir).is_empty());
@@ -416,7 +443,10 @@ mod tests {
         );
         let pid = child.id();
         // virtio-fs keeps the file-system capabilities, and only those.
-        assert_eq!(status_field(pid, None, "CapEff").as_deref(), Some("00000000000000df"));
+        assert_eq!(
+            status_field(pid, None, "CapEff").as_deref(),
+            Some("00000000000000df")
+        );
         let sub = share.join("sub");
         std::fs::create_dir_all(&sub).unwrap();
         mount(&["--bind", extra.to_str().unwrap(), sub.to_str().unwrap()]);
@@ -426,7 +456,11 @@ mod tests {
         assert_eq!(std::fs::read(&seen).unwrap(), b"added after start");
         assert!(stop(child).success());
         let _ = Command::new("umount").args(["-R", share_s]).status();
-        assert!(host_mounts_under(&dir).is_empty(), "{:?}", host_mounts_under(&dir));
+        assert!(
+            host_mounts_under(&dir).is_empty(),
+            "{:?}",
+            host_mounts_under(&dir)
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -457,7 +491,10 @@ mod tests {
             Some("65533\t65533\t65533\t65533")
         );
         assert_eq!(status_field(pid, None, "Groups").as_deref(), Some(""));
-        assert_eq!(status_field(pid, None, "CapPrm").as_deref(), Some("0000000000000000"));
+        assert_eq!(
+            status_field(pid, None, "CapPrm").as_deref(),
+            Some("0000000000000000")
+        );
         assert!(stop(child).success());
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -489,7 +526,10 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         let pid = child.id();
-        assert_eq!(status_field(pid, None, "CapEff").as_deref(), Some("0000000000000000"));
+        assert_eq!(
+            status_field(pid, None, "CapEff").as_deref(),
+            Some("0000000000000000")
+        );
         assert_eq!(status_field(pid, None, "NoNewPrivs").as_deref(), Some("1"));
         assert_eq!(status_field(pid, None, "Seccomp").as_deref(), Some("2"));
         let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
@@ -498,7 +538,10 @@ mod tests {
             .filter_map(|l| l.split(' ').nth(4))
             .collect();
         assert_eq!(mounts, ["/", run.to_str().unwrap()], "{mountinfo}");
-        assert!(uds.symlink_metadata().is_ok(), "hybrid socket made on the host");
+        assert!(
+            uds.symlink_metadata().is_ok(),
+            "hybrid socket made on the host"
+        );
         assert!(stop(child).success());
         assert!(socket.symlink_metadata().is_err() && uds.symlink_metadata().is_err());
         assert!(host_mounts_under(&dir).is_empty());

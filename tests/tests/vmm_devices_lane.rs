@@ -106,7 +106,10 @@ mod tests {
         let r = check("blk-flush-kill");
         assert_eq!(r["killed"], true, "{r}");
         assert_eq!(r["vmm_rc"], 137, "{r}");
-        assert_eq!(r["api_socket_gone"], true, "the cleaner removes the API socket: {r}");
+        assert_eq!(
+            r["api_socket_gone"], true,
+            "the cleaner removes the API socket: {r}"
+        );
         assert_eq!(r["procs_left"], 0, "{r}");
     }
 

@@ -49,7 +49,10 @@ impl ExitTable {
                 let exit = match exits.recv().await {
                     Ok(exit) => exit,
                     Err(broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::error!(lost = n, "exit statuses lost: the exit table fell behind the reaper");
+                        tracing::error!(
+                            lost = n,
+                            "exit statuses lost: the exit table fell behind the reaper"
+                        );
                         continue;
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
@@ -68,7 +71,13 @@ impl ExitTable {
         let mut records = self.lock();
         if records
             .by_pid
-            .insert(exit.pid, ExitRecord { status: exit.status, at_unix_nanos })
+            .insert(
+                exit.pid,
+                ExitRecord {
+                    status: exit.status,
+                    at_unix_nanos,
+                },
+            )
             .is_none()
         {
             records.order.push_back(exit.pid);
@@ -124,8 +133,14 @@ mod tests {
     async fn waiters_see_exits_recorded_before_and_after_they_ask() {
         let (tx, rx) = broadcast::channel(16);
         let table = ExitTable::spawn(rx);
-        tx.send(ChildExit { pid: 10, status: ChildStatus::Exited(3) }).unwrap();
-        let early = tokio::time::timeout(Duration::from_secs(5), table.wait(10)).await.unwrap();
+        tx.send(ChildExit {
+            pid: 10,
+            status: ChildStatus::Exited(3),
+        })
+        .unwrap();
+        let early = tokio::time::timeout(Duration::from_secs(5), table.wait(10))
+            .await
+            .unwrap();
         assert_eq!(early.status, ChildStatus::Exited(3));
 
         let waiter = {
@@ -133,8 +148,15 @@ mod tests {
             tokio::spawn(async move { table.wait(11).await })
         };
         tokio::task::yield_now().await;
-        tx.send(ChildExit { pid: 11, status: ChildStatus::Signaled(9) }).unwrap();
-        let late = tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap();
+        tx.send(ChildExit {
+            pid: 11,
+            status: ChildStatus::Signaled(9),
+        })
+        .unwrap();
+        let late = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(late.status.exit_code(), 137);
 
         table.forget(10);

@@ -4,9 +4,9 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use tokio::time::Instant;
 
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::{Container, ContainerStatus};
@@ -14,10 +14,12 @@ use libcontainer::syscall::syscall::SyscallType;
 
 use super::exits::{ExitRecord, ExitTable};
 use super::spec::{self, SpecError};
-use super::stdio::{Declared, ProcessStdio, StdioError, StdioRegistry};
+use super::stdio::{ChildStdio, Declared, ProcessStdio, StdioError, StdioRegistry};
 
 /// Most containers one agent holds (container.proto).
 pub const MAX_CONTAINERS: usize = 128;
+/// Most exec processes one container holds (container.proto).
+pub const MAX_EXECS: usize = 256;
 
 /// Why a container request failed; each maps to one ttrpc code.
 #[derive(Debug, thiserror::Error)]
@@ -53,15 +55,31 @@ pub enum ManagerError {
 
 /// One process of a container.
 struct Proc {
-    pid: i32,
+    /// Guest pid; 0 for an exec until it is started.
+    pid: AtomicI32,
     stdio: Arc<ProcessStdio>,
     started: AtomicBool,
+    /// An exec's process.json and its ends of the stdio, until it is started.
+    exec: Option<(PathBuf, Mutex<Option<ChildStdio>>)>,
+}
+
+impl Proc {
+    fn pid(&self) -> i32 {
+        self.pid.load(Ordering::Acquire)
+    }
 }
 
 struct Entry {
     container: Arc<Mutex<Container>>,
     init: Arc<Proc>,
+    execs: Mutex<HashMap<String, Arc<Proc>>>,
     bundle: PathBuf,
+}
+
+impl Entry {
+    fn execs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Proc>>> {
+        self.execs.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// How a process ended, for replies.
@@ -78,6 +96,8 @@ pub struct ContainerManager {
     /// Where each container's config.json is written.
     bundles: PathBuf,
     exits: Arc<ExitTable>,
+    /// Enter rootfs with MS_MOVE + chroot instead of pivot_root (see [`root_is_initramfs`]).
+    no_pivot: bool,
     /// `None` while the id is being created.
     containers: Mutex<HashMap<String, Option<Arc<Entry>>>>,
 }
@@ -106,6 +126,7 @@ impl ContainerManager {
             root: state_dir.join("containers"),
             bundles: state_dir.join("bundles"),
             exits,
+            no_pivot: root_is_initramfs(),
             containers: Mutex::new(HashMap::new()),
         }
     }
@@ -126,13 +147,17 @@ impl ContainerManager {
 
     fn process(&self, id: &str, exec_id: &str) -> Result<(Arc<Entry>, Arc<Proc>), ManagerError> {
         let entry = self.entry(id)?;
-        if !exec_id.is_empty() {
-            return Err(ManagerError::NotFound(format!(
-                "no exec {exec_id:?} in container {id:?}"
-            )));
+        if exec_id.is_empty() {
+            let init = entry.init.clone();
+            return Ok((entry, init));
         }
-        let init = entry.init.clone();
-        Ok((entry, init))
+        let exec = entry.execs().get(exec_id).cloned();
+        match exec {
+            Some(p) => Ok((entry, p)),
+            None => Err(ManagerError::NotFound(format!(
+                "no exec {exec_id:?} in container {id:?}"
+            ))),
+        }
     }
 
     /// Reserves `id`, then builds the container; the id is free again on failure.
@@ -163,7 +188,7 @@ impl ContainerManager {
         let mut map = self.map();
         match result {
             Ok(entry) => {
-                let pid = entry.init.pid;
+                let pid = entry.init.pid();
                 map.insert(id.to_owned(), Some(Arc::new(entry)));
                 Ok(pid)
             }
@@ -192,6 +217,7 @@ impl ContainerManager {
             }
         };
         let root = self.root.clone();
+        let no_pivot = self.no_pivot;
         let (job_id, job_bundle) = (id.to_owned(), bundle.clone());
         let built = blocking("create the container", move || {
             std::fs::create_dir_all(&root).map_err(|e| runtime_err("create the state root", e))?;
@@ -204,6 +230,7 @@ impl ContainerManager {
                 .as_init(&job_bundle)
                 .with_systemd(false)
                 .with_detach(true)
+                .with_no_pivot(no_pivot)
                 .build();
             match container {
                 Ok(c) => Ok(c),
@@ -214,7 +241,10 @@ impl ContainerManager {
                         let _ = c.delete(true);
                     }
                     let _ = std::fs::remove_dir_all(&state);
-                    Err(runtime_err("libcontainer could not create the container", error_chain(&e)))
+                    Err(runtime_err(
+                        "libcontainer could not create the container",
+                        error_chain(&e),
+                    ))
                 }
             }
         })
@@ -231,16 +261,23 @@ impl ContainerManager {
         Ok(Entry {
             container: Arc::new(Mutex::new(container)),
             init: Arc::new(Proc {
-                pid,
+                pid: AtomicI32::new(pid),
                 stdio,
                 started: AtomicBool::new(false),
+                exec: None,
             }),
+            execs: Mutex::new(HashMap::new()),
             bundle,
         })
     }
 
     /// Starts the process once its declared streams are attached (by `deadline`).
-    pub async fn start(&self, id: &str, exec_id: &str, deadline: Instant) -> Result<i32, ManagerError> {
+    pub async fn start(
+        &self,
+        id: &str,
+        exec_id: &str,
+        deadline: Instant,
+    ) -> Result<i32, ManagerError> {
         let (entry, proc) = self.process(id, exec_id)?;
         if proc.started.swap(true, Ordering::AcqRel) {
             return Err(ManagerError::Precondition(format!(
@@ -253,23 +290,120 @@ impl ContainerManager {
                 "stdio streams not attached before the deadline: {missing}"
             )));
         }
+        if let Some((process_json, child)) = &proc.exec {
+            let child = child.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let Some(child) = child else {
+                return Err(ManagerError::Precondition(format!(
+                    "exec {exec_id:?} cannot be started again"
+                )));
+            };
+            let (root, cid, json) = (self.root.clone(), id.to_owned(), process_json.clone());
+            // The tenant builder joins the init's namespaces and cgroup and runs the
+            // program at once: created-but-not-started lives here, in the agent.
+            let pid = blocking("start the exec process", move || {
+                ContainerBuilder::new(cid, SyscallType::default())
+                    .with_root_path(&root)
+                    .map_err(|e| runtime_err("libcontainer state root", e))?
+                    .with_stdin(child.stdin)
+                    .with_stdout(child.stdout)
+                    .with_stderr(child.stderr)
+                    .as_tenant()
+                    .with_process(Some(json))
+                    .with_detach(true)
+                    .build()
+                    .map_err(|e| {
+                        runtime_err(
+                            "libcontainer could not start the exec process",
+                            error_chain(&e),
+                        )
+                    })
+            })
+            .await?;
+            proc.pid.store(pid.as_raw(), Ordering::Release);
+            tracing::info!(
+                container = id,
+                exec = exec_id,
+                pid = pid.as_raw(),
+                "exec started"
+            );
+            return Ok(pid.as_raw());
+        }
         let container = entry.container.clone();
         blocking("start the container", move || {
             let mut c = container.lock().unwrap_or_else(|p| p.into_inner());
-            c.start()
-                .map_err(|e| runtime_err("libcontainer could not start the container", error_chain(&e)))
+            c.start().map_err(|e| {
+                runtime_err(
+                    "libcontainer could not start the container",
+                    error_chain(&e),
+                )
+            })
         })
         .await
         .inspect_err(|_| proc.started.store(false, Ordering::Release))?;
-        tracing::info!(container = id, pid = proc.pid, "container started");
-        Ok(proc.pid)
+        tracing::info!(container = id, pid = proc.pid(), "container started");
+        Ok(proc.pid())
+    }
+
+    /// Prepares an exec process in a running container; StartContainer runs it.
+    pub fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        raw_process: &[u8],
+        declared: Declared,
+    ) -> Result<(), ManagerError> {
+        spec::check_id("exec id", exec_id)?;
+        let process = spec::prepare_process(raw_process)?;
+        let entry = self.entry(id)?;
+        let init = &entry.init;
+        if !init.started.load(Ordering::Acquire) || self.exits.get(init.pid()).is_some() {
+            return Err(ManagerError::Precondition(format!(
+                "container {id:?} is not running"
+            )));
+        }
+        let mut execs = entry.execs();
+        if execs.contains_key(exec_id) {
+            return Err(ManagerError::AlreadyExists(format!("{id}/{exec_id}")));
+        }
+        let live = execs
+            .values()
+            .filter(|p| p.pid() == 0 || self.exits.get(p.pid()).is_none())
+            .count();
+        if live >= MAX_EXECS {
+            return Err(ManagerError::Exhausted(format!(
+                "container {id:?} already has {MAX_EXECS} live exec processes"
+            )));
+        }
+        let json = entry.bundle.join(format!("exec-{exec_id}.json"));
+        spec::write_process(&json, &process)?;
+        let (stdio, child) = ProcessStdio::new(declared)?;
+        execs.insert(
+            exec_id.to_owned(),
+            Arc::new(Proc {
+                pid: AtomicI32::new(0),
+                stdio,
+                started: AtomicBool::new(false),
+                exec: Some((json, Mutex::new(Some(child)))),
+            }),
+        );
+        Ok(())
     }
 
     /// Waits (until `deadline`) for the process to end.
-    pub async fn wait(&self, id: &str, exec_id: &str, deadline: Instant) -> Result<ProcessEnd, ManagerError> {
+    pub async fn wait(
+        &self,
+        id: &str,
+        exec_id: &str,
+        deadline: Instant,
+    ) -> Result<ProcessEnd, ManagerError> {
         let (_entry, proc) = self.process(id, exec_id)?;
-        let pid = proc.pid;
-        match tokio::time::timeout_at(deadline.into(), self.exits.wait(pid)).await {
+        let pid = proc.pid();
+        if pid <= 0 {
+            return Err(ManagerError::Precondition(format!(
+                "process ({id:?}, {exec_id:?}) was not started"
+            )));
+        }
+        match tokio::time::timeout_at(deadline, self.exits.wait(pid)).await {
             Ok(exit) => Ok(ProcessEnd { pid, exit }),
             Err(_) => Err(ManagerError::Deadline(format!(
                 "process ({id:?}, {exec_id:?}) still running at the request's deadline; ask again"
@@ -278,12 +412,21 @@ impl ContainerManager {
     }
 
     /// Sends `signal` to the process, or to every process of the container.
-    pub async fn signal(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<(), ManagerError> {
+    pub async fn signal(
+        &self,
+        id: &str,
+        exec_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<(), ManagerError> {
         let Some(sig) = i32::try_from(signal).ok().filter(|s| (1..=64).contains(s)) else {
-            return Err(ManagerError::Invalid(format!("signal {signal} is not 1-64")));
+            return Err(ManagerError::Invalid(format!(
+                "signal {signal} is not 1-64"
+            )));
         };
         let (entry, proc) = self.process(id, exec_id)?;
-        if self.exits.get(proc.pid).is_some() {
+        let pid = proc.pid();
+        if pid > 0 && self.exits.get(pid).is_some() {
             return Err(ManagerError::NotFound(format!(
                 "process ({id:?}, {exec_id:?}) has already exited"
             )));
@@ -294,17 +437,23 @@ impl ContainerManager {
                 let signal = libcontainer::signal::Signal::try_from(sig)
                     .map_err(|e| ManagerError::Invalid(format!("signal {sig}: {e}")))?;
                 let mut c = container.lock().unwrap_or_else(|p| p.into_inner());
-                c.kill(signal, true)
-                    .map_err(|e| runtime_err("libcontainer could not signal the container", error_chain(&e)))
+                c.kill(signal, true).map_err(|e| {
+                    runtime_err(
+                        "libcontainer could not signal the container",
+                        error_chain(&e),
+                    )
+                })
             })
             .await;
         }
-        if proc.pid <= 0 {
-            return Err(ManagerError::Precondition("the process has no pid".into()));
+        if pid <= 0 {
+            return Err(ManagerError::Precondition(format!(
+                "process ({id:?}, {exec_id:?}) was not started"
+            )));
         }
         // SAFETY: kill takes plain integers; the pid is a child the reaper has not
         // reported, so it has not been reused.
-        if unsafe { libc::kill(proc.pid, sig) } != 0 {
+        if unsafe { libc::kill(pid, sig) } != 0 {
             return Err(runtime_err("kill", std::io::Error::last_os_error()));
         }
         Ok(())
@@ -322,7 +471,7 @@ impl ContainerManager {
     pub async fn remove(&self, id: &str, force: bool) -> Result<(), ManagerError> {
         let entry = self.entry(id)?;
         let init = entry.init.clone();
-        let exited = self.exits.get(init.pid).is_some();
+        let exited = self.exits.get(init.pid()).is_some();
         if !exited && !force && init.started.load(Ordering::Acquire) {
             return Err(ManagerError::Precondition(format!(
                 "container {id:?} is running; stop it first or remove with force"
@@ -345,7 +494,12 @@ impl ContainerManager {
             } else {
                 c.delete(true)
             }
-            .map_err(|e| runtime_err("libcontainer could not delete the container", error_chain(&e)))
+            .map_err(|e| {
+                runtime_err(
+                    "libcontainer could not delete the container",
+                    error_chain(&e),
+                )
+            })
         })
         .await;
         let mut map = self.map();
@@ -354,7 +508,10 @@ impl ContainerManager {
                 map.remove(id);
                 drop(map);
                 let _ = std::fs::remove_dir_all(&entry.bundle);
-                self.exits.forget(init.pid);
+                self.exits.forget(init.pid());
+                for exec in entry.execs().values() {
+                    self.exits.forget(exec.pid());
+                }
                 tracing::info!(container = id, "container removed");
                 Ok(())
             }
@@ -372,6 +529,26 @@ impl StdioRegistry for ContainerManager {
             .ok()
             .map(|(_, p)| p.stdio.clone())
     }
+}
+
+/// Whether `/` is the kernel's initial rootfs (the agent runs from an initramfs):
+/// pivot_root(2) refuses to move that mount, so containers must enter their root by
+/// MS_MOVE + chroot, as runc's `--no-pivot` does.
+fn root_is_initramfs() -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let answer = info
+        .lines()
+        .find(|line| line.split(' ').nth(4) == Some("/"))
+        .and_then(|line| line.split_once(" - "))
+        .is_some_and(|(_, rest)| rest.split(' ').next() == Some("rootfs"));
+    if answer {
+        tracing::info!(
+            "the agent runs from an initramfs: containers enter their root without pivot_root"
+        );
+    }
+    answer
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -5,10 +5,12 @@
 
 use std::path::{Path, PathBuf};
 
-use libcontainer::oci_spec::runtime::{RootBuilder, Spec};
+use libcontainer::oci_spec::runtime::{Process, RootBuilder, Spec};
 
 /// Largest accepted `oci_spec` (container.proto).
 pub const MAX_SPEC_BYTES: usize = 1 << 20;
+/// Largest accepted exec `process` (container.proto).
+pub const MAX_PROCESS_BYTES: usize = 256 << 10;
 /// Longest container or exec id.
 pub const MAX_ID_LEN: usize = 128;
 /// Parent of every container's cgroup when its spec names none.
@@ -20,6 +22,12 @@ pub enum SpecError {
     /// Larger than [`MAX_SPEC_BYTES`].
     #[error("oci_spec is {0} bytes; the limit is {MAX_SPEC_BYTES}")]
     TooLarge(usize),
+    /// An exec's process larger than [`MAX_PROCESS_BYTES`].
+    #[error("process is {0} bytes; the limit is {MAX_PROCESS_BYTES}")]
+    ProcessTooLarge(usize),
+    /// Not a runtime-spec Process object.
+    #[error("process is not a valid OCI runtime-spec Process")]
+    ParseProcess(#[source] serde_json::Error),
     /// Not a runtime-spec config.json.
     #[error("oci_spec is not a valid OCI runtime spec")]
     Parse(#[source] serde_json::Error),
@@ -75,7 +83,11 @@ pub fn prepare(id: &str, raw: &[u8], rootfs: &str) -> Result<Spec, SpecError> {
     if !root.is_absolute() || !root.is_dir() {
         return Err(SpecError::Rootfs(rootfs.to_owned()));
     }
-    let readonly = spec.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false);
+    let readonly = spec
+        .root()
+        .as_ref()
+        .and_then(|r| r.readonly())
+        .unwrap_or(false);
     let new_root = RootBuilder::default()
         .path(root)
         .readonly(readonly)
@@ -83,23 +95,10 @@ pub fn prepare(id: &str, raw: &[u8], rootfs: &str) -> Result<Spec, SpecError> {
         .map_err(|e| SpecError::Unsupported(e.to_string()))?;
     spec.set_root(Some(new_root));
 
-    let Some(mut process) = spec.process().clone() else {
+    let Some(process) = spec.process().clone() else {
         return Err(SpecError::Unsupported("no process".into()));
     };
-    if process.args().as_ref().is_none_or(|a| a.is_empty()) {
-        return Err(SpecError::Unsupported("process.args is empty".into()));
-    }
-    if process.terminal() == Some(true) {
-        return Err(SpecError::Unsupported(
-            "process.terminal is not supported by this agent yet".into(),
-        ));
-    }
-    // libcontainer 0.7 tests the key for presence, not value: a present `false` makes it
-    // load the seccomp filter too late to succeed (agent/CONTAINERS.md).
-    if process.no_new_privileges() == Some(false) {
-        process.set_no_new_privileges(None);
-    }
-    spec.set_process(Some(process));
+    spec.set_process(Some(normalise_process(process)?));
 
     let Some(mut linux) = spec.linux().clone() else {
         return Err(SpecError::Unsupported("no linux section".into()));
@@ -109,6 +108,44 @@ pub fn prepare(id: &str, raw: &[u8], rootfs: &str) -> Result<Spec, SpecError> {
     }
     spec.set_linux(Some(linux));
     Ok(spec)
+}
+
+/// Checks what the agent cannot run and removes libcontainer 0.7's
+/// `noNewPrivileges: false` trap: it tests the key for presence, not value, and a
+/// present `false` makes it load the seccomp filter too late to succeed
+/// (agent/CONTAINERS.md).
+fn normalise_process(mut process: Process) -> Result<Process, SpecError> {
+    if process.args().as_ref().is_none_or(|a| a.is_empty()) {
+        return Err(SpecError::Unsupported("process.args is empty".into()));
+    }
+    if process.terminal() == Some(true) {
+        return Err(SpecError::Unsupported(
+            "process.terminal is not supported by this agent yet".into(),
+        ));
+    }
+    if process.no_new_privileges() == Some(false) {
+        process.set_no_new_privileges(None);
+    }
+    Ok(process)
+}
+
+/// Parses and normalises an exec's Process object.
+pub fn prepare_process(raw: &[u8]) -> Result<Process, SpecError> {
+    if raw.len() > MAX_PROCESS_BYTES {
+        return Err(SpecError::ProcessTooLarge(raw.len()));
+    }
+    let process: Process = serde_json::from_slice(raw).map_err(SpecError::ParseProcess)?;
+    normalise_process(process)
+}
+
+/// Writes an exec's process as `path` (libcontainer's tenant builder reads it).
+pub fn write_process(path: &Path, process: &Process) -> Result<(), SpecError> {
+    let write_err = |source| SpecError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let json = serde_json::to_vec(process).map_err(|e| write_err(std::io::Error::other(e)))?;
+    std::fs::write(path, json).map_err(write_err)
 }
 
 /// Writes `spec` as `<dir>/config.json` (the bundle libcontainer reads).
@@ -129,7 +166,7 @@ mod tests {
     fn minimal(extra_process: &str) -> String {
         format!(
             r#"{{"ociVersion":"1.0.2","root":{{"path":"ignored"}},
-               "process":{{"args":["true"],"cwd":"/"{extra_process}}},
+               "process":{{"args":["true"],"cwd":"/","user":{{"uid":0,"gid":0}}{extra_process}}},
                "linux":{{"namespaces":[{{"type":"mount"}}]}}}}"#
         )
     }
@@ -144,7 +181,10 @@ mod tests {
             Some(Path::new("/crx/c1"))
         );
         let spec = prepare("c1", minimal(r#","noNewPrivileges":true"#).as_bytes(), "/").unwrap();
-        assert_eq!(spec.process().as_ref().unwrap().no_new_privileges(), Some(true));
+        assert_eq!(
+            spec.process().as_ref().unwrap().no_new_privileges(),
+            Some(true)
+        );
     }
 
     #[test]
@@ -162,7 +202,7 @@ mod tests {
             prepare("c", minimal(r#","terminal":true"#).as_bytes(), "/"),
             Err(SpecError::Unsupported(_))
         ));
-        let no_args = r#"{"ociVersion":"1.0.2","process":{"args":[],"cwd":"/"},"linux":{}}"#;
+        let no_args = r#"{"ociVersion":"1.0.2","process":{"args":[],"cwd":"/","user":{"uid":0,"gid":0}},"linux":{}}"#;
         assert!(matches!(
             prepare("c", no_args.as_bytes(), "/"),
             Err(SpecError::Unsupported(_))
@@ -174,7 +214,15 @@ mod tests {
         for good in ["a", "pod-1_x.y", &"a".repeat(MAX_ID_LEN)] {
             check_id("id", good).unwrap();
         }
-        for bad in ["", ".", "..", "-a", "a/b", "a b", &"a".repeat(MAX_ID_LEN + 1)] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "-a",
+            "a/b",
+            "a b",
+            &"a".repeat(MAX_ID_LEN + 1),
+        ] {
             assert!(check_id("id", bad).is_err(), "{bad:?}");
         }
     }

@@ -12,7 +12,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use crx_protocols::v1::stdio::{StreamAccept, StreamHeader, StreamKind};
 use nix::fcntl::OFlag;
@@ -189,7 +190,7 @@ impl ProcessStdio {
         } else {
             null_in().map_err(StdioError::Pipes)?
         };
-        let mut output = |wanted: bool, slot: &mut Option<OwnedFd>| -> Result<OwnedFd, StdioError> {
+        let output = |wanted: bool, slot: &mut Option<OwnedFd>| -> Result<OwnedFd, StdioError> {
             if wanted {
                 let (r, w) = pipe().map_err(StdioError::Pipes)?;
                 *slot = Some(r);
@@ -205,7 +206,14 @@ impl ProcessStdio {
             ends: Mutex::new(ends),
             attached: watch::channel(0).0,
         });
-        Ok((me, ChildStdio { stdin, stdout, stderr }))
+        Ok((
+            me,
+            ChildStdio {
+                stdin,
+                stdout,
+                stderr,
+            },
+        ))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Ends> {
@@ -216,16 +224,23 @@ impl ProcessStdio {
     pub async fn wait_attached(&self, deadline: Instant) -> Result<(), String> {
         let want = self.declared.mask();
         let mut rx = self.attached.subscribe();
-        let wait = rx.wait_for(|got| got & want == want);
-        match tokio::time::timeout_at(deadline.into(), wait).await {
-            Ok(Ok(_)) => Ok(()),
+        let attached = tokio::time::timeout_at(deadline, async {
+            rx.wait_for(|got| got & want == want).await.is_ok()
+        })
+        .await;
+        match attached {
+            Ok(true) => Ok(()),
             _ => {
                 let got = *self.attached.borrow();
-                let missing: Vec<&str> = [(STDIN_BIT, "stdin"), (STDOUT_BIT, "stdout"), (STDERR_BIT, "stderr")]
-                    .into_iter()
-                    .filter(|(bit, _)| want & bit != 0 && got & bit == 0)
-                    .map(|(_, name)| name)
-                    .collect();
+                let missing: Vec<&str> = [
+                    (STDIN_BIT, "stdin"),
+                    (STDOUT_BIT, "stdout"),
+                    (STDERR_BIT, "stderr"),
+                ]
+                .into_iter()
+                .filter(|(bit, _)| want & bit != 0 && got & bit == 0)
+                .map(|(_, name)| name)
+                .collect();
                 Err(missing.join(", "))
             }
         }
@@ -273,7 +288,10 @@ impl ProcessStdio {
 }
 
 /// Starts the listener thread. Connections are served until the process ends.
-pub fn spawn_listener(addr: &StdioAddr, registry: Arc<dyn StdioRegistry>) -> Result<(), StdioError> {
+pub fn spawn_listener(
+    addr: &StdioAddr,
+    registry: Arc<dyn StdioRegistry>,
+) -> Result<(), StdioError> {
     let bind_err = |source| StdioError::Bind {
         addr: addr.to_string(),
         source,
@@ -325,10 +343,12 @@ fn accept_loop(
             continue;
         }
         let registry = registry.clone();
-        let spawned = std::thread::Builder::new().name("stdio".into()).spawn(move || {
-            serve(conn, registry.as_ref());
-            ACTIVE.fetch_sub(1, Ordering::AcqRel);
-        });
+        let spawned = std::thread::Builder::new()
+            .name("stdio".into())
+            .spawn(move || {
+                serve(conn, registry.as_ref());
+                ACTIVE.fetch_sub(1, Ordering::AcqRel);
+            });
         if let Err(e) = spawned {
             ACTIVE.fetch_sub(1, Ordering::AcqRel);
             tracing::warn!(error = %e, "cannot start a stdio thread");
@@ -339,18 +359,21 @@ fn accept_loop(
 /// Reads and checks the header of a new connection.
 fn read_header(conn: &mut Conn) -> Result<StreamHeader, String> {
     let mut magic = [0u8; 4];
-    conn.read_exact(&mut magic).map_err(|e| format!("no header: {e}"))?;
+    conn.read_exact(&mut magic)
+        .map_err(|e| format!("no header: {e}"))?;
     if &magic != MAGIC {
         return Err("bad magic (expected \"CRXS\")".into());
     }
     let mut len = [0u8; 2];
-    conn.read_exact(&mut len).map_err(|e| format!("no header length: {e}"))?;
+    conn.read_exact(&mut len)
+        .map_err(|e| format!("no header length: {e}"))?;
     let len = usize::from(u16::from_be_bytes(len));
     if len == 0 || len > MAX_FRAME {
         return Err(format!("header length {len} is not 1-{MAX_FRAME}"));
     }
     let mut body = vec![0u8; len];
-    conn.read_exact(&mut body).map_err(|e| format!("short header: {e}"))?;
+    conn.read_exact(&mut body)
+        .map_err(|e| format!("short header: {e}"))?;
     StreamHeader::parse_from_bytes(&body).map_err(|e| format!("malformed header: {e}"))
 }
 

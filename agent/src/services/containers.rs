@@ -2,7 +2,8 @@
 //! built yet answer UNIMPLEMENTED with their name.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use async_trait::async_trait;
 use crx_protocols::v1::container::*;
@@ -37,7 +38,10 @@ impl ContainersService {
 
     fn manager(&self) -> ttrpc::Result<&Arc<ContainerManager>> {
         self.state.containers().ok_or_else(|| {
-            status_of(ttrpc::Code::UNAVAILABLE, "the container manager did not start (see the agent log)")
+            status_of(
+                ttrpc::Code::UNAVAILABLE,
+                "the container manager did not start (see the agent log)",
+            )
         })
     }
 }
@@ -56,9 +60,8 @@ fn status_of(code: ttrpc::Code, message: impl Into<String>) -> ttrpc::Error {
 
 fn status(e: &ManagerError) -> ttrpc::Error {
     let code = match e {
-        ManagerError::Spec(SpecError::TooLarge(_)) | ManagerError::Exhausted(_) => {
-            ttrpc::Code::RESOURCE_EXHAUSTED
-        }
+        ManagerError::Spec(SpecError::TooLarge(_) | SpecError::ProcessTooLarge(_))
+        | ManagerError::Exhausted(_) => ttrpc::Code::RESOURCE_EXHAUSTED,
         ManagerError::Spec(SpecError::Write { .. }) => ttrpc::Code::INTERNAL,
         ManagerError::Spec(_) | ManagerError::Invalid(_) => ttrpc::Code::INVALID_ARGUMENT,
         ManagerError::NotFound(_) => ttrpc::Code::NOT_FOUND,
@@ -100,13 +103,21 @@ impl Containers for ContainersService {
         if req.storages.len() > MAX_STORAGES {
             return Err(status_of(
                 ttrpc::Code::RESOURCE_EXHAUSTED,
-                format!("{} storages; the limit is {MAX_STORAGES}", req.storages.len()),
+                format!(
+                    "{} storages; the limit is {MAX_STORAGES}",
+                    req.storages.len()
+                ),
             ));
         }
         // Storages first: the rootfs may live on one of them.
         let mut mounted = Vec::new();
         for storage in &req.storages {
-            match self.state.storage().mount(storage, deadline, deadline).await {
+            match self
+                .state
+                .storage()
+                .mount(storage, deadline, deadline)
+                .await
+            {
                 Ok(record) => mounted.push(record.mount_point),
                 Err(e) => {
                     self.unmount(&mounted).await;
@@ -120,7 +131,8 @@ impl Containers for ContainersService {
             .await
         {
             Ok(pid) => {
-                self.state.set_container_storages(&req.container_id, mounted);
+                self.state
+                    .set_container_storages(&req.container_id, mounted);
                 let mut resp = CreateContainerResponse::new();
                 resp.pid = u32::try_from(pid).unwrap_or(0);
                 Ok(resp)
@@ -148,8 +160,16 @@ impl Containers for ContainersService {
         Ok(resp)
     }
 
-    async fn exec_process(&self, _ctx: &TtrpcContext, _req: ExecProcessRequest) -> ttrpc::Result<ExecProcessResponse> {
-        unimplemented("Containers.ExecProcess")
+    async fn exec_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ExecProcessRequest,
+    ) -> ttrpc::Result<ExecProcessResponse> {
+        let declared = declared(req.stdio.as_ref())?;
+        self.manager()?
+            .exec(&req.container_id, &req.exec_id, &req.process, declared)
+            .map_err(|e| status(&e))?;
+        Ok(ExecProcessResponse::new())
     }
 
     async fn signal_process(
@@ -164,7 +184,11 @@ impl Containers for ContainersService {
         Ok(SignalProcessResponse::new())
     }
 
-    async fn wait_process(&self, ctx: &TtrpcContext, req: WaitProcessRequest) -> ttrpc::Result<WaitProcessResponse> {
+    async fn wait_process(
+        &self,
+        ctx: &TtrpcContext,
+        req: WaitProcessRequest,
+    ) -> ttrpc::Result<WaitProcessResponse> {
         let end = self
             .manager()?
             .wait(&req.container_id, &req.exec_id, request_deadline(ctx))
@@ -183,11 +207,19 @@ impl Containers for ContainersService {
         Ok(resp)
     }
 
-    async fn resize_tty(&self, _ctx: &TtrpcContext, _req: ResizeTtyRequest) -> ttrpc::Result<ResizeTtyResponse> {
+    async fn resize_tty(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: ResizeTtyRequest,
+    ) -> ttrpc::Result<ResizeTtyResponse> {
         unimplemented("Containers.ResizeTty")
     }
 
-    async fn close_stdin(&self, _ctx: &TtrpcContext, req: CloseStdinRequest) -> ttrpc::Result<CloseStdinResponse> {
+    async fn close_stdin(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CloseStdinRequest,
+    ) -> ttrpc::Result<CloseStdinResponse> {
         self.manager()?
             .close_stdin(&req.container_id, &req.exec_id)
             .map_err(|e| status(&e))?;
@@ -208,27 +240,51 @@ impl Containers for ContainersService {
         Ok(RemoveContainerResponse::new())
     }
 
-    async fn update_container(&self, _ctx: &TtrpcContext, _req: UpdateContainerRequest) -> ttrpc::Result<UpdateContainerResponse> {
+    async fn update_container(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: UpdateContainerRequest,
+    ) -> ttrpc::Result<UpdateContainerResponse> {
         unimplemented("Containers.UpdateContainer")
     }
 
-    async fn pause_container(&self, _ctx: &TtrpcContext, _req: PauseContainerRequest) -> ttrpc::Result<PauseContainerResponse> {
+    async fn pause_container(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: PauseContainerRequest,
+    ) -> ttrpc::Result<PauseContainerResponse> {
         unimplemented("Containers.PauseContainer")
     }
 
-    async fn resume_container(&self, _ctx: &TtrpcContext, _req: ResumeContainerRequest) -> ttrpc::Result<ResumeContainerResponse> {
+    async fn resume_container(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: ResumeContainerRequest,
+    ) -> ttrpc::Result<ResumeContainerResponse> {
         unimplemented("Containers.ResumeContainer")
     }
 
-    async fn stats_container(&self, _ctx: &TtrpcContext, _req: StatsContainerRequest) -> ttrpc::Result<StatsContainerResponse> {
+    async fn stats_container(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: StatsContainerRequest,
+    ) -> ttrpc::Result<StatsContainerResponse> {
         unimplemented("Containers.StatsContainer")
     }
 
-    async fn list_pids(&self, _ctx: &TtrpcContext, _req: ListPidsRequest) -> ttrpc::Result<ListPidsResponse> {
+    async fn list_pids(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: ListPidsRequest,
+    ) -> ttrpc::Result<ListPidsResponse> {
         unimplemented("Containers.ListPids")
     }
 
-    async fn get_events(&self, _ctx: &TtrpcContext, _req: GetEventsRequest) -> ttrpc::Result<GetEventsResponse> {
+    async fn get_events(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: GetEventsRequest,
+    ) -> ttrpc::Result<GetEventsResponse> {
         unimplemented("Containers.GetEvents")
     }
 }

@@ -111,7 +111,10 @@ pub fn call(
             Err(e) => return Err(ApiClientError::Receive(e)),
         }
     }
-    let end = reply.iter().position(|b| *b == b'\n').unwrap_or(reply.len());
+    let end = reply
+        .iter()
+        .position(|b| *b == b'\n')
+        .unwrap_or(reply.len());
     let reply: Reply = serde_json::from_slice(&reply[..end])
         .map_err(|e| ApiClientError::BadReply(e.to_string()))?;
     if !reply.ok {

@@ -65,8 +65,7 @@ impl ApiServer {
             source,
         };
         let listener = UnixListener::bind(path).map_err(bind_err)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(bind_err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
         // Accept only after poll said so, and never block there if the client is gone.
         listener.set_nonblocking(true).map_err(bind_err)?;
         Ok(Self {
@@ -137,7 +136,8 @@ impl ApiServer {
                 Wait::Ready => {}
                 Wait::Exit => return Served::Exit,
                 Wait::TimedOut => {
-                    let _ = conn.write_all(&Reply::error("timed out waiting for a request").to_line());
+                    let _ =
+                        conn.write_all(&Reply::error("timed out waiting for a request").to_line());
                     return Served::Closed;
                 }
                 Wait::Failed(e) => {
@@ -156,7 +156,8 @@ impl ApiServer {
             }
             if fds.len() > MAX_FDS {
                 let _ = conn.write_all(
-                    &Reply::error(format!("more than {MAX_FDS} fds before a complete request")).to_line(),
+                    &Reply::error(format!("more than {MAX_FDS} fds before a complete request"))
+                        .to_line(),
                 );
                 return Served::Closed;
             }
@@ -170,7 +171,10 @@ impl ApiServer {
             Err(e) => return Reply::error(format!("malformed request: {e}")),
         };
         if fds.len() > 1 {
-            return Reply::error(format!("{} fds came with one request; at most 1", fds.len()));
+            return Reply::error(format!(
+                "{} fds came with one request; at most 1",
+                fds.len()
+            ));
         }
         self.handle(request, fds.pop())
     }
@@ -194,11 +198,9 @@ impl ApiServer {
                     Err(e) => return Reply::error(error_chain(&e)),
                 }
             }
-            (Request::AttachDrive { .. }, None) => {
-                return Reply::error(
-                    "attach_drive needs the backing's open fd as SCM_RIGHTS data on the same message",
-                )
-            }
+            (Request::AttachDrive { .. }, None) => return Reply::error(
+                "attach_drive needs the backing's open fd as SCM_RIGHTS data on the same message",
+            ),
             (Request::DetachDrive { .. }, None) => None,
             (Request::DetachDrive { .. }, Some(_)) => {
                 return Reply::error("detach_drive takes no fd")
@@ -207,7 +209,12 @@ impl ApiServer {
         let attaching = backing.is_some();
         match drive.slot.replace_backing(backing) {
             Ok(sectors) => {
-                tracing::info!(drive = index, sectors, attaching, "API: drive backing changed");
+                tracing::info!(
+                    drive = index,
+                    sectors,
+                    attaching,
+                    "API: drive backing changed"
+                );
                 Reply::capacity(sectors)
             }
             Err(e) => Reply::error(error_chain(&e)),

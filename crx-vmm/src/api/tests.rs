@@ -49,10 +49,17 @@ fn refused(r: Result<u64, ApiClientError>) -> String {
 fn attach_replace_and_detach_over_the_socket() {
     let dir = TestDir::new("api-attach");
     let (blocks, sock) = setup(&dir);
-    let thread = ApiServer::bind(&sock, handles(&blocks)).unwrap().spawn().unwrap();
+    let thread = ApiServer::bind(&sock, handles(&blocks))
+        .unwrap()
+        .spawn()
+        .unwrap();
 
     let vol = image(&dir, "vol.img", 64);
-    let f = OpenOptions::new().read(true).write(true).open(&vol).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&vol)
+        .unwrap();
     assert_eq!(client::attach_drive(&sock, 0, &f, false).unwrap(), 64);
     assert_eq!(blocks[0].capacity(), 64);
     assert_eq!(blocks[0].slot().config_generation(), 1);
@@ -89,7 +96,10 @@ fn attach_replace_and_detach_over_the_socket() {
 fn bad_requests_get_errors_that_name_the_cause_and_change_nothing() {
     let dir = TestDir::new("api-bad");
     let (blocks, sock) = setup(&dir);
-    let thread = ApiServer::bind(&sock, handles(&blocks)).unwrap().spawn().unwrap();
+    let thread = ApiServer::bind(&sock, handles(&blocks))
+        .unwrap()
+        .spawn()
+        .unwrap();
     let vol = image(&dir, "vol.img", 16);
 
     let f = std::fs::File::open(&vol).unwrap();
@@ -101,13 +111,27 @@ fn bad_requests_get_errors_that_name_the_cause_and_change_nothing() {
     // A directory is no backing.
     let d = std::fs::File::open(&dir.0).unwrap();
     let why = refused(client::attach_drive(&sock, 0, &d, true));
-    assert!(why.contains("neither a regular file nor a block device"), "{why}");
+    assert!(
+        why.contains("neither a regular file nor a block device"),
+        "{why}"
+    );
     // attach without an fd, detach with one.
-    let err = client::call(&sock, &Request::AttachDrive { index: 0, read_only: true }, None)
-        .unwrap_err();
+    let err = client::call(
+        &sock,
+        &Request::AttachDrive {
+            index: 0,
+            read_only: true,
+        },
+        None,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("refused") && format!("{err:?}").contains("SCM_RIGHTS"));
-    let err = client::call(&sock, &Request::DetachDrive { index: 0 }, Some(std::os::fd::AsRawFd::as_raw_fd(&f)))
-        .unwrap_err();
+    let err = client::call(
+        &sock,
+        &Request::DetachDrive { index: 0 },
+        Some(std::os::fd::AsRawFd::as_raw_fd(&f)),
+    )
+    .unwrap_err();
     assert!(format!("{err:?}").contains("takes no fd"), "{err:?}");
     assert_eq!(blocks[0].capacity(), 0);
     assert_eq!(blocks[0].slot().config_generation(), 0, "nothing changed");
@@ -122,9 +146,16 @@ fn bad_requests_get_errors_that_name_the_cause_and_change_nothing() {
         assert_ne!(n, 0, "connection closed early: {got}");
         got.push_str(std::str::from_utf8(&buf[..n]).unwrap());
     }
-    let replies: Vec<Reply> = got.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let replies: Vec<Reply> = got
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert!(replies.iter().all(|r| !r.ok));
-    assert!(replies[0].error.as_deref().unwrap().contains("malformed request"));
+    assert!(replies[0]
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("malformed request"));
     assert!(replies[1].error.as_deref().unwrap().contains("format_disk"));
     // Connections are served one at a time: hang up so the next one is taken at once.
     drop(conn);
@@ -141,10 +172,17 @@ fn bad_requests_get_errors_that_name_the_cause_and_change_nothing() {
     }
     let reply: Reply = serde_json::from_slice(got.trim_ascii_end()).unwrap();
     assert!(reply.error.unwrap().contains("longer than"));
-    assert!(matches!(conn.read(&mut buf), Ok(0) | Err(_)), "connection closed");
+    assert!(
+        matches!(conn.read(&mut buf), Ok(0) | Err(_)),
+        "connection closed"
+    );
 
     // The server still works after all that.
-    let f = OpenOptions::new().read(true).write(true).open(&vol).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&vol)
+        .unwrap();
     assert_eq!(client::attach_drive(&sock, 0, &f, false).unwrap(), 16);
     drop(thread);
 }
@@ -168,10 +206,30 @@ fn an_existing_path_is_refused_and_a_missing_socket_is_named() {
 fn the_wire_format_is_the_documented_one() {
     let req: Request =
         serde_json::from_str(r#"{"attach_drive":{"index":1,"read_only":false}}"#).unwrap();
-    assert_eq!(req, Request::AttachDrive { index: 1, read_only: false });
+    assert_eq!(
+        req,
+        Request::AttachDrive {
+            index: 1,
+            read_only: false
+        }
+    );
     let req: Request = serde_json::from_str(r#"{"attach_drive":{"index":2}}"#).unwrap();
-    assert_eq!(req, Request::AttachDrive { index: 2, read_only: false });
-    assert!(serde_json::from_str::<Request>(r#"{"attach_drive":{"index":1,"path":"/x"}}"#).is_err());
-    assert_eq!(Reply::capacity(8).to_line(), b"{\"ok\":true,\"capacity_sectors\":8}\n");
-    assert_eq!(Reply::error("no").to_line(), b"{\"ok\":false,\"error\":\"no\"}\n");
+    assert_eq!(
+        req,
+        Request::AttachDrive {
+            index: 2,
+            read_only: false
+        }
+    );
+    assert!(
+        serde_json::from_str::<Request>(r#"{"attach_drive":{"index":1,"path":"/x"}}"#).is_err()
+    );
+    assert_eq!(
+        Reply::capacity(8).to_line(),
+        b"{\"ok\":true,\"capacity_sectors\":8}\n"
+    );
+    assert_eq!(
+        Reply::error("no").to_line(),
+        b"{\"ok\":false,\"error\":\"no\"}\n"
+    );
 }

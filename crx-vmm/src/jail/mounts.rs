@@ -6,9 +6,9 @@
 use std::fs::{self, OpenOptions};
 use std::path::{Path, PathBuf};
 
+use nix::errno::Errno;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{unshare, CloneFlags};
-use nix::errno::Errno;
 use nix::unistd::{chdir, chroot, pivot_root};
 
 use super::{JailError, JailPlan};
@@ -54,8 +54,7 @@ pub fn build_and_pivot(root: &Path, plan: &JailPlan) -> Result<(), JailError> {
             fs::create_dir_all(&target).map_err(|e| JailError::MountPoint(target.clone(), e))?;
         } else {
             if let Some(parent) = target.parent() {
-                fs::create_dir_all(parent)
-                    .map_err(|e| JailError::MountPoint(target.clone(), e))?;
+                fs::create_dir_all(parent).map_err(|e| JailError::MountPoint(target.clone(), e))?;
             }
             OpenOptions::new()
                 .write(true)
@@ -87,8 +86,14 @@ pub fn build_and_pivot(root: &Path, plan: &JailPlan) -> Result<(), JailError> {
     if plan.needs_fs_caps() {
         let proc_dir = root.join("proc");
         fs::create_dir_all(&proc_dir).map_err(|e| JailError::MountPoint(proc_dir.clone(), e))?;
-        mount(Some("proc"), &proc_dir, Some("proc"), TMPFS_FLAGS, None::<&str>)
-            .map_err(step("mount /proc"))?;
+        mount(
+            Some("proc"),
+            &proc_dir,
+            Some("proc"),
+            TMPFS_FLAGS,
+            None::<&str>,
+        )
+        .map_err(step("mount /proc"))?;
     }
     // Nothing is created in the root itself from now on.
     mount(
@@ -111,14 +116,8 @@ pub fn build_and_pivot(root: &Path, plan: &JailPlan) -> Result<(), JailError> {
         // it in this namespace, unreachable without CAP_SYS_CHROOT/CAP_SYS_ADMIN,
         // which are dropped next.
         Err(Errno::EINVAL) => {
-            mount(
-                Some("."),
-                "/",
-                None::<&str>,
-                MsFlags::MS_MOVE,
-                None::<&str>,
-            )
-            .map_err(step("move the jail's root over the initramfs"))?;
+            mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+                .map_err(step("move the jail's root over the initramfs"))?;
             chroot(".").map_err(step("chroot into the jail"))?;
             tracing::info!("host root is the initramfs: jail entered with a move and chroot");
         }

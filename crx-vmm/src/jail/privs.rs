@@ -110,16 +110,18 @@ pub fn drop_privileges(
         }
     }
     // SAFETY: prctl with integer arguments only.
-    check(unsafe {
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
-            0,
-            0,
-            0,
-        )
-    }
-    .into())
+    check(
+        unsafe {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+                0,
+                0,
+                0,
+            )
+        }
+        .into(),
+    )
     .map_err(err("clear the ambient capabilities"))?;
     if let Some(gid) = gid {
         // SAFETY: an empty list; setgroups reads nothing.

@@ -213,8 +213,7 @@ pub fn install_process_wide(role: ThreadRole) -> Result<(), SeccompError> {
     if program.is_empty() {
         return Ok(());
     }
-    seccompiler::apply_filter_all_threads(&program)
-        .map_err(|e| SeccompError::Install(role, e))?;
+    seccompiler::apply_filter_all_threads(&program).map_err(|e| SeccompError::Install(role, e))?;
     tracing::debug!(?role, "process-wide seccomp filter installed");
     Ok(())
 }
@@ -246,13 +245,19 @@ mod tests {
 
     #[test]
     fn device_thread_names_map_to_their_roles() {
-        assert_eq!(ThreadRole::for_device_thread("crx-vsock"), ThreadRole::Vsock);
+        assert_eq!(
+            ThreadRole::for_device_thread("crx-vsock"),
+            ThreadRole::Vsock
+        );
         assert_eq!(ThreadRole::for_device_thread("crx-blk"), ThreadRole::Block);
         assert_eq!(ThreadRole::for_device_thread("crx-rng"), ThreadRole::Rng);
         assert_eq!(ThreadRole::for_device_thread("crx-net"), ThreadRole::Net);
         assert_eq!(ThreadRole::for_device_thread("crx-fs-0"), ThreadRole::Fs);
         assert_eq!(ThreadRole::for_device_thread("crx-api"), ThreadRole::Api);
-        assert_eq!(ThreadRole::for_device_thread("crx-test-dev"), ThreadRole::Device);
+        assert_eq!(
+            ThreadRole::for_device_thread("crx-test-dev"),
+            ThreadRole::Device
+        );
     }
 
     #[test]

@@ -486,8 +486,12 @@ mod tests {
         assert!(!vcpu.contains(libc::SYS_socket));
         assert!(!vcpu.contains(libc::SYS_openat));
         assert!(!vcpu.contains(libc::SYS_clone));
-        assert!(!for_role(ThreadRole::Rng).unwrap().contains(libc::SYS_socket));
-        assert!(!for_role(ThreadRole::Api).unwrap().contains(libc::SYS_openat));
+        assert!(!for_role(ThreadRole::Rng)
+            .unwrap()
+            .contains(libc::SYS_socket));
+        assert!(!for_role(ThreadRole::Api)
+            .unwrap()
+            .contains(libc::SYS_openat));
     }
 
     #[test]
@@ -495,9 +499,9 @@ mod tests {
         let launcher = for_role(ThreadRole::Launcher).unwrap().into_map();
         for role in ThreadRole::DEVICES {
             for (nr, rules) in for_role(role).unwrap().into_map() {
-                let allowed = launcher.get(&nr).unwrap_or_else(|| {
-                    panic!("launcher lacks syscall {nr} that {role:?} needs")
-                });
+                let allowed = launcher
+                    .get(&nr)
+                    .unwrap_or_else(|| panic!("launcher lacks syscall {nr} that {role:?} needs"));
                 assert!(
                     allowed.is_empty() || rules.iter().all(|r| allowed.contains(r)),
                     "launcher narrows syscall {nr} of {role:?}"

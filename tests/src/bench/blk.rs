@@ -65,7 +65,10 @@ fn drop_cache(f: &File) -> Result<()> {
     // SAFETY: plain fadvise on an fd we own; no memory is passed.
     let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     if rc != 0 {
-        bail!("posix_fadvise(DONTNEED): {}", std::io::Error::from_raw_os_error(rc));
+        bail!(
+            "posix_fadvise(DONTNEED): {}",
+            std::io::Error::from_raw_os_error(rc)
+        );
     }
     Ok(())
 }
@@ -207,7 +210,10 @@ fn fio(path: &Path, size_mib: u64, random_reads: usize) -> Result<Option<Value>>
             .output()
             .context("running fio")?;
         if !out.status.success() {
-            bail!("fio {name}: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "fio {name}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         let v: Value = serde_json::from_slice(&out.stdout).context("fio's JSON")?;
         Ok(v["jobs"][0].clone())
@@ -273,7 +279,9 @@ fn guest_tcg(path: &Path, size_mib: u64, random_reads: usize) -> Result<Value> {
     use crx_shim::vm::{Drive, QemuAccel, QemuBackend};
     test_guest::require_qemu_guest_prerequisites()?;
     let image = test_guest::initramfs("blk-bench-fio", GUEST_SCRIPT, &[Path::new("/usr/bin/fio")])?;
-    let run_dir = tempfile::Builder::new().prefix("crx-bench-blk-guest.").tempdir()?;
+    let run_dir = tempfile::Builder::new()
+        .prefix("crx-bench-blk-guest.")
+        .tempdir()?;
     let mut config = test_guest::guest_config(run_dir.path(), "blk-bench", &image, 512)?;
     config.kernel_cmdline = format!("crx.size_mib={size_mib} crx.random_reads={random_reads}");
     config.devices.drives = vec![Drive {
@@ -292,7 +300,10 @@ fn guest_tcg(path: &Path, size_mib: u64, random_reads: usize) -> Result<Value> {
     let get = |key: &str, write: bool| -> Result<(f64, f64)> {
         let line = run.result(key).unwrap_or_default();
         terse(line, write).with_context(|| {
-            format!("no fio figures for {key} in the guest's output {line:?}; guest: {:?}", run.results())
+            format!(
+                "no fio figures for {key} in the guest's output {line:?}; guest: {:?}",
+                run.results()
+            )
         })
     };
     let (w, _) = get("seq-write", true)?;
@@ -366,11 +377,27 @@ pub fn run(opts: &BlkOptions) -> Result<Value> {
     let ratio = |k: &str| Some(d[k].as_f64()? / h[k].as_f64()?);
     println!("level: back end driven directly (no guest) vs the host file; medians");
     for (label, key, unit) in [
-        ("sequential write 1 MiB + fdatasync", "seq_write_mbps", "MB/s"),
-        ("sequential read 1 MiB (cold cache)", "seq_read_mbps", "MB/s"),
+        (
+            "sequential write 1 MiB + fdatasync",
+            "seq_write_mbps",
+            "MB/s",
+        ),
+        (
+            "sequential read 1 MiB (cold cache)",
+            "seq_read_mbps",
+            "MB/s",
+        ),
         ("random read 4 KiB (cold cache)", "rand_read_iops", "IOPS"),
-        ("sequential read 1 MiB (page cache)", "seq_read_warm_mbps", "MB/s"),
-        ("random read 4 KiB (page cache)", "rand_read_warm_iops", "IOPS"),
+        (
+            "sequential read 1 MiB (page cache)",
+            "seq_read_warm_mbps",
+            "MB/s",
+        ),
+        (
+            "random read 4 KiB (page cache)",
+            "rand_read_warm_iops",
+            "IOPS",
+        ),
     ] {
         println!(
             "{label:<36} direct {:>10.1} {unit:<4} | host pread/pwrite {:>10.1} {unit:<4} | ratio {:.2}{}",
@@ -383,7 +410,9 @@ pub fn run(opts: &BlkOptions) -> Result<Value> {
         );
     }
     if fio.is_none() {
-        println!("fio not installed (apt-get install fio): host side measured with pread/pwrite only");
+        println!(
+            "fio not installed (apt-get install fio): host side measured with pread/pwrite only"
+        );
     }
     let guest = if opts.guest {
         let g = guest_tcg(&path, opts.file_mib, opts.random_reads)?;

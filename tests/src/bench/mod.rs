@@ -7,3 +7,4 @@ pub mod fs;
 pub mod net;
 pub mod stats;
 pub mod vmm;
+pub mod vsock;

@@ -57,6 +57,18 @@ enum Command {
         #[arg(long)]
         no_guest: bool,
     },
+    /// The hybrid-vsock muxer direct (guest packets in plain memory, no guest) vs a
+    /// plain Unix socket pair moving the same bytes.
+    Vsock {
+        /// MiB moved each way per round.
+        #[arg(long, default_value_t = 256)]
+        mib: u64,
+        /// Guest rx buffer size in bytes (Linux posts 4 KiB buffers by default).
+        #[arg(long, default_value_t = 4096)]
+        rx_buf: usize,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
     /// virtio-blk back end direct (requests in plain guest memory, no guest):
     /// sequential 1 MiB write/read MB/s and 4 KiB random read IOPS vs pread/pwrite
     /// (and fio, if installed) on the same host file.
@@ -108,6 +120,11 @@ fn main() -> Result<()> {
             dir.as_deref(),
         )?,
         Command::Net { secs, no_guest } => bench::net::run(secs, !no_guest)?,
+        Command::Vsock {
+            mib,
+            rx_buf,
+            rounds,
+        } => bench::vsock::run(mib, rx_buf, rounds)?,
         Command::Blk {
             file_mib,
             random_reads,

@@ -275,7 +275,10 @@ mod tests {
             .collect();
         d.run_batch(&writes).unwrap();
         d.flush().unwrap();
-        assert_eq!(std::fs::read(&path).unwrap()[..8 * 4096], vec![0x5a; 8 * 4096][..]);
+        assert_eq!(
+            std::fs::read(&path).unwrap()[..8 * 4096],
+            vec![0x5a; 8 * 4096][..]
+        );
         d.fill_slots(8, 0).unwrap();
         let reads: Vec<_> = writes
             .iter()

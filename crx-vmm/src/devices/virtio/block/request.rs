@@ -308,7 +308,15 @@ mod tests {
     fn bad_layouts_are_refused() {
         let mem = mem_with_header(VIRTIO_BLK_T_IN, 0);
         // Readable after writable.
-        let e = parse(&mem, &[d(0x1000, 16, 0), d(0x2000, 8, W), d(0x1000, 8, 0), d(0x3000, 1, W)]);
+        let e = parse(
+            &mem,
+            &[
+                d(0x1000, 16, 0),
+                d(0x2000, 8, W),
+                d(0x1000, 8, 0),
+                d(0x3000, 1, W),
+            ],
+        );
         assert!(matches!(e, Err(RequestError::ReadableAfterWritable)));
         // Header bytes missing (8 readable bytes only).
         let e = parse(&mem, &[d(0x1000, 8, 0), d(0x3000, 1, W)]);
@@ -332,10 +340,16 @@ mod tests {
         ));
         // A data descriptor outside memory.
         let mem = mem_with_header(VIRTIO_BLK_T_OUT, 0);
-        let e = parse(&mem, &[d(0x1000, 16, 0), d(1 << 40, 512, 0), d(0x3000, 1, W)]);
+        let e = parse(
+            &mem,
+            &[d(0x1000, 16, 0), d(1 << 40, 512, 0), d(0x3000, 1, W)],
+        );
         assert!(matches!(e, Err(RequestError::OutOfMemory)));
         // OUT with writable data before the status.
-        let e = parse(&mem, &[d(0x1000, 16, 0), d(0x2000, 512, W), d(0x3000, 1, W)]);
+        let e = parse(
+            &mem,
+            &[d(0x1000, 16, 0), d(0x2000, 512, W), d(0x3000, 1, W)],
+        );
         assert!(matches!(e, Err(RequestError::WrongDirection)));
     }
 }

@@ -700,7 +700,10 @@ fn config_generation_register_follows_backing_changes() {
     slot.replace_backing(Some(Backing::open(&p, false).unwrap()))
         .unwrap();
     let after = r(&mut d.t, 0xfc);
-    assert_ne!(before, after, "a driver re-reading config must see the change");
+    assert_ne!(
+        before, after,
+        "a driver re-reading config must see the change"
+    );
     assert_eq!(d.config_u64(0), 4);
     slot.replace_backing(None).unwrap();
     assert_ne!(r(&mut d.t, 0xfc), after);

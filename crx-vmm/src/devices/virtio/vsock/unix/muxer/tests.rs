@@ -291,6 +291,29 @@ fn host_to_guest_bulk_respects_guest_credit() {
 }
 
 #[test]
+fn host_bulk_then_close_reaches_the_guest_whole_then_as_shutdown() {
+    // Bulk host data goes through the connection's read-ahead buffer; every byte must
+    // still arrive, in order, before the SHUTDOWN that the host's close becomes.
+    let mut r = rig();
+    let (mut c, _hp) = r.connect(1024, 1 << 20);
+    let data = pattern(300 * 1024 + 123, 3);
+    c.write_all(&data).unwrap();
+    drop(c);
+    let mut got = Vec::new();
+    loop {
+        let p = r.recv_pkt();
+        match p.hdr().op {
+            VSOCK_OP_RW => got.extend_from_slice(p.payload()),
+            VSOCK_OP_SHUTDOWN => break,
+            VSOCK_OP_CREDIT_UPDATE => {}
+            op => panic!("unexpected op {op}"),
+        }
+    }
+    assert_eq!(got.len(), data.len());
+    assert!(got == data, "bytes reordered or changed");
+}
+
+#[test]
 fn guest_to_host_bulk_with_credit_updates() {
     let mut r = rig();
     let (c, hp) = r.connect(1024, 64 * 1024);

@@ -1,0 +1,528 @@
+//! Containers in host mode: the agent binary (built with `--features containers`) on a
+//! Unix socket runs busybox containers through libcontainer; stdio arrives on separate
+//! stream connections (stdio.proto) on `<socket>_1026`.
+//!
+//! This host is cgroup v1, and the agent is built for cgroup v2 only, so each agent runs
+//! in a private mount namespace with a controller-less cgroup2 mounted on
+//! /sys/fs/cgroup (limits and OOM are tested in the VM lane). Needs root and Debian's
+//! busybox-static (`/bin/busybox`).
+#![cfg(feature = "containers")]
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::symlink;
+    use std::os::unix::net::UnixStream;
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::thread::JoinHandle;
+    use std::time::{Duration, Instant};
+
+    use crx_protocols::hybrid_vsock::{context_until, ttrpc_client, wait_for_agent, AgentAddress};
+    use crx_protocols::v1::container::*;
+    use crx_protocols::v1::container_ttrpc::ContainersClient;
+    use crx_protocols::v1::stdio::{StreamAccept, StreamHeader, StreamKind};
+    use protobuf::Message as _;
+
+    const AGENT: &str = env!("CARGO_BIN_EXE_crx-agent");
+    const BUSYBOX: &str = "/bin/busybox";
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+
+    fn unique(prefix: &str) -> String {
+        format!(
+            "{prefix}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// A host-mode agent in its own mount namespace, with a busybox rootfs beside it.
+    struct Rig {
+        dir: PathBuf,
+        socket: PathBuf,
+        rootfs: PathBuf,
+        child: Child,
+        client: ContainersClient,
+        rt: tokio::runtime::Runtime,
+    }
+
+    impl Rig {
+        fn start() -> Rig {
+            let dir = std::env::temp_dir().join(unique("crx-agent-ctr"));
+            std::fs::create_dir_all(&dir).unwrap();
+            let rootfs = dir.join("rootfs");
+            busybox_rootfs(&rootfs);
+            let socket = dir.join("agent.sock");
+            let script = format!(
+                "mount -t cgroup2 none /sys/fs/cgroup && exec {AGENT} --listen unix://{} --state-dir {} --log warn",
+                socket.display(),
+                dir.join("state").display()
+            );
+            let child = Command::new("unshare")
+                .args([
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "--",
+                    "sh",
+                    "-c",
+                    &script,
+                ])
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let addr = AgentAddress::Unix(socket.clone());
+            let client = rt.block_on(async {
+                wait_for_agent(&addr, Instant::now() + Duration::from_secs(20))
+                    .await
+                    .expect("agent did not come up");
+                let stream = UnixStream::connect(&socket).unwrap();
+                ContainersClient::new(ttrpc_client(stream).unwrap())
+            });
+            Rig {
+                dir,
+                socket,
+                rootfs,
+                child,
+                client,
+                rt,
+            }
+        }
+
+        fn stdio_socket(&self) -> PathBuf {
+            let mut name = self.socket.clone().into_os_string();
+            name.push("_1026");
+            PathBuf::from(name)
+        }
+
+        fn create(
+            &self,
+            id: &str,
+            spec: &[u8],
+            stdio: (bool, bool, bool),
+        ) -> ttrpc::Result<CreateContainerResponse> {
+            let mut req = CreateContainerRequest::new();
+            req.container_id = id.to_owned();
+            req.oci_spec = spec.to_vec();
+            req.rootfs = self.rootfs.display().to_string();
+            let mut s = StdioSpec::new();
+            (s.stdin, s.stdout, s.stderr) = stdio;
+            req.stdio = Some(s).into();
+            self.rt
+                .block_on(self.client.create_container(secs(30), &req))
+        }
+
+        fn start_init(&self, id: &str) -> ttrpc::Result<StartContainerResponse> {
+            self.start_process(id, "")
+        }
+
+        fn start_process(&self, id: &str, exec_id: &str) -> ttrpc::Result<StartContainerResponse> {
+            let mut req = StartContainerRequest::new();
+            req.container_id = id.to_owned();
+            req.exec_id = exec_id.to_owned();
+            self.rt
+                .block_on(self.client.start_container(secs(30), &req))
+        }
+
+        fn exec(
+            &self,
+            id: &str,
+            exec_id: &str,
+            args: &[&str],
+            stdout: bool,
+        ) -> ttrpc::Result<ExecProcessResponse> {
+            let args: Vec<String> = args.iter().map(|a| format!("{a:?}")).collect();
+            let mut req = ExecProcessRequest::new();
+            req.container_id = id.to_owned();
+            req.exec_id = exec_id.to_owned();
+            req.process = format!(
+                r#"{{"args":[{}],"cwd":"/","env":["PATH=/bin"],"user":{{"uid":0,"gid":0}}}}"#,
+                args.join(",")
+            )
+            .into_bytes();
+            let mut s = StdioSpec::new();
+            s.stdout = stdout;
+            req.stdio = Some(s).into();
+            self.rt.block_on(self.client.exec_process(secs(10), &req))
+        }
+
+        fn wait(&self, id: &str, limit: u64) -> ttrpc::Result<ProcessExit> {
+            self.wait_exec(id, "", limit)
+        }
+
+        fn wait_exec(&self, id: &str, exec_id: &str, limit: u64) -> ttrpc::Result<ProcessExit> {
+            let mut req = WaitProcessRequest::new();
+            req.container_id = id.to_owned();
+            req.exec_id = exec_id.to_owned();
+            let resp = self
+                .rt
+                .block_on(self.client.wait_process(secs(limit), &req))?;
+            Ok(resp
+                .exit
+                .into_option()
+                .expect("WaitProcess answered without an exit"))
+        }
+
+        fn signal(&self, id: &str, signal: u32) -> ttrpc::Result<SignalProcessResponse> {
+            let mut req = SignalProcessRequest::new();
+            req.container_id = id.to_owned();
+            req.signal = signal;
+            self.rt.block_on(self.client.signal_process(secs(10), &req))
+        }
+
+        fn remove(&self, id: &str, force: bool) -> ttrpc::Result<RemoveContainerResponse> {
+            let mut req = RemoveContainerRequest::new();
+            req.container_id = id.to_owned();
+            req.force = force;
+            self.rt
+                .block_on(self.client.remove_container(secs(30), &req))
+        }
+
+        /// Attaches an output stream and collects it to EOF on a thread.
+        fn collect(&self, id: &str, kind: StreamKind) -> JoinHandle<Vec<u8>> {
+            self.collect_exec(id, "", kind)
+        }
+
+        fn collect_exec(&self, id: &str, exec_id: &str, kind: StreamKind) -> JoinHandle<Vec<u8>> {
+            let mut conn = attach(&self.stdio_socket(), id, exec_id, kind).expect("stream refused");
+            std::thread::spawn(move || {
+                let mut out = Vec::new();
+                conn.read_to_end(&mut out).unwrap();
+                out
+            })
+        }
+
+        /// Creates, attaches stdout+stderr, starts and waits: (exit, stdout, stderr).
+        fn run(&self, spec: &str) -> (ProcessExit, String, String) {
+            let id = unique("c");
+            self.create(&id, spec.as_bytes(), (false, true, true))
+                .unwrap();
+            let out = self.collect(&id, StreamKind::STREAM_KIND_STDOUT);
+            let err = self.collect(&id, StreamKind::STREAM_KIND_STDERR);
+            self.start_init(&id).unwrap();
+            let exit = self.wait(&id, 30).unwrap();
+            let out = String::from_utf8(out.join().unwrap()).unwrap();
+            let err = String::from_utf8(err.join().unwrap()).unwrap();
+            self.remove(&id, false).unwrap();
+            (exit, out, err)
+        }
+    }
+
+    impl Drop for Rig {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn secs(n: u64) -> ttrpc::context::Context {
+        context_until(Instant::now() + Duration::from_secs(n))
+    }
+
+    fn busybox_rootfs(root: &Path) {
+        let bin = root.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        for dir in ["proc", "dev", "sys", "tmp", "etc"] {
+            std::fs::create_dir_all(root.join(dir)).unwrap();
+        }
+        std::fs::copy(BUSYBOX, bin.join("busybox")).unwrap();
+        for applet in ["sh", "echo", "sleep", "mkdir", "ls", "cat", "true", "id"] {
+            symlink("busybox", bin.join(applet)).unwrap();
+        }
+    }
+
+    /// A minimal spec running `args`, optionally with a seccomp section.
+    fn spec(args: &[&str], seccomp: &str) -> String {
+        let args: Vec<String> = args.iter().map(|a| format!("{a:?}")).collect();
+        format!(
+            r#"{{"ociVersion":"1.0.2",
+              "root":{{"path":"rootfs"}},
+              "hostname":"crx-test",
+              "process":{{"args":[{}],"cwd":"/","env":["PATH=/bin"],
+                          "user":{{"uid":0,"gid":0}},"noNewPrivileges":true}},
+              "mounts":[{{"destination":"/proc","type":"proc","source":"proc"}},
+                        {{"destination":"/dev","type":"tmpfs","source":"tmpfs",
+                          "options":["nosuid","mode=755","size=1024k"]}},
+                        {{"destination":"/tmp","type":"tmpfs","source":"tmpfs","options":["size=1024k"]}}],
+              "linux":{{"namespaces":[{{"type":"pid"}},{{"type":"mount"}},{{"type":"ipc"}},{{"type":"uts"}}]
+                        {seccomp}}}}}"#,
+            args.join(",")
+        )
+    }
+
+    fn attach(
+        stdio_socket: &Path,
+        id: &str,
+        exec_id: &str,
+        kind: StreamKind,
+    ) -> Result<UnixStream, String> {
+        let mut conn = UnixStream::connect(stdio_socket).map_err(|e| e.to_string())?;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut header = StreamHeader::new();
+        header.container_id = id.to_owned();
+        header.exec_id = exec_id.to_owned();
+        header.stream = kind.into();
+        let body = header.write_to_bytes().unwrap();
+        let mut frame = b"CRXS".to_vec();
+        frame.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        frame.extend_from_slice(&body);
+        conn.write_all(&frame).unwrap();
+        let accept = read_accept(&mut conn)?;
+        conn.set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        if accept.accepted {
+            Ok(conn)
+        } else {
+            Err(accept.error)
+        }
+    }
+
+    fn read_accept(conn: &mut UnixStream) -> Result<StreamAccept, String> {
+        let mut len = [0u8; 2];
+        conn.read_exact(&mut len)
+            .map_err(|e| format!("no accept frame: {e}"))?;
+        let mut body = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        conn.read_exact(&mut body).map_err(|e| e.to_string())?;
+        StreamAccept::parse_from_bytes(&body).map_err(|e| e.to_string())
+    }
+
+    fn code(result: ttrpc::Result<impl std::fmt::Debug>) -> (ttrpc::Code, String) {
+        match result {
+            Err(ttrpc::Error::RpcStatus(s)) => (s.code(), s.message().to_owned()),
+            other => panic!("expected an RPC status, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn echo_output_arrives_on_the_stdout_stream_and_exits_zero() {
+        let rig = Rig::start();
+        let (exit, out, err) = rig.run(&spec(&["echo", "hi"], ""));
+        assert_eq!(out, "hi\n");
+        assert_eq!(err, "");
+        assert_eq!(exit.exit_status, 0);
+        assert_eq!(exit.signal, 0);
+        assert!(exit.pid > 0);
+        assert!(exit.exited_at_unix_nanos > 0);
+        // stderr is its own stream.
+        let (exit, out, err) = rig.run(&spec(&["sh", "-c", "echo oops >&2; exit 3"], ""));
+        assert_eq!(
+            (exit.exit_status, out.as_str(), err.as_str()),
+            (3, "", "oops\n")
+        );
+    }
+
+    #[test]
+    fn sigkill_gives_137_and_the_container_can_then_be_removed() {
+        let rig = Rig::start();
+        let id = unique("sleeper");
+        rig.create(
+            &id,
+            spec(&["sleep", "100"], "").as_bytes(),
+            (false, false, false),
+        )
+        .unwrap();
+        rig.start_init(&id).unwrap();
+        // Still running: a short wait times out and removal without force is refused.
+        let (c, _) = code(rig.wait(&id, 1));
+        assert_eq!(c, ttrpc::Code::DEADLINE_EXCEEDED);
+        let (c, msg) = code(rig.remove(&id, false));
+        assert_eq!(c, ttrpc::Code::FAILED_PRECONDITION, "{msg}");
+        rig.signal(&id, 9).unwrap();
+        let exit = rig.wait(&id, 30).unwrap();
+        assert_eq!((exit.exit_status, exit.signal), (137, 9));
+        rig.remove(&id, false).unwrap();
+        // Gone, and the id is free again.
+        let (c, _) = code(rig.wait(&id, 5));
+        assert_eq!(c, ttrpc::Code::NOT_FOUND);
+        rig.create(&id, spec(&["true"], "").as_bytes(), (false, false, false))
+            .unwrap();
+        rig.remove(&id, true).unwrap();
+    }
+
+    #[test]
+    fn a_seccomp_profile_denying_mkdir_makes_mkdir_fail() {
+        let rig = Rig::start();
+        let deny = r#","seccomp":{"defaultAction":"SCMP_ACT_ALLOW","architectures":["SCMP_ARCH_X86_64"],
+            "syscalls":[{"names":["mkdir","mkdirat"],"action":"SCMP_ACT_ERRNO","errnoRet":1}]}"#;
+        let (exit, _, err) = rig.run(&spec(&["mkdir", "/tmp/x"], deny));
+        assert_ne!(
+            exit.exit_status, 0,
+            "mkdir succeeded under a profile denying it"
+        );
+        assert!(err.contains("Operation not permitted"), "stderr: {err}");
+        // The same program without the profile succeeds: it was the profile.
+        let (exit, _, err) = rig.run(&spec(&["mkdir", "/tmp/x"], ""));
+        assert_eq!(exit.exit_status, 0, "stderr: {err}");
+    }
+
+    #[test]
+    fn bad_requests_get_clear_errors_and_the_agent_keeps_serving() {
+        let rig = Rig::start();
+        // Unknown container, for every implemented method.
+        let (c, msg) = code(rig.start_init("nope"));
+        assert_eq!(c, ttrpc::Code::NOT_FOUND);
+        assert!(msg.contains("nope"), "{msg}");
+        assert_eq!(code(rig.wait("nope", 5)).0, ttrpc::Code::NOT_FOUND);
+        assert_eq!(code(rig.signal("nope", 9)).0, ttrpc::Code::NOT_FOUND);
+        assert_eq!(code(rig.remove("nope", true)).0, ttrpc::Code::NOT_FOUND);
+        assert!(attach(
+            &rig.stdio_socket(),
+            "nope",
+            "",
+            StreamKind::STREAM_KIND_STDOUT
+        )
+        .is_err());
+
+        // Malformed specs and ids.
+        let (c, msg) = code(rig.create(&unique("m"), b"{not json", (false, true, false)));
+        assert_eq!(c, ttrpc::Code::INVALID_ARGUMENT);
+        assert!(msg.contains("oci_spec"), "{msg}");
+        let no_process = r#"{"ociVersion":"1.0.2","root":{"path":"r"},"linux":{}}"#;
+        assert_eq!(
+            code(rig.create(&unique("m"), no_process.as_bytes(), (false, false, false))).0,
+            ttrpc::Code::INVALID_ARGUMENT
+        );
+        assert_eq!(
+            code(rig.create(
+                "../escape",
+                spec(&["true"], "").as_bytes(),
+                (false, false, false)
+            ))
+            .0,
+            ttrpc::Code::INVALID_ARGUMENT
+        );
+
+        // Oversized: over the protocol's 1 MiB bound, and over ttrpc's own frame limit.
+        let big = vec![b' '; 2 << 20];
+        let (c, msg) = code(rig.create(&unique("big"), &big, (false, false, false)));
+        assert_eq!(c, ttrpc::Code::RESOURCE_EXHAUSTED, "{msg}");
+        let huge = vec![b' '; 5 << 20];
+        assert!(rig
+            .create(&unique("huge"), &huge, (false, false, false))
+            .is_err());
+
+        // Start before the declared streams are attached: refused, naming them.
+        let id = unique("unattached");
+        rig.create(&id, spec(&["true"], "").as_bytes(), (false, true, true))
+            .unwrap();
+        let mut req = StartContainerRequest::new();
+        req.container_id = id.clone();
+        let (c, msg) = code(rig.rt.block_on(rig.client.start_container(secs(1), &req)));
+        assert_eq!(c, ttrpc::Code::FAILED_PRECONDITION);
+        assert!(msg.contains("stdout") && msg.contains("stderr"), "{msg}");
+        // An undeclared stream, and a second attach of one stream, are refused.
+        assert!(attach(&rig.stdio_socket(), &id, "", StreamKind::STREAM_KIND_STDIN).is_err());
+        let out = rig.collect(&id, StreamKind::STREAM_KIND_STDOUT);
+        assert!(attach(&rig.stdio_socket(), &id, "", StreamKind::STREAM_KIND_STDOUT).is_err());
+        let err = rig.collect(&id, StreamKind::STREAM_KIND_STDERR);
+        rig.start_init(&id).unwrap();
+        assert_eq!(rig.wait(&id, 30).unwrap().exit_status, 0);
+        assert!(out.join().unwrap().is_empty());
+        assert!(err.join().unwrap().is_empty());
+        rig.remove(&id, false).unwrap();
+
+        // Still serving after all that.
+        let (exit, out, _) = rig.run(&spec(&["echo", "still here"], ""));
+        assert_eq!((exit.exit_status, out.as_str()), (0, "still here\n"));
+    }
+
+    #[test]
+    fn exec_runs_in_a_running_container_with_its_own_streams_and_exit() {
+        let rig = Rig::start();
+        let id = unique("host");
+        rig.create(
+            &id,
+            spec(&["sleep", "100"], "").as_bytes(),
+            (false, false, false),
+        )
+        .unwrap();
+        // Not running yet: no exec.
+        let (c, msg) = code(rig.exec(&id, "e0", &["true"], false));
+        assert_eq!(c, ttrpc::Code::FAILED_PRECONDITION, "{msg}");
+        rig.start_init(&id).unwrap();
+
+        rig.exec(&id, "e1", &["sh", "-c", "echo from exec; hostname"], true)
+            .unwrap();
+        let (c, _) = code(rig.exec(&id, "e1", &["true"], false));
+        assert_eq!(c, ttrpc::Code::ALREADY_EXISTS);
+        let (c, _) = code(rig.wait_exec(&id, "e1", 5));
+        assert_eq!(c, ttrpc::Code::FAILED_PRECONDITION, "wait before start");
+        let out = rig.collect_exec(&id, "e1", StreamKind::STREAM_KIND_STDOUT);
+        let pid = rig.start_process(&id, "e1").unwrap().pid;
+        let exit = rig.wait_exec(&id, "e1", 30).unwrap();
+        assert_eq!((exit.pid, exit.exit_status), (pid, 0));
+        // It ran inside the container: the container's UTS namespace and hostname.
+        assert_eq!(
+            String::from_utf8(out.join().unwrap()).unwrap(),
+            "from exec\ncrx-test\n"
+        );
+
+        rig.exec(&id, "e2", &["sh", "-c", "exit 5"], false).unwrap();
+        rig.start_process(&id, "e2").unwrap();
+        assert_eq!(rig.wait_exec(&id, "e2", 30).unwrap().exit_status, 5);
+        let (c, _) = code(rig.wait_exec(&id, "nope", 5));
+        assert_eq!(c, ttrpc::Code::NOT_FOUND);
+        let (c, _) = code(rig.exec(&id, "bad/id", &["true"], false));
+        assert_eq!(c, ttrpc::Code::INVALID_ARGUMENT);
+
+        // The init is still running after its execs ended.
+        assert_eq!(code(rig.wait(&id, 1)).0, ttrpc::Code::DEADLINE_EXCEEDED);
+        rig.remove(&id, true).unwrap();
+    }
+
+    #[test]
+    fn stdin_round_trips_and_close_stdin_gives_eof() {
+        let rig = Rig::start();
+        // The host half-closes its stdin stream: cat sees EOF and exits.
+        let id = unique("cat");
+        rig.create(&id, spec(&["cat"], "").as_bytes(), (true, true, false))
+            .unwrap();
+        let mut stdin =
+            attach(&rig.stdio_socket(), &id, "", StreamKind::STREAM_KIND_STDIN).unwrap();
+        let out = rig.collect(&id, StreamKind::STREAM_KIND_STDOUT);
+        rig.start_init(&id).unwrap();
+        stdin.write_all(b"ping\n").unwrap();
+        stdin.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(rig.wait(&id, 30).unwrap().exit_status, 0);
+        assert_eq!(out.join().unwrap(), b"ping\n");
+        rig.remove(&id, false).unwrap();
+
+        // CloseStdin ends stdin while the host's stream is still open.
+        let id = unique("cat");
+        rig.create(&id, spec(&["cat"], "").as_bytes(), (true, true, false))
+            .unwrap();
+        let mut stdin =
+            attach(&rig.stdio_socket(), &id, "", StreamKind::STREAM_KIND_STDIN).unwrap();
+        let mut out = attach(&rig.stdio_socket(), &id, "", StreamKind::STREAM_KIND_STDOUT).unwrap();
+        rig.start_init(&id).unwrap();
+        stdin.write_all(b"pong\n").unwrap();
+        // Once cat has echoed it, CloseStdin cannot overtake the bytes.
+        let mut echoed = [0u8; 5];
+        out.read_exact(&mut echoed).unwrap();
+        assert_eq!(&echoed, b"pong\n");
+        let (c, _) = code(rig.wait(&id, 1));
+        assert_eq!(
+            c,
+            ttrpc::Code::DEADLINE_EXCEEDED,
+            "cat ended before CloseStdin"
+        );
+        let mut req = CloseStdinRequest::new();
+        req.container_id = id.clone();
+        rig.rt
+            .block_on(rig.client.close_stdin(secs(5), &req))
+            .unwrap();
+        assert_eq!(rig.wait(&id, 30).unwrap().exit_status, 0);
+        let mut rest = Vec::new();
+        out.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        drop(stdin);
+        rig.remove(&id, false).unwrap();
+    }
+}
