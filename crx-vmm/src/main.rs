@@ -412,6 +412,34 @@ fn run(
     outcome.code
 }
 
+/// Jails a vhost-user back end while it still has one thread, with only its sockets'
+/// directories and its shares inside. Returns the socket and share paths to use from
+/// then on (resolved, the same inside the jail as outside), or the exit code after
+/// saying why it could not.
+fn jail_back_end(
+    jail: Option<&JailConfig>,
+    sockets: &[&Path],
+    shares: &[&Path],
+) -> Result<(Vec<PathBuf>, Vec<PathBuf>), i32> {
+    let Some(jail) = jail else {
+        let owned = |paths: &[&Path]| paths.iter().map(|p| p.to_path_buf()).collect();
+        return Ok((owned(sockets), owned(shares)));
+    };
+    let entered = jail::JailPlan::for_back_end(sockets, shares).and_then(
+        |(plan, socket_paths, share_paths)| {
+            jail::enter_plan(jail, &plan).map(|()| (socket_paths, share_paths))
+        },
+    );
+    entered.map_err(|e| {
+        let code = if e.is_bad_input() {
+            exit::EXIT_BAD_INPUT
+        } else {
+            exit::EXIT_VMM_ERROR
+        };
+        fail(code, &error_chain(&e))
+    })
+}
+
 /// `crx-vmm vhost-user-vsock`: exit 0 when QEMU disconnects, 2 on a bad socket path
 /// or CID, 1 on any other failure.
 fn vhost_user_vsock(
@@ -455,25 +483,12 @@ fn vhost_user_vsock(
             );
         }
     }
-    // Jailed while this process has one thread: only the sockets' directories inside.
-    let (socket, uds) = match &jail {
-        None => (socket, uds),
-        Some(jail) => {
-            let entered = jail::JailPlan::for_back_end(&[&socket, &uds], &[])
-                .and_then(|(plan, sockets, _)| jail::enter_plan(jail, &plan).map(|()| sockets));
-            match entered.as_deref() {
-                Ok([socket, uds]) => (socket.clone(), uds.clone()),
-                Ok(_) => return fail(exit::EXIT_VMM_ERROR, "jail: socket paths lost"),
-                Err(e) => {
-                    let code = if e.is_bad_input() {
-                        exit::EXIT_BAD_INPUT
-                    } else {
-                        exit::EXIT_VMM_ERROR
-                    };
-                    return fail(code, &error_chain(e));
-                }
-            }
-        }
+    let (socket, uds) = match jail_back_end(jail.as_ref(), &[&socket, &uds], &[]) {
+        Ok((sockets, _)) => match <[PathBuf; 2]>::try_from(sockets) {
+            Ok([socket, uds]) => (socket, uds),
+            Err(_) => return fail(exit::EXIT_VMM_ERROR, "jail: socket paths lost"),
+        },
+        Err(code) => return code,
     };
     // A host stop request (SIGTERM/SIGINT/SIGHUP) ends the back end cleanly: exit 0,
     // and the cleanup process removes both sockets as this process goes.
@@ -515,7 +530,13 @@ fn vhost_user_vsock(
 
 /// `crx-vmm vhost-user-fs`: exit 0 when QEMU disconnects, 2 on a bad socket path or
 /// share directory, 1 on any other failure.
-fn vhost_user_fs(socket: PathBuf, dir: PathBuf, log_level: &str, seccomp_mode: SeccompMode) -> i32 {
+fn vhost_user_fs(
+    socket: PathBuf,
+    dir: PathBuf,
+    log_level: &str,
+    seccomp_mode: SeccompMode,
+    jail: Option<JailConfig>,
+) -> i32 {
     use crx_vmm::vhost_user::serve_vhost_user_fs;
     // SAFETY: called first thing in `main`, before any thread exists.
     let cleaner = match unsafe { Cleaner::spawn() } {
@@ -546,6 +567,16 @@ fn vhost_user_fs(socket: PathBuf, dir: PathBuf, log_level: &str, seccomp_mode: S
             ),
         );
     }
+    // Jailed while this process has one thread: the socket's directory and the share
+    // inside, the share still a slave of the host's mount (host bind mounts under a
+    // shared share appear in the guest).
+    let (socket, dir) = match jail_back_end(jail.as_ref(), &[&socket], &[&dir]) {
+        Ok((sockets, shares)) => match (sockets.into_iter().next(), shares.into_iter().next()) {
+            (Some(socket), Some(dir)) => (socket, dir),
+            _ => return fail(exit::EXIT_VMM_ERROR, "jail: socket or share path lost"),
+        },
+        Err(code) => return code,
+    };
     spawn_signal_thread(block_stop_signals(), None, |sig| {
         tracing::info!(signal = sig, "stop requested; vhost-user-fs back end exits");
         std::process::exit(exit::EXIT_OK);
@@ -587,6 +618,7 @@ fn main() {
             dir.clone(),
             &cli.log_level,
             seccomp_mode,
+            jail,
         ));
     }
     if let Some(Command::VhostUserVsock {

@@ -499,22 +499,12 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
-    #[test]
-    fn the_vhost_user_vsock_back_end_jails_itself_around_its_sockets() {
-        let dir = common::test_dir("jail-vhu");
-        let jail = dir.join("root");
-        let run = dir.join("run");
-        std::fs::create_dir_all(&jail).unwrap();
-        std::fs::create_dir_all(&run).unwrap();
-        let (socket, uds) = (run.join("vhu.sock"), run.join("vsock.sock"));
+    /// Starts `crx-vmm <args> --jail <jail>` and waits for its vhost-user `socket`.
+    fn start_jailed_back_end(args: &[&std::ffi::OsStr], jail: &Path, socket: &Path) -> Child {
         let mut child = Command::new(BIN)
-            .arg("vhost-user-vsock")
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--uds")
-            .arg(&uds)
+            .args(args)
             .arg("--jail")
-            .arg(&jail)
+            .arg(jail)
             .stdin(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -525,6 +515,30 @@ mod tests {
             assert!(start.elapsed() < DEADLINE, "no vhost-user socket");
             std::thread::sleep(Duration::from_millis(20));
         }
+        child
+    }
+
+    /// Mount points in `pid`'s mount namespace, as it sees them.
+    fn mount_points(pid: u32) -> Vec<String> {
+        let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+        mountinfo
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn the_vhost_user_vsock_back_end_jails_itself_around_its_sockets() {
+        let dir = common::test_dir("jail-vhu");
+        let jail = dir.join("root");
+        let run = dir.join("run");
+        std::fs::create_dir_all(&jail).unwrap();
+        std::fs::create_dir_all(&run).unwrap();
+        let (socket, uds) = (run.join("vhu.sock"), run.join("vsock.sock"));
+        let args = ["vhost-user-vsock".as_ref(), "--socket".as_ref(), socket.as_os_str()];
+        let args = [&args[..], &["--uds".as_ref(), uds.as_os_str()]].concat();
+        let child = start_jailed_back_end(&args, &jail, &socket);
         let pid = child.id();
         assert_eq!(
             status_field(pid, None, "CapEff").as_deref(),
@@ -532,18 +546,49 @@ mod tests {
         );
         assert_eq!(status_field(pid, None, "NoNewPrivs").as_deref(), Some("1"));
         assert_eq!(status_field(pid, None, "Seccomp").as_deref(), Some("2"));
-        let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
-        let mounts: Vec<&str> = mountinfo
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .collect();
-        assert_eq!(mounts, ["/", run.to_str().unwrap()], "{mountinfo}");
+        assert_eq!(mount_points(pid), ["/", run.to_str().unwrap()]);
         assert!(
             uds.symlink_metadata().is_ok(),
             "hybrid socket made on the host"
         );
         assert!(stop(child).success());
         assert!(socket.symlink_metadata().is_err() && uds.symlink_metadata().is_err());
+        assert!(host_mounts_under(&dir).is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_vhost_user_fs_back_end_jails_itself_around_its_socket_and_share() {
+        let dir = common::test_dir("jail-vhu-fs");
+        let (jail, run, share) = (dir.join("root"), dir.join("run"), dir.join("share"));
+        for d in [&jail, &run, &share] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let socket = run.join("fs.sock");
+        let args = [
+            "vhost-user-fs".as_ref(),
+            "--socket".as_ref(),
+            socket.as_os_str(),
+            "--dir".as_ref(),
+            share.as_os_str(),
+        ];
+        let child = start_jailed_back_end(&args, &jail, &socket);
+        let pid = child.id();
+        let mut mounts = mount_points(pid);
+        mounts.sort();
+        let mut want = ["/", "/proc", run.to_str().unwrap(), share.to_str().unwrap()];
+        want.sort();
+        assert_eq!(mounts, want, "only the socket dir, the share and /proc");
+        // The file capabilities the passthrough server needs, and nothing like
+        // CAP_SYS_ADMIN (21) that would let it leave the jail.
+        let cap_eff = status_field(pid, None, "CapEff").unwrap();
+        let cap_eff = u64::from_str_radix(&cap_eff, 16).unwrap();
+        assert_ne!(cap_eff, 0, "the fs server keeps its file capabilities");
+        assert_eq!(cap_eff & (1 << 21), 0, "no CAP_SYS_ADMIN: {cap_eff:#x}");
+        assert_eq!(status_field(pid, None, "NoNewPrivs").as_deref(), Some("1"));
+        assert_eq!(status_field(pid, None, "Seccomp").as_deref(), Some("2"));
+        assert!(stop(child).success());
+        assert!(socket.symlink_metadata().is_err());
         assert!(host_mounts_under(&dir).is_empty());
         std::fs::remove_dir_all(dir).unwrap();
     }
