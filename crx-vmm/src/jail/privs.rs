@@ -109,8 +109,8 @@ pub fn drop_privileges(
             return Err(err("drop a capability from the bounding set")(e));
         }
     }
-    // SAFETY: prctl with integer arguments only.
     check(
+        // SAFETY: prctl with integer arguments only.
         unsafe {
             libc::prctl(
                 libc::PR_CAP_AMBIENT,

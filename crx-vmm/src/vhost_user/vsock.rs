@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
 use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
@@ -269,27 +268,12 @@ pub fn serve_vhost_user_vsock(
     handler
         .register_listener(muxer_fd, EventSet::IN, u64::from(MUXER_TOKEN))
         .map_err(VhostUserVsockError::Register)?;
-    let result = serve_one(&mut daemon, socket).map_err(daemon_err("serving QEMU"));
+    let result = super::serve_one_front_end(&mut daemon, socket).map_err(daemon_err("serving QEMU"));
     for h in &handlers {
         h.send_exit_event();
     }
     let _ = std::fs::remove_file(socket);
     result
-}
-
-fn serve_one(
-    daemon: &mut VhostUserDaemon<Arc<RwLock<VhostUserVsockBackend>>>,
-    socket: &Path,
-) -> Result<(), vhost_user_backend::Error> {
-    let mut listener =
-        Listener::new(socket, true).map_err(vhost_user_backend::Error::CreateVhostUserListener)?;
-    daemon.start(&mut listener)?;
-    match daemon.wait() {
-        Err(vhost_user_backend::Error::HandleRequest(
-            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-        )) => Ok(()),
-        other => other,
-    }
 }
 
 #[cfg(test)]
