@@ -2,4 +2,5 @@
 //! tests and `crx-bench` share.
 
 pub mod config;
+pub mod mounts;
 pub mod vm;

@@ -289,7 +289,7 @@ impl Drop for Containerd {
             // SAFETY: kill(2) on a pid we just found running a shim of this containerd.
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
         }
-        unmount_under(&self.dir);
+        crx_shim::mounts::unmount_tree(&self.dir);
         let _ = std::fs::remove_dir_all(&self.dir);
         for f in &self.extra_files {
             let _ = std::fs::remove_file(f);
@@ -398,55 +398,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
     )
 }
 
-/// Mount points at or below `dir`, deepest first (from `/proc/self/mountinfo`).
-pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut found: Vec<PathBuf> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|p| PathBuf::from(unescape_mountinfo(p)))
-        .filter(|p| p.starts_with(dir))
-        .collect();
-    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    found
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() {
-            let digits = std::str::from_utf8(&bytes[i + 1..i + 4]).unwrap_or("");
-            if let Ok(v) = u8::from_str_radix(digits, 8) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Detaches every mount at or below `dir`, deepest first.
-pub fn unmount_under(dir: &Path) {
-    for _ in 0..3 {
-        let mounts = mounts_under(dir);
-        if mounts.is_empty() {
-            return;
-        }
-        for m in mounts {
-            let Ok(c) = std::ffi::CString::new(m.as_os_str().as_encoded_bytes()) else {
-                continue;
-            };
-            // SAFETY: umount2 with a valid NUL-terminated path; MNT_DETACH never blocks.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        }
-    }
-}
+pub use crx_shim::mounts::mounts_under;
 
 fn run(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
@@ -561,17 +513,4 @@ pub fn build_busybox_image(work: &Path) -> Result<PathBuf> {
         .arg(&tar)
         .args(["oci-layout", "index.json", "blobs"]))?;
     Ok(tar)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mountinfo_escapes_are_decoded() {
-        assert_eq!(unescape_mountinfo(r"/a\040b"), "/a b");
-        assert_eq!(unescape_mountinfo(r"/a\134b"), r"/a\b");
-        assert_eq!(unescape_mountinfo(r"/plain"), "/plain");
-        assert_eq!(unescape_mountinfo(r"/end\04"), r"/end\04");
-    }
 }
