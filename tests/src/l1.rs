@@ -140,6 +140,25 @@ impl L1Run {
             .find(|r| r.get("check").and_then(|c| c.as_str()) == Some(check))
     }
 
+    /// The result of `check`, which must exist and say `"ok": true`; otherwise a panic
+    /// that shows the result and the end of the console (for lane tests).
+    pub fn ok_result(&self, check: &str) -> &serde_json::Value {
+        const TAIL: usize = 80;
+        let result = self.result(check).unwrap_or_else(|| {
+            panic!(
+                "the L1 payload reported no {check:?} result; console:\n{}",
+                self.console_tail(TAIL)
+            )
+        });
+        assert_eq!(
+            result["ok"],
+            serde_json::Value::Bool(true),
+            "{check} failed: {result}\nconsole:\n{}",
+            self.console_tail(TAIL)
+        );
+        result
+    }
+
     /// The last `lines` lines of the console.
     pub fn console_tail(&self, lines: usize) -> String {
         tail(&self.console, lines)

@@ -78,20 +78,7 @@ mod tests {
 
     /// The named check's result, which must say ok.
     fn check(name: &str) -> &'static Value {
-        let run = lane_run();
-        let result = run.result(name).unwrap_or_else(|| {
-            panic!(
-                "the L1 payload reported no {name:?} result; console:\n{}",
-                run.console_tail(80)
-            )
-        });
-        assert_eq!(
-            result["ok"],
-            Value::Bool(true),
-            "{name} failed: {result}\nconsole:\n{}",
-            run.console_tail(80)
-        );
-        result
+        lane_run().ok_result(name)
     }
 
     #[test]
