@@ -60,6 +60,14 @@ build_guest_and_tools() {
     export CRX_INITRAMFS CRX_MUSL_BIN
 }
 
+# Builds the containerd shim for this host (release); sets CRX_SHIM_DIR, where the
+# containerd the tests start finds `containerd-shim-crx-v2`.
+build_shim() {
+    log "building containerd-shim-crx-v2 (release)"
+    (cd "$CRX_ROOT" && cargo build --release -p containerd-shim-crx-v2 --bin containerd-shim-crx-v2)
+    export CRX_SHIM_DIR="$CRX_ROOT/target/release"
+}
+
 # Everything both top-level scripts need before they run anything: root, packages, the
 # guest kernel, the static binaries and the initramfs, with their paths exported.
 prepare_everything() {
@@ -67,6 +75,7 @@ prepare_everything() {
     install_packages
     build_kernel
     build_guest_and_tools
+    build_shim
     export CRX_BIN_CRX_VMM="$CRX_MUSL_BIN/crx-vmm" CRX_BIN_CRX_PROBE="$CRX_MUSL_BIN/crx-probe" \
            CRX_BIN_CRX_AGENT="$CRX_MUSL_BIN/crx-agent"
 }

@@ -295,10 +295,14 @@ fn host_bulk_then_close_reaches_the_guest_whole_then_as_shutdown() {
     // Bulk host data goes through the connection's read-ahead buffer; every byte must
     // still arrive, in order, before the SHUTDOWN that the host's close becomes.
     let mut r = rig();
-    let (mut c, _hp) = r.connect(1024, 1 << 20);
+    let (c, _hp) = r.connect(1024, 1 << 20);
     let data = pattern(300 * 1024 + 123, 3);
-    c.write_all(&data).unwrap();
-    drop(c);
+    // More than a socket buffer holds: the writer blocks until the muxer reads.
+    let to_send = data.clone();
+    let writer = std::thread::spawn(move || {
+        let mut c = c;
+        c.write_all(&to_send).unwrap();
+    });
     let mut got = Vec::new();
     loop {
         let p = r.recv_pkt();
@@ -309,6 +313,7 @@ fn host_bulk_then_close_reaches_the_guest_whole_then_as_shutdown() {
             op => panic!("unexpected op {op}"),
         }
     }
+    writer.join().unwrap();
     assert_eq!(got.len(), data.len());
     assert!(got == data, "bytes reordered or changed");
 }
