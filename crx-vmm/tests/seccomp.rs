@@ -234,46 +234,6 @@ mod tests {
             .map(|v| v.trim().to_string())
     }
 
-    /// Starts crx-vmm on a spinning guest and waits until it reported the guest
-    /// ready (so every thread has started and confined itself).
-    fn start_spinning(dir: &Path, extra: &[&str]) -> Child {
-        let kernel = common::write_pvh_kernel(dir, common::Tail::Spin);
-        let mut child = Command::new(BIN)
-            .arg("--kernel")
-            .arg(&kernel)
-            .args(["--allow-pvm", "--log-level", "info"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let _ = tx.send(line);
-            }
-        });
-        let start = Instant::now();
-        loop {
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(line) if line.contains("guest agent ready") => break,
-                Ok(_) => {}
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                Err(_) => panic!("crx-vmm ended before the guest was ready"),
-            }
-            assert!(start.elapsed() < DEADLINE, "guest not ready in time");
-        }
-        // Keep draining stderr so crx-vmm never blocks on it.
-        std::thread::spawn(move || while rx.recv().is_ok() {});
-        child
-    }
-
     fn stop(mut child: Child) -> std::process::ExitStatus {
         // SAFETY: signals the child we started.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -317,7 +277,7 @@ mod tests {
     fn a_booted_vm_has_every_thread_filtered_unless_told_otherwise() {
         common::require_kvm();
         let dir = common::test_dir("seccomp-boot");
-        let child = start_spinning(&dir, &[]);
+        let child = common::start_spinning(&dir, &[]);
         let threads = wait_all_filtered(child.id());
         assert!(
             threads.iter().any(|(n, _)| n == "crx-vcpu-0"),
@@ -328,7 +288,7 @@ mod tests {
         }
         assert!(stop(child).success(), "SIGTERM still ends the VM cleanly");
 
-        let child = start_spinning(&dir, &["--no-seccomp"]);
+        let child = common::start_spinning(&dir, &["--no-seccomp"]);
         let threads = thread_filters(child.id());
         assert!(threads.iter().all(|(_, m)| m == "0"), "{threads:?}");
         assert!(stop(child).success());
@@ -357,7 +317,7 @@ mod tests {
         std::fs::create_dir_all(&run).unwrap();
         std::fs::write(dir.join("secret"), b"host only").unwrap();
         let sock = run.join("vsock.sock");
-        let child = start_spinning(
+        let child = common::start_spinning(
             &dir,
             &[
                 "--vsock-uds",
@@ -432,7 +392,7 @@ mod tests {
         let share_s = share.to_str().unwrap();
         mount(&["--bind", share_s, share_s]);
         mount(&["--make-shared", share_s]);
-        let child = start_spinning(
+        let child = common::start_spinning(
             &dir,
             &[
                 "--share",
@@ -470,7 +430,7 @@ mod tests {
         let dir = common::test_dir("jail-uid");
         let jail = dir.join("root");
         std::fs::create_dir_all(&jail).unwrap();
-        let child = start_spinning(
+        let child = common::start_spinning(
             &dir,
             &[
                 "--jail",
@@ -536,7 +496,11 @@ mod tests {
         std::fs::create_dir_all(&jail).unwrap();
         std::fs::create_dir_all(&run).unwrap();
         let (socket, uds) = (run.join("vhu.sock"), run.join("vsock.sock"));
-        let args = ["vhost-user-vsock".as_ref(), "--socket".as_ref(), socket.as_os_str()];
+        let args = [
+            "vhost-user-vsock".as_ref(),
+            "--socket".as_ref(),
+            socket.as_os_str(),
+        ];
         let args = [&args[..], &["--uds".as_ref(), uds.as_os_str()]].concat();
         let child = start_jailed_back_end(&args, &jail, &socket);
         let pid = child.id();

@@ -150,49 +150,6 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
-    /// Starts a VM spinning in a tiny PVH guest with `extra` arguments; returns once
-    /// crx-vmm says the guest is ready (the share was opened while building).
-    fn start_spinning(dir: &Path, extra: &[&str]) -> Child {
-        let kernel = common::write_pvh_kernel(dir, common::Tail::Spin);
-        let mut child = Command::new(BIN)
-            .arg("--kernel")
-            .arg(&kernel)
-            .args(["--allow-pvm", "--log-level", "info"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let _ = tx.send(line);
-            }
-        });
-        let start = Instant::now();
-        let mut seen = Vec::new();
-        loop {
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(line) if line.contains("guest agent ready") => break,
-                Ok(line) => seen.push(line),
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                Err(_) => panic!("crx-vmm ended before the guest was ready: {seen:?}"),
-            }
-            assert!(
-                start.elapsed() < DEADLINE,
-                "guest not ready in time: {seen:?}"
-            );
-        }
-        std::thread::spawn(move || while rx.recv().is_ok() {});
-        child
-    }
-
     #[test]
     fn a_vm_with_a_share_starts_with_and_without_the_jail() {
         common::require_kvm();
@@ -211,7 +168,7 @@ mod tests {
                 jail.to_str().unwrap(),
             ],
         ] {
-            let mut child = start_spinning(&dir, &extra);
+            let mut child = common::start_spinning(&dir, &extra);
             let root = PathBuf::from(format!("/proc/{}/root", child.id()));
             assert!(
                 root.join(share.strip_prefix("/").unwrap()).is_dir(),

@@ -192,7 +192,8 @@ pub fn serve_vhost_user_fs(socket: &Path, dir: &Path) -> Result<(), VhostUserFsE
         GuestMemoryAtomic::new(GuestMemoryMmap::new()),
     )
     .map_err(daemon_err("creating the daemon"))?;
-    let result = super::serve_one_front_end(&mut daemon, socket).map_err(daemon_err("serving QEMU"));
+    let result =
+        super::serve_one_front_end(&mut daemon, socket).map_err(daemon_err("serving QEMU"));
     for h in &daemon.get_epoll_handlers() {
         h.send_exit_event();
     }

@@ -268,7 +268,8 @@ pub fn serve_vhost_user_vsock(
     handler
         .register_listener(muxer_fd, EventSet::IN, u64::from(MUXER_TOKEN))
         .map_err(VhostUserVsockError::Register)?;
-    let result = super::serve_one_front_end(&mut daemon, socket).map_err(daemon_err("serving QEMU"));
+    let result =
+        super::serve_one_front_end(&mut daemon, socket).map_err(daemon_err("serving QEMU"));
     for h in &handlers {
         h.send_exit_event();
     }

@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// Where the PVH test kernel is loaded and entered.
 pub const PVH_ENTRY: u32 = 0x10_0000;
@@ -203,4 +205,49 @@ pub fn require_kvm() {
     {
         panic!("these tests run tiny guests and need read/write access to /dev/kvm (run as root on a KVM host): {e}");
     }
+}
+
+/// Starts `crx-vmm` on a spinning tiny PVH guest with `extra` arguments and returns
+/// once it reported the guest ready (every thread started, the devices built, the
+/// filters installed). Its stderr keeps being drained so it never blocks on it.
+pub fn start_spinning(dir: &Path, extra: &[&str]) -> Child {
+    const READY_DEADLINE: Duration = Duration::from_secs(10);
+    let kernel = write_pvh_kernel(dir, Tail::Spin);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_crx-vmm"))
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--allow-pvm", "--log-level", "info"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn crx-vmm");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let start = Instant::now();
+    let mut seen = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) if line.contains("guest agent ready") => break,
+            Ok(line) => seen.push(line),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(_) => panic!("crx-vmm ended before the guest was ready: {seen:?}"),
+        }
+        assert!(
+            start.elapsed() < READY_DEADLINE,
+            "guest not ready in time: {seen:?}"
+        );
+    }
+    std::thread::spawn(move || while rx.recv().is_ok() {});
+    child
 }
