@@ -73,6 +73,23 @@ impl<T: Send + 'static> DeviceThread<T> {
     }
 }
 
+/// Stops the thread held in `slot`, if any, and returns its value (`None` if there was
+/// none or it panicked). A thread that could not be told to stop still runs, so it goes
+/// back into `slot`: the device then keeps saying it is active and cannot be reset.
+pub fn stop_in_place<T: Send + 'static>(
+    slot: &mut Option<DeviceThread<T>>,
+    device: &str,
+) -> Option<T> {
+    let worker = slot.take()?;
+    match worker.stop(device) {
+        Ok(value) => value,
+        Err(still_running) => {
+            *slot = Some(still_running);
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::event_loop::EventLoop;
 use super::{FsError, FsServer, NUM_REQUEST_QUEUES, QUEUE_SIZES, TAG_LEN, VIRTIO_ID_FS};
-use crate::devices::virtio::device_thread::{exit_events, DeviceThread};
+use crate::devices::virtio::device_thread::{exit_events, stop_in_place, DeviceThread};
 use crate::devices::virtio::mmio::WarnLimiter;
 use crate::devices::virtio::{
     read_config_bytes, ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1,
@@ -56,12 +56,7 @@ impl Fs {
     /// Stops the device thread and waits for it (a request being served finishes
     /// first).
     pub fn stop(&mut self) {
-        let Some(worker) = self.worker.take() else {
-            return;
-        };
-        if let Err(still_running) = worker.stop("fs") {
-            self.worker = Some(still_running);
-        }
+        stop_in_place(&mut self.worker, "fs");
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::event_loop::{EventLoop, EventLoopParts, NetCounters};
 use super::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN};
 use super::*;
-use crate::devices::virtio::device_thread::{exit_events, DeviceThread};
+use crate::devices::virtio::device_thread::{exit_events, stop_in_place, DeviceThread};
 use crate::devices::virtio::{
     read_config_bytes, ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1,
 };
@@ -72,15 +72,10 @@ impl Net {
     /// Stops the device thread and takes the tap back. Frames still in the tap stay
     /// there for the next activation.
     pub fn stop(&mut self) {
-        let Some(worker) = self.worker.take() else {
-            return;
-        };
-        match worker.stop("net") {
-            Ok(Some(tap)) => self.tap = Some(tap),
-            // The thread panicked and the tap went with it: the device cannot start
-            // again (activation says so).
-            Ok(None) => {}
-            Err(still_running) => self.worker = Some(still_running),
+        // A thread that panicked took the tap with it: the device cannot start again
+        // (activation says so).
+        if let Some(tap) = stop_in_place(&mut self.worker, "net") {
+            self.tap = Some(tap);
         }
     }
 

@@ -3,7 +3,7 @@
 
 use super::event_loop::EventLoop;
 use super::{QUEUE_SIZES, VIRTIO_ID_RNG};
-use crate::devices::virtio::device_thread::{exit_events, DeviceThread};
+use crate::devices::virtio::device_thread::{exit_events, stop_in_place, DeviceThread};
 use crate::devices::virtio::mmio::WarnLimiter;
 use crate::devices::virtio::{ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1};
 
@@ -32,14 +32,7 @@ impl Rng {
     /// Stops the device thread and waits for it. Requests still on the queue stay
     /// there; a later activation gets fresh queues from the transport.
     pub fn stop(&mut self) {
-        let Some(worker) = self.worker.take() else {
-            return;
-        };
-        // A thread that could not be told to stop still runs: keep it, so `reset` can
-        // say the device is not reset.
-        if let Err(still_running) = worker.stop("rng") {
-            self.worker = Some(still_running);
-        }
+        stop_in_place(&mut self.worker, "rng");
     }
 }
 
