@@ -32,6 +32,9 @@ use fuse_backend_rs::api::filesystem::{
 };
 use fuse_backend_rs::passthrough::PassthroughFs;
 
+use super::held_inodes::{Fast, HeldInodes};
+use super::{ATTR_TIMEOUT, ENTRY_TIMEOUT};
+
 type Inode = u64;
 type Handle = u64;
 
@@ -68,12 +71,26 @@ fn plain_name(name: &CStr) -> io::Result<()> {
 /// The passthrough file system of one share, confined to it.
 pub struct ConfinedFs {
     inner: PassthroughFs<()>,
+    /// Inodes the guest holds, for LOOKUPs that need no new inode.
+    held: HeldInodes,
 }
 
 impl ConfinedFs {
-    /// Wraps a `PassthroughFs` whose root is already imported.
-    pub fn new(inner: PassthroughFs<()>) -> Self {
-        Self { inner }
+    /// Wraps a `PassthroughFs` whose root is already imported; `root` is an `O_PATH`
+    /// fd of that same root directory.
+    pub fn new(inner: PassthroughFs<()>, root: std::fs::File) -> Self {
+        Self {
+            inner,
+            held: HeldInodes::new(root),
+        }
+    }
+
+    /// Counts the reference `entry` carries, if PassthroughFs handed it out.
+    fn track(&self, parent: Inode, name: &CStr, entry: io::Result<Entry>) -> io::Result<Entry> {
+        if let Ok(e) = &entry {
+            self.held.handed_out(parent, name, e.inode, &e.attr);
+        }
+        entry
     }
 }
 
@@ -104,15 +121,36 @@ impl FileSystem for ConfinedFs {
             // PassthroughFs answers both with the root itself.
             return self.inner.lookup(ctx, parent, c".");
         }
-        self.inner.lookup(ctx, parent, name)
+        match self.held.lookup(parent, name) {
+            Fast::Hit(inode, attr) => Ok(Entry {
+                inode,
+                generation: 0,
+                attr,
+                attr_flags: 0,
+                attr_timeout: ATTR_TIMEOUT,
+                entry_timeout: ENTRY_TIMEOUT,
+            }),
+            Fast::Error(e) => Err(e),
+            Fast::Miss => self.track(parent, name, self.inner.lookup(ctx, parent, name)),
+        }
     }
 
     fn forget(&self, ctx: &Context, inode: Inode, count: u64) {
-        self.inner.forget(ctx, inode, count)
+        let rest = self.held.forget(inode, count);
+        if rest > 0 {
+            self.inner.forget(ctx, inode, rest)
+        }
     }
 
     fn batch_forget(&self, ctx: &Context, requests: Vec<(Inode, u64)>) {
-        self.inner.batch_forget(ctx, requests)
+        let rest: Vec<(Inode, u64)> = requests
+            .into_iter()
+            .map(|(inode, count)| (inode, self.held.forget(inode, count)))
+            .filter(|&(_, count)| count > 0)
+            .collect();
+        if !rest.is_empty() {
+            self.inner.batch_forget(ctx, rest)
+        }
     }
 
     fn getattr(
@@ -148,7 +186,7 @@ impl FileSystem for ConfinedFs {
     ) -> io::Result<Entry> {
         // The target is only text stored in the link: the server never follows it.
         plain_name(name)?;
-        self.inner.symlink(ctx, linkname, parent, name)
+        self.track(parent, name, self.inner.symlink(ctx, linkname, parent, name))
     }
 
     fn mknod(
@@ -166,7 +204,7 @@ impl FileSystem for ConfinedFs {
             libc::S_IFREG | libc::S_IFIFO | libc::S_IFSOCK => {}
             _ => return Err(errno(libc::EINVAL)),
         }
-        self.inner.mknod(ctx, parent, name, mode, rdev, umask)
+        self.track(parent, name, self.inner.mknod(ctx, parent, name, mode, rdev, umask))
     }
 
     fn mkdir(
@@ -178,7 +216,7 @@ impl FileSystem for ConfinedFs {
         umask: u32,
     ) -> io::Result<Entry> {
         plain_name(name)?;
-        self.inner.mkdir(ctx, parent, name, mode, umask)
+        self.track(parent, name, self.inner.mkdir(ctx, parent, name, mode, umask))
     }
 
     fn unlink(&self, ctx: &Context, parent: Inode, name: &CStr) -> io::Result<()> {
@@ -214,7 +252,7 @@ impl FileSystem for ConfinedFs {
         newname: &CStr,
     ) -> io::Result<Entry> {
         plain_name(newname)?;
-        self.inner.link(ctx, inode, newparent, newname)
+        self.track(newparent, newname, self.inner.link(ctx, inode, newparent, newname))
     }
 
     fn open(
@@ -235,7 +273,9 @@ impl FileSystem for ConfinedFs {
         args: CreateIn,
     ) -> io::Result<(Entry, Option<Handle>, OpenOptions, Option<u32>)> {
         plain_name(name)?;
-        self.inner.create(ctx, parent, name, args)
+        let created = self.inner.create(ctx, parent, name, args)?;
+        self.held.handed_out(parent, name, created.0.inode, &created.0.attr);
+        Ok(created)
     }
 
     fn read(

@@ -6,6 +6,8 @@
 //! - `server.rs`: [`FsServer`], one share's FUSE server, which answers one
 //!   descriptor chain at a time; crx-vmm's device thread, the vhost-user-fs back end
 //!   (`crate::vhost_user::fs`) and the benchmark all go through it;
+//! - `held_inodes.rs`: the inodes the guest holds, so a LOOKUP of a file it already
+//!   holds costs one `fstatat` (see its doc for why that is safe);
 //! - `confined.rs`: [`ConfinedFs`](confined::ConfinedFs), the checks that keep the
 //!   guest inside the share, on top of what `PassthroughFs` guarantees;
 //! - `device.rs` + `event_loop.rs`: the [`Fs`] [`VirtioDevice`](super::VirtioDevice)
@@ -84,6 +86,7 @@ use std::time::Duration;
 
 pub mod bench;
 mod confined;
+mod held_inodes;
 mod device;
 mod event_loop;
 mod server;

@@ -74,10 +74,10 @@ impl FsServer {
             dir: dir.to_path_buf(),
             source,
         })?;
-        // PassthroughFs holds its own O_PATH fd of the root now.
-        drop(share);
+        // PassthroughFs holds its own O_PATH fd of the root now; ConfinedFs keeps this
+        // one as the first parent of its fast lookups.
         Ok(Self {
-            server: Server::new(ConfinedFs::new(fs)),
+            server: Server::new(ConfinedFs::new(fs, share)),
         })
     }
 

@@ -809,3 +809,66 @@ fn device_answers_fuse_init_on_the_request_queue() {
     w(&mut t, 0x70, 0);
     assert!(!dev.lock().unwrap().is_active());
 }
+
+#[test]
+fn lookups_of_held_files_share_one_inode_and_forget_counts_every_reference() {
+    let share = Share::new("fs-held");
+    std::fs::create_dir(share.path("sub")).unwrap();
+    std::fs::write(share.path("sub/f"), b"held").unwrap();
+    let mut d = share.driver();
+    let sub = d.lookup(ROOT_ID, "sub").unwrap();
+    let first = d.lookup(sub.nodeid, "f").unwrap();
+    // Answered from the held inode: same node, the host's current attributes.
+    std::fs::write(share.path("sub/f"), b"held, longer").unwrap();
+    let again = d.lookup(sub.nodeid, "f").unwrap();
+    assert_eq!(again.nodeid, first.nodeid);
+    assert_eq!(again.attr.size, 12);
+    assert_eq!((again.entry_valid, again.attr_valid), (1, 1));
+    let third = d.lookup(sub.nodeid, "f").unwrap();
+    assert_eq!(third.nodeid, first.nodeid);
+
+    // Three references: dropping two keeps the inode usable...
+    d.forget(first.nodeid, 2);
+    assert_eq!(d.getattr(first.nodeid).unwrap().attr.size, 12);
+    // ...dropping the last one ends it in the passthrough file system too.
+    d.forget(first.nodeid, 1);
+    assert!(d.getattr(first.nodeid).is_err(), "forgotten inode still served");
+    // The name is looked up afresh afterwards.
+    let fresh = d.lookup(sub.nodeid, "f").unwrap();
+    assert_eq!(fresh.attr.size, 12);
+    let fh = d.open(fresh.nodeid, libc::O_RDONLY).unwrap();
+    assert_eq!(d.read(fresh.nodeid, fh, 0, 100).unwrap(), b"held, longer");
+    d.release(fresh.nodeid, fh).unwrap();
+
+    // Unknown names and missing parents behave as before.
+    assert_eq!(d.lookup(sub.nodeid, "nope").unwrap_err(), libc::ENOENT);
+    assert_eq!(d.lookup(fresh.nodeid, "x").unwrap_err(), libc::ENOTDIR);
+}
+
+#[test]
+fn a_held_name_replaced_on_the_host_gives_the_new_file_or_the_link_itself() {
+    let share = Share::new("fs-held-swap");
+    std::fs::write(share.path("f"), b"old").unwrap();
+    std::fs::write(share.path("g"), b"other").unwrap();
+    let mut d = share.driver();
+    let old = d.lookup(ROOT_ID, "f").unwrap();
+    let other = d.lookup(ROOT_ID, "g").unwrap();
+
+    // A new file under the held name: a new inode, not the held one.
+    std::fs::rename(share.path("f"), share.path("f.old")).unwrap();
+    std::fs::write(share.path("f"), b"new file").unwrap();
+    let new = d.lookup(ROOT_ID, "f").unwrap();
+    assert_ne!(new.nodeid, old.nodeid);
+    assert_eq!(new.attr.size, 8);
+    // A hard link to a held file is that file.
+    std::fs::hard_link(share.path("g"), share.path("g2")).unwrap();
+    assert_eq!(d.lookup(ROOT_ID, "g2").unwrap().nodeid, other.nodeid);
+    // A symlink out under a held name is the link itself, never its target.
+    std::fs::remove_file(share.path("g")).unwrap();
+    std::os::unix::fs::symlink(share.outside().join("secret"), share.path("g")).unwrap();
+    let link = d.lookup(ROOT_ID, "g").unwrap();
+    assert!(is_symlink_mode(link.attr.mode));
+    assert_ne!(link.nodeid, other.nodeid);
+    assert!(d.open(link.nodeid, libc::O_RDONLY).is_err());
+    share.assert_outside_untouched();
+}
