@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use super::event_loop::EventLoop;
 use super::{MuxerConfig, VsockError, VsockMuxer, QUEUE_SIZES, VIRTIO_ID_VSOCK};
-use crate::devices::virtio::device_thread::{exit_events, DeviceThread};
+use crate::devices::virtio::device_thread::{exit_events, stop_in_place, DeviceThread};
 use crate::devices::virtio::mmio::WarnLimiter;
 use crate::devices::virtio::{
     read_config_bytes, ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1,
@@ -46,11 +46,10 @@ impl Vsock {
     }
 
     /// Stops the device thread and takes the muxer back. Host connections stay open.
+    /// A thread that cannot be told to stop stays in its slot (the device stays
+    /// active and refuses a reset), as for the other devices.
     pub fn stop(&mut self) {
-        let Some(worker) = self.worker.take() else {
-            return;
-        };
-        if let Ok(Some(muxer)) = worker.stop("vsock") {
+        if let Some(muxer) = stop_in_place(&mut self.worker, "vsock") {
             self.muxer = Some(muxer);
         }
     }
@@ -122,6 +121,10 @@ impl VirtioDevice for Vsock {
 
     fn reset(&mut self) -> bool {
         self.stop();
+        if self.worker.is_some() {
+            // The thread still owns the muxer and the queues: no reset under it.
+            return false;
+        }
         match self.muxer.as_mut() {
             Some(m) => {
                 // The guest forgot every connection; the host clients must learn it too.
