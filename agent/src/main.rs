@@ -16,12 +16,16 @@
 
 mod boot_marker;
 mod cmdline;
+/// The fuzz targets' per-input checks (agent/fuzz compiles it itself; here for its tests).
+#[cfg(test)]
+mod fuzzing;
 #[cfg(feature = "containers")]
 mod containers;
 mod init;
 mod logging;
 mod power;
 mod reaper;
+mod sandbox;
 mod server;
 mod services;
 mod storage;
@@ -363,6 +367,8 @@ async fn serve_host(listen: ListenAddr, state_dir: &Path) -> anyhow::Result<()> 
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
 
     let state: Arc<AgentState> = AgentState::new(StorageManager::new(state_dir.join("storage")));
+    // Even as PID 1 (of a PID namespace on the host): the pod gets new namespaces.
+    state.sandbox().mark_host_mode();
     let listener = server::bind(&listen)?;
     // Streams come to `<ttrpc socket>_1026`, as a VMM's hybrid vsock names host ports.
     #[cfg(feature = "containers")]

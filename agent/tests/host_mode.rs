@@ -226,12 +226,8 @@ mod tests {
             ready(&agent.addr()).await;
             let stream = UnixStream::connect(&agent.socket).unwrap();
             let client = crx_protocols::hybrid_vsock::ttrpc_client(stream).unwrap();
-            let methods = [
-                (crx_protocols::service_names::SANDBOX, "CreateSandbox"),
-                (crx_protocols::service_names::SANDBOX, "DestroySandbox"),
-            ]
-            .into_iter()
-            .chain(
+            // Sandbox is implemented (host_sandbox.rs tests it).
+            let methods = std::iter::empty().chain(
                 [
                     "CreateContainer",
                     "StartContainer",

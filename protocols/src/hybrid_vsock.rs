@@ -161,6 +161,9 @@ pub struct AgentClients {
     pub agent: AgentClient,
     /// `crx.agent.v1.Storage` (protocol version 2).
     pub storage: StorageClient,
+    /// The connection itself, for clients of further services (Sandbox, Containers)
+    /// without a second handshake through the VMM.
+    pub client: ttrpc::r#async::Client,
 }
 
 impl AgentClients {
@@ -169,7 +172,8 @@ impl AgentClients {
         AgentClients {
             health: HealthClient::new(client.clone()),
             agent: AgentClient::new(client.clone()),
-            storage: StorageClient::new(client),
+            storage: StorageClient::new(client.clone()),
+            client,
         }
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::vm::Hypervisor;
+use crate::vm::{Hypervisor, Seccomp};
 
 /// The system-wide configuration file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/crx/config.toml";
@@ -46,8 +46,12 @@ pub struct ShimConfig {
     pub memory_mib: u32,
     /// A `tracing` filter (`info`, `debug`, `containerd_shim_crx_v2=debug`, ...).
     pub log_level: String,
-    /// Run crx-vmm jailed (seccomp, own mount namespace). Off only for debugging.
+    /// Run the pod's crx-vmm processes (crx-vmm itself, or QEMU's vhost-user back
+    /// ends) in crx-vmm's jail: own mount namespace and root, capabilities dropped.
+    /// Off only for debugging.
     pub jail: bool,
+    /// crx-vmm's seccomp filters: kill (default), log (debugging), off.
+    pub seccomp: Seccomp,
     /// How long a VM may take from spawn to the agent's first answer.
     pub agent_timeout: Duration,
     /// Keep the guest console in `<run dir>/console.log` (debugging; costs boot time).
@@ -69,6 +73,7 @@ impl Default for ShimConfig {
             memory_mib: 256,
             log_level: "info".into(),
             jail: true,
+            seccomp: Seccomp::Kill,
             agent_timeout: Duration::from_secs(60),
             guest_console: false,
             kernel_params: String::new(),
@@ -89,6 +94,7 @@ struct RawConfig {
     memory_mib: Option<u32>,
     log_level: Option<String>,
     jail: Option<bool>,
+    seccomp: Option<String>,
     agent_timeout_secs: Option<u64>,
     guest_console: Option<bool>,
     kernel_params: Option<String>,
@@ -144,6 +150,11 @@ impl ShimConfig {
         }
         if let Some(j) = raw.jail {
             c.jail = j;
+        }
+        if let Some(m) = raw.seccomp {
+            c.seccomp = m
+                .parse()
+                .map_err(|e: String| bad(format!("seccomp: {e}")))?;
         }
         if let Some(t) = raw.agent_timeout_secs {
             if t == 0 || t > 3600 {
@@ -227,6 +238,7 @@ mod tests {
             memory_mib = 512
             log_level = "debug"
             jail = false
+            seccomp = "log"
             agent_timeout_secs = 90
             guest_console = true
             kernel_params = "loglevel=7"
@@ -241,6 +253,7 @@ mod tests {
         assert_eq!((c.vcpus, c.memory_mib), (2, 512));
         assert_eq!(c.log_level, "debug");
         assert!(!c.jail && c.guest_console);
+        assert_eq!(c.seccomp, Seccomp::Log);
         assert_eq!(c.agent_timeout, Duration::from_secs(90));
         assert_eq!(c.kernel_params, "loglevel=7");
     }
@@ -255,6 +268,7 @@ mod tests {
             ("colour = \"blue\"", "colour"),
             ("vcpus = \"two\"", "vcpus"),
             ("agent_timeout_secs = 0", "agent_timeout_secs"),
+            ("seccomp = \"strict\"", "seccomp"),
         ] {
             let e = parse(text).expect_err(text).to_string();
             assert!(

@@ -12,14 +12,15 @@ use crx_protocols::v1::container_ttrpc::ContainersClient;
 use crx_protocols::v1::sandbox_ttrpc::SandboxClient;
 use crx_shim::config::ShimConfig;
 use crx_shim::vm::{
-    select_backend, BackendKind, SerialOutput, SharedDir, Vm, VmConfig, VmDevices, VmError, VmExit,
+    select_confined_backend, BackendKind, Confinement, SerialOutput, SharedDir, Vm, VmConfig,
+    VmDevices, VmError, VmExit,
 };
 
 use crate::rootfs::{PodPaths, SHARE_TAG};
 
-/// How often the watcher looks at the VM (and so how late it may notice a stop
-/// request).
-const WATCH_INTERVAL: Duration = Duration::from_millis(200);
+/// How long the watcher holds the VM's lock per wait: a stop request waits up to
+/// this long for the lock (200 ms made every pod's last Delete that much slower).
+const WATCH_INTERVAL: Duration = Duration::from_millis(50);
 /// How long a stopping VM gets between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(2);
 
@@ -39,8 +40,6 @@ pub enum PodError {
     },
     #[error("the pod VM ended before its agent answered: {0}")]
     DiedBooting(String),
-    #[error("could not open a second connection to the agent")]
-    Connect(#[source] std::io::Error),
     #[error("internal error: {0}")]
     Join(String),
 }
@@ -56,6 +55,8 @@ pub struct Pod {
     pub ready_after: Duration,
     /// The VM's hybrid-vsock socket (stdio streams connect through it).
     pub agent_socket: std::path::PathBuf,
+    /// The VM's processes (names and pids), fixed for the VM's life.
+    pids: Vec<(&'static str, u32)>,
     vm: Arc<Mutex<Box<dyn Vm>>>,
     stopping: Arc<AtomicBool>,
 }
@@ -98,21 +99,21 @@ impl Pod {
         };
         close_on_exec_inherited();
         let wanted = config.hypervisor;
+        let confinement = Confinement {
+            jail: config.jail,
+            jail_ids: None,
+            seccomp: config.seccomp,
+        };
         let started = Instant::now();
         let vm = tokio::task::spawn_blocking(move || {
-            let (backend, choice) = select_backend(wanted).map_err(PodError::Backend)?;
+            let (backend, choice) =
+                select_confined_backend(wanted, confinement).map_err(PodError::Backend)?;
             tracing::info!(backend = %choice.kind, "starting the pod VM");
             backend.start(&vm_config).map_err(PodError::Vm)
         })
         .await
         .map_err(|e| PodError::Join(e.to_string()))??;
         let backend = vm.kind();
-        if config.jail && backend == BackendKind::CrxVmm {
-            // VmConfig has no jail switch yet: say so rather than imply a jail.
-            tracing::warn!(
-                "jail = true, but this build's crx-vmm backend does not take a jail option yet"
-            );
-        }
         let agent_socket = vm.agent_socket().to_path_buf();
         let vm = Arc::new(Mutex::new(vm));
         let addr = AgentAddress::HybridVsock {
@@ -147,24 +148,13 @@ impl Pod {
             agent = %ready.version.agent_version,
             "agent ready"
         );
-        // The ready clients cover Health/Agent/Storage; Sandbox and Containers get a
-        // connection of their own.
-        let conn_addr = addr.clone();
-        let client =
-            match tokio::task::spawn_blocking(move || conn_addr.connect(Duration::from_secs(10)))
-                .await
-            {
-                Ok(Ok(stream)) => hybrid_vsock::ttrpc_client(stream).map_err(PodError::Connect),
-                Ok(Err(e)) => Err(PodError::Connect(e)),
-                Err(e) => Err(PodError::Join(e.to_string())),
-            };
-        let client = match client {
-            Ok(c) => c,
-            Err(e) => {
-                stop_vm(vm.clone()).await;
-                return Err(e);
-            }
-        };
+        // Sandbox and Containers ride on the connection the readiness wait opened: a
+        // second handshake through the VMM's vsock muxer would add a round trip into
+        // the guest before CreateSandbox.
+        let client = ready.clients.client.clone();
+        // Taken before the watcher starts: it holds the VM's lock while it waits, so
+        // asking the VM later would stall for up to a watch interval.
+        let pids = lock(&vm).pids();
         let stopping = Arc::new(AtomicBool::new(false));
         spawn_watcher(vm.clone(), stopping.clone(), on_death);
         Ok(Pod {
@@ -174,6 +164,7 @@ impl Pod {
             protocol_version: ready.version.protocol_version,
             ready_after,
             agent_socket,
+            pids,
             vm,
             stopping,
         })
@@ -187,7 +178,7 @@ impl Pod {
 
     /// Process names and pids of the VM.
     pub fn vm_pids(&self) -> Vec<(&'static str, u32)> {
-        lock(&self.vm).pids()
+        self.pids.clone()
     }
 }
 

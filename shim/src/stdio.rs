@@ -8,6 +8,8 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crx_protocols::hybrid_vsock;
@@ -59,11 +61,15 @@ pub fn spec_of(paths: &StdioPaths) -> StdioSpec {
 pub struct Streams {
     copiers: Vec<JoinHandle<()>>,
     stdin: Option<JoinHandle<()>>,
+    /// Tells the stdin copier to stop: it waits on a FIFO whose writer may never come,
+    /// and a blocking thread that never ends would keep the shim from exiting.
+    stdin_stop: Arc<AtomicBool>,
 }
 
 impl Streams {
     /// Stops feeding stdin (CloseIO): the agent's CloseStdin gives the program EOF.
     pub fn close_stdin(&mut self) {
+        self.stdin_stop.store(true, Ordering::SeqCst);
         if let Some(h) = self.stdin.take() {
             h.abort();
         }
@@ -82,6 +88,7 @@ impl Streams {
 
 impl Drop for Streams {
     fn drop(&mut self) {
+        self.stdin_stop.store(true, Ordering::SeqCst);
         for h in self.copiers.iter().chain(self.stdin.iter()) {
             h.abort();
         }
@@ -113,6 +120,7 @@ pub async fn attach(
         match kind {
             StreamKind::STREAM_KIND_STDIN => {
                 let fifo = open_fifo(&paths.stdin, false).await?;
+                let fifo = StdinFifo::new(fifo, streams.stdin_stop.clone());
                 streams.stdin = Some(spawn_copy(fifo, conn, true));
             }
             StreamKind::STREAM_KIND_STDOUT => {
@@ -130,6 +138,7 @@ pub async fn attach(
                 })?;
                 if !paths.stdin.is_empty() {
                     let fifo = open_fifo(&paths.stdin, false).await?;
+                    let fifo = StdinFifo::new(fifo, streams.stdin_stop.clone());
                     streams.stdin = Some(spawn_copy(fifo, conn, true));
                 }
                 if !paths.stdout.is_empty() {
@@ -142,18 +151,76 @@ pub async fn attach(
     Ok(streams)
 }
 
-/// Opens a FIFO containerd created (blocking open: containerd holds the other end).
+/// Opens a FIFO containerd created. An output FIFO is opened blocking (containerd
+/// holds its read end before Create). The stdin FIFO is opened without blocking and
+/// read through [`StdinFifo`]: its writer (ctr, containerd's CRI) may have come and
+/// gone already, or come later, and a blocking open would wait for one forever,
+/// holding Create.
 async fn open_fifo(path: &str, write: bool) -> Result<std::fs::File, StdioError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let p = PathBuf::from(path);
     tokio::task::spawn_blocking(move || {
-        std::fs::OpenOptions::new()
-            .read(!write)
-            .write(write)
+        let mut options = std::fs::OpenOptions::new();
+        options.read(!write).write(write);
+        if !write {
+            options.custom_flags(libc::O_NONBLOCK);
+        }
+        options
             .open(&p)
             .map_err(|source| StdioError::Fifo { path: p, source })
     })
     .await
     .map_err(|e| StdioError::Join(e.to_string()))?
+}
+
+/// The read end of the stdin FIFO, opened non-blocking. A read waits in poll(2)
+/// first: Linux reports a FIFO reader neither readable nor hung up until a writer
+/// that opened after it has written or closed, so a read never mistakes "no writer
+/// yet" for EOF. The wait is sliced so that a stop request ends it (as EOF).
+struct StdinFifo {
+    fifo: std::fs::File,
+    stop: Arc<AtomicBool>,
+}
+
+/// How often a waiting stdin copier looks at its stop flag.
+const STDIN_STOP_CHECK_MS: i32 = 200;
+
+impl StdinFifo {
+    fn new(fifo: std::fs::File, stop: Arc<AtomicBool>) -> Self {
+        StdinFifo { fifo, stop }
+    }
+}
+
+impl Read for StdinFifo {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        loop {
+            if self.stop.load(Ordering::SeqCst) {
+                return Ok(0);
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.fifo.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: `pfd` is one valid pollfd for the duration of the call.
+            let n = unsafe { libc::poll(&mut pfd, 1, STDIN_STOP_CHECK_MS) };
+            if n < 0 {
+                let err = std::io::Error::last_os_error();
+                if err.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(err);
+            }
+            if n == 0 {
+                continue;
+            }
+            match self.fifo.read(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
+        }
+    }
 }
 
 /// Copies `from` to `to` on a blocking thread until EOF or an error; with
@@ -274,6 +341,44 @@ mod tests {
         assert_eq!(len, f.len() - 6);
         let back = StreamHeader::parse_from_bytes(&f[6..]).unwrap();
         assert_eq!(back.container_id, "c1");
+    }
+
+    /// A stdin FIFO whose writer already came and went (ctr with stdin at EOF) is
+    /// opened at once instead of holding Create; a later writer's bytes and its close
+    /// arrive as data and EOF, and no read mistakes "no writer yet" for EOF.
+    #[test]
+    fn the_stdin_fifo_opens_without_a_writer_and_reads_to_the_real_eof() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("stdin");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let path = fifo.to_string_lossy().into_owned();
+        let opened = rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), open_fifo(&path, false)).await
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut reader = StdinFifo::new(opened.expect("open blocked").unwrap(), stop.clone());
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            let mut w = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+            w.write_all(b"late input").unwrap();
+        });
+        let mut got = Vec::new();
+        reader.read_to_end(&mut got).unwrap();
+        writer.join().unwrap();
+        assert_eq!(got, b"late input");
+
+        // A writer that never comes: the stop request ends the wait as EOF.
+        let path = dir.path().join("stdin2");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let path = path.to_string_lossy().into_owned();
+        let file = rt.block_on(open_fifo(&path, false)).unwrap();
+        let mut reader = StdinFifo::new(file, stop.clone());
+        stop.store(true, Ordering::SeqCst);
+        assert_eq!(reader.read(&mut [0u8; 8]).unwrap(), 0);
     }
 
     /// A stand-in for the VMM and the agent's stdio port: accepts one connection,

@@ -710,6 +710,7 @@ impl Task for TaskService {
                 )
                 .await;
         }
+        tracing::info!(id = %req.id, exec_id = %req.exec_id, pid = resp.pid, "process started");
         // The exit is watched only after the start event went out, so TaskExit can
         // never overtake it.
         tokio::spawn(

@@ -124,7 +124,13 @@ impl Containerd {
     /// `CRX_SHIM_CONFIG`) naming the built guest kernel, initramfs and static crx-vmm,
     /// `hypervisor = "qemu"` (TCG here), a generous agent deadline, plus `extra` lines.
     pub fn start_crx(extra: &str) -> Result<Self> {
-        let config = write_crx_config(extra)?;
+        Self::start_crx_on("qemu", extra)
+    }
+
+    /// [`Containerd::start_crx`] with the shim's `hypervisor` set to `hypervisor`
+    /// (`auto`, `qemu` or `crx-vmm`).
+    pub fn start_crx_on(hypervisor: &str, extra: &str) -> Result<Self> {
+        let config = write_crx_config_on(hypervisor, extra)?;
         let started = Self::start(&[("CRX_SHIM_CONFIG", config.clone().into_os_string())]);
         match started {
             Ok(mut c) => {
@@ -300,9 +306,14 @@ impl Drop for Containerd {
 /// Writes a shim config for the built artifacts (see [`Containerd::start_crx`]);
 /// returns its path (under /tmp, unique).
 pub fn write_crx_config(extra: &str) -> Result<PathBuf> {
+    write_crx_config_on("qemu", extra)
+}
+
+/// [`write_crx_config`] with `hypervisor = "<hypervisor>"`.
+pub fn write_crx_config_on(hypervisor: &str, extra: &str) -> Result<PathBuf> {
     use crate::artifacts;
     let text = format!(
-        "hypervisor = \"qemu\"\nkernel = {:?}\ninitramfs = {:?}\ncrx_vmm = {:?}\nqemu = {:?}\n\
+        "hypervisor = {hypervisor:?}\nkernel = {:?}\ninitramfs = {:?}\ncrx_vmm = {:?}\nqemu = {:?}\n\
          agent_timeout_secs = 120\nlog_level = \"debug\"\n{extra}\n",
         artifacts::guest_kernel()?,
         artifacts::guest_initramfs()?,

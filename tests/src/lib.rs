@@ -3,6 +3,7 @@
 pub mod artifacts;
 pub mod bench;
 pub mod containerd;
+pub mod cri;
 pub mod guest_pod;
 pub mod l1;
 pub mod test_guest;

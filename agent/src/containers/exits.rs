@@ -1,10 +1,12 @@
 //! Exit statuses of the processes the agent started, from the reaper's broadcast. The
 //! reaper is the only caller of `waitpid`, so an exit may be reaped before anyone asks
 //! about the pid (or even before its creator learned the pid): every exit is recorded,
-//! the newest [`MAX_RECORDS`] are kept, and waiters look them up by pid.
+//! the newest [`MAX_RECORDS`] are kept, and waiters look them up by pid. An
+//! [`ExitObserver`] (the event log) hears of each exit before any waiter sees it, and
+//! decides whether it was an OOM kill.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{broadcast, watch};
@@ -21,6 +23,16 @@ pub struct ExitRecord {
     pub status: ChildStatus,
     /// When the reaper saw it, nanoseconds since the Unix epoch.
     pub at_unix_nanos: u64,
+    /// Killed by the OOM killer of its container's cgroup (the observer's verdict).
+    pub oom_killed: bool,
+}
+
+/// Hears of every exit while the table is locked, before waiters can see it. It must
+/// not call back into the table.
+pub trait ExitObserver: Send + Sync {
+    /// `None` for a pid the observer does not follow (it is told of each pid once at
+    /// most); else whether the process was OOM-killed.
+    fn exited(&self, pid: i32, record: &ExitRecord) -> Option<bool>;
 }
 
 #[derive(Default)]
@@ -34,6 +46,7 @@ pub struct ExitTable {
     records: Mutex<Records>,
     /// Bumped on every new record; waiters re-check on change.
     generation: watch::Sender<u64>,
+    observer: OnceLock<Arc<dyn ExitObserver>>,
 }
 
 impl ExitTable {
@@ -42,6 +55,7 @@ impl ExitTable {
         let table = Arc::new(ExitTable {
             records: Mutex::new(Records::default()),
             generation: watch::channel(0).0,
+            observer: OnceLock::new(),
         });
         let weak = Arc::downgrade(&table);
         tokio::spawn(async move {
@@ -68,18 +82,16 @@ impl ExitTable {
         let at_unix_nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        let mut record = ExitRecord {
+            status: exit.status,
+            at_unix_nanos,
+            oom_killed: false,
+        };
         let mut records = self.lock();
-        if records
-            .by_pid
-            .insert(
-                exit.pid,
-                ExitRecord {
-                    status: exit.status,
-                    at_unix_nanos,
-                },
-            )
-            .is_none()
-        {
+        if let Some(oom) = self.observer.get().and_then(|o| o.exited(exit.pid, &record)) {
+            record.oom_killed = oom;
+        }
+        if records.by_pid.insert(exit.pid, record).is_none() {
             records.order.push_back(exit.pid);
         }
         while records.order.len() > MAX_RECORDS {
@@ -112,6 +124,25 @@ impl ExitTable {
                 // The sender lives in `self`: cannot happen while we are borrowed.
                 std::future::pending::<()>().await;
             }
+        }
+    }
+
+    /// Sets the observer (once; later calls are ignored).
+    pub fn set_observer(&self, observer: Arc<dyn ExitObserver>) {
+        let _ = self.observer.set(observer);
+    }
+
+    /// Tells the observer of `pid`'s exit if it was recorded before the observer
+    /// followed the pid (a process that ended before its creator learned its pid).
+    pub fn replay(&self, pid: i32) {
+        let mut records = self.lock();
+        let Some(record) = records.by_pid.get_mut(&pid) else {
+            return;
+        };
+        if let Some(oom) = self.observer.get().and_then(|o| o.exited(pid, record)) {
+            record.oom_killed = oom;
+            drop(records);
+            self.generation.send_modify(|g| *g = g.wrapping_add(1));
         }
     }
 

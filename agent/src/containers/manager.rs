@@ -12,9 +12,12 @@ use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::{Container, ContainerStatus};
 use libcontainer::syscall::syscall::SyscallType;
 
+use super::cgroups;
+use super::events::EventLog;
 use super::exits::{ExitRecord, ExitTable};
 use super::spec::{self, SpecError};
 use super::stdio::{ChildStdio, Declared, ProcessStdio, StdioError, StdioRegistry};
+use super::tty::{self, ConsoleSocket, SizedTerminalExecutor, Terminal, WindowSize};
 
 /// Most containers one agent holds (container.proto).
 pub const MAX_CONTAINERS: usize = 128;
@@ -74,6 +77,8 @@ struct Entry {
     init: Arc<Proc>,
     execs: Mutex<HashMap<String, Arc<Proc>>>,
     bundle: PathBuf,
+    /// The container's cgroup directory (from its spec's cgroupsPath).
+    cgroup: PathBuf,
 }
 
 impl Entry {
@@ -96,6 +101,8 @@ pub struct ContainerManager {
     /// Where each container's config.json is written.
     bundles: PathBuf,
     exits: Arc<ExitTable>,
+    /// Exits and OOM kills for GetEvents; the exit table's observer.
+    events: Arc<EventLog>,
     /// Enter rootfs with MS_MOVE + chroot instead of pivot_root (see [`root_is_initramfs`]).
     no_pivot: bool,
     /// `None` while the id is being created.
@@ -122,7 +129,10 @@ async fn blocking<T: Send + 'static>(
 impl ContainerManager {
     /// Containers kept under `state_dir` (`containers/` for libcontainer, `bundles/`).
     pub fn new(state_dir: &std::path::Path, exits: Arc<ExitTable>) -> ContainerManager {
+        let events = EventLog::spawn();
+        exits.set_observer(events.clone());
         ContainerManager {
+            events,
             root: state_dir.join("containers"),
             bundles: state_dir.join("bundles"),
             exits,
@@ -189,6 +199,9 @@ impl ContainerManager {
         match result {
             Ok(entry) => {
                 let pid = entry.init.pid();
+                self.events.add_container(id, entry.cgroup.clone());
+                self.events.follow_pid(pid, id, "");
+                self.exits.replay(pid);
                 map.insert(id.to_owned(), Some(Arc::new(entry)));
                 Ok(pid)
             }
@@ -207,6 +220,20 @@ impl ContainerManager {
         declared: Declared,
     ) -> Result<Entry, ManagerError> {
         let spec = spec::prepare(id, raw_spec, rootfs)?;
+        check_terminal(spec.process().as_ref().and_then(|p| p.terminal()), declared)?;
+        let cgroup = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.cgroups_path().clone())
+            .map(|p| cgroups::cgroup_dir(std::path::Path::new(cgroups::CGROUP_ROOT), &p))
+            .transpose()
+            .map_err(|e| ManagerError::Invalid(e.to_string()))?
+            // spec::prepare always sets one; this is where it puts it.
+            .unwrap_or_else(|| {
+                std::path::Path::new(cgroups::CGROUP_ROOT)
+                    .join(cgroups::POD_CGROUP_NAME)
+                    .join(id)
+            });
         let bundle = self.bundles.join(id);
         spec::write_bundle(&bundle, &spec)?;
         let (stdio, child) = match ProcessStdio::new(declared) {
@@ -216,23 +243,37 @@ impl ContainerManager {
                 return Err(e.into());
             }
         };
+        let console = match open_console(&child, &self.consoles()) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&bundle);
+                return Err(e);
+            }
+        };
         let root = self.root.clone();
         let no_pivot = self.no_pivot;
-        let (job_id, job_bundle) = (id.to_owned(), bundle.clone());
+        let (job_id, job_bundle, job_stdio) = (id.to_owned(), bundle.clone(), stdio.clone());
         let built = blocking("create the container", move || {
             std::fs::create_dir_all(&root).map_err(|e| runtime_err("create the state root", e))?;
-            let container = ContainerBuilder::new(job_id.clone(), SyscallType::default())
+            let console_build = console.as_ref().map(|_| tty::console_build_lock());
+            let builder = ContainerBuilder::new(job_id.clone(), SyscallType::default())
                 .with_root_path(&root)
-                .map_err(|e| runtime_err("libcontainer state root", e))?
-                .with_stdin(child.stdin)
-                .with_stdout(child.stdout)
-                .with_stderr(child.stderr)
+                .map_err(|e| runtime_err("libcontainer state root", e))?;
+            let container = give_stdio(builder, child, console.as_ref())
                 .as_init(&job_bundle)
                 .with_systemd(false)
                 .with_detach(true)
                 .with_no_pivot(no_pivot)
-                .build();
-            match container {
+                .build()
+                .map_err(|e| {
+                    runtime_err(
+                        "libcontainer could not create the container",
+                        error_chain(&e),
+                    )
+                });
+            drop(console_build);
+            // The init made its pty before it reported ready: the master is waiting.
+            match container.and_then(|c| take_master(console.as_ref(), &job_stdio).map(|()| c)) {
                 Ok(c) => Ok(c),
                 Err(e) => {
                     // Whatever state libcontainer left for the id would block a retry.
@@ -241,10 +282,7 @@ impl ContainerManager {
                         let _ = c.delete(true);
                     }
                     let _ = std::fs::remove_dir_all(&state);
-                    Err(runtime_err(
-                        "libcontainer could not create the container",
-                        error_chain(&e),
-                    ))
+                    Err(e)
                 }
             }
         })
@@ -268,6 +306,7 @@ impl ContainerManager {
             }),
             execs: Mutex::new(HashMap::new()),
             bundle,
+            cgroup,
         })
     }
 
@@ -298,15 +337,22 @@ impl ContainerManager {
                 )));
             };
             let (root, cid, json) = (self.root.clone(), id.to_owned(), process_json.clone());
+            let console =
+                open_console(&child, &self.consoles()).inspect_err(|_| proc.stdio.abandon())?;
+            let size = proc.stdio.terminal().and_then(Terminal::size);
+            let job_stdio = proc.stdio.clone();
             // The tenant builder joins the init's namespaces and cgroup and runs the
             // program at once: created-but-not-started lives here, in the agent.
             let pid = blocking("start the exec process", move || {
-                ContainerBuilder::new(cid, SyscallType::default())
+                let console_build = console.as_ref().map(|_| tty::console_build_lock());
+                let builder = ContainerBuilder::new(cid, SyscallType::default())
                     .with_root_path(&root)
-                    .map_err(|e| runtime_err("libcontainer state root", e))?
-                    .with_stdin(child.stdin)
-                    .with_stdout(child.stdout)
-                    .with_stderr(child.stderr)
+                    .map_err(|e| runtime_err("libcontainer state root", e))?;
+                let mut builder = give_stdio(builder, child, console.as_ref());
+                if console.is_some() {
+                    builder = builder.with_executor(SizedTerminalExecutor { size });
+                }
+                let pid = builder
                     .as_tenant()
                     .with_process(Some(json))
                     .with_detach(true)
@@ -316,9 +362,21 @@ impl ContainerManager {
                             "libcontainer could not start the exec process",
                             error_chain(&e),
                         )
-                    })
+                    })?;
+                drop(console_build);
+                if let Err(e) = take_master(console.as_ref(), &job_stdio) {
+                    // Nobody could see or feed it: it must not run on unattended.
+                    // SAFETY: kill takes plain integers; the pid is the agent's child,
+                    // started just now.
+                    unsafe { libc::kill(pid.as_raw(), libc::SIGKILL) };
+                    return Err(e);
+                }
+                Ok(pid)
             })
-            .await?;
+            .await
+            .inspect_err(|_| proc.stdio.abandon())?;
+            self.events.follow_pid(pid.as_raw(), id, exec_id);
+            self.exits.replay(pid.as_raw());
             proc.pid.store(pid.as_raw(), Ordering::Release);
             tracing::info!(
                 container = id,
@@ -354,6 +412,7 @@ impl ContainerManager {
     ) -> Result<(), ManagerError> {
         spec::check_id("exec id", exec_id)?;
         let process = spec::prepare_process(raw_process)?;
+        check_terminal(process.terminal(), declared)?;
         let entry = self.entry(id)?;
         let init = &entry.init;
         if !init.started.load(Ordering::Acquire) || self.exits.get(init.pid()).is_some() {
@@ -507,6 +566,7 @@ impl ContainerManager {
             Ok(()) => {
                 map.remove(id);
                 drop(map);
+                self.events.remove_container(id);
                 let _ = std::fs::remove_dir_all(&entry.bundle);
                 self.exits.forget(init.pid());
                 for exec in entry.execs().values() {
@@ -521,6 +581,132 @@ impl ContainerManager {
             }
         }
     }
+}
+
+impl ContainerManager {
+    /// Ids of every container held (DestroySandbox stops and removes them all).
+    pub fn ids(&self) -> Vec<String> {
+        self.map().keys().cloned().collect()
+    }
+}
+
+/// cgroup hooks (cgroups.rs, events.rs): where a container's cgroup is, whose pids are
+/// whose, and the event log.
+impl ContainerManager {
+    /// The cgroup directory of container `id`.
+    pub fn cgroup_dir(&self, id: &str) -> Result<PathBuf, ManagerError> {
+        Ok(self.entry(id)?.cgroup.clone())
+    }
+
+    /// The started processes of container `id`: (pid, exec id), "" for the init.
+    pub fn process_pids(&self, id: &str) -> Result<Vec<(i32, String)>, ManagerError> {
+        let entry = self.entry(id)?;
+        let mut pids = vec![(entry.init.pid(), String::new())];
+        pids.extend(
+            entry
+                .execs()
+                .iter()
+                .map(|(exec_id, p)| (p.pid(), exec_id.clone()))
+                .filter(|(pid, _)| *pid > 0),
+        );
+        Ok(pids)
+    }
+
+    /// Exits and OOM kills of the pod's containers.
+    pub fn events(&self) -> &Arc<EventLog> {
+        &self.events
+    }
+}
+
+/// Terminals (tty.rs): the console sockets and ResizeTty.
+impl ContainerManager {
+    /// Where console sockets are made (short paths: a socket path has 108 bytes).
+    fn consoles(&self) -> PathBuf {
+        self.root.with_file_name("consoles")
+    }
+
+    /// Sets the window size of a process's terminal (before or after it started).
+    pub fn resize_tty(
+        &self,
+        id: &str,
+        exec_id: &str,
+        rows: u32,
+        cols: u32,
+    ) -> Result<(), ManagerError> {
+        let size = WindowSize::new(rows, cols).map_err(|e| ManagerError::Invalid(e.to_string()))?;
+        let (_entry, proc) = self.process(id, exec_id)?;
+        let Some(terminal) = proc.stdio.terminal() else {
+            return Err(ManagerError::Precondition(format!(
+                "process ({id:?}, {exec_id:?}) has no terminal"
+            )));
+        };
+        terminal
+            .resize(size)
+            .map_err(|e| runtime_err("ResizeTty", error_chain(&e)))
+    }
+}
+
+/// How long a process has to hand over its pty master once it was built.
+const MASTER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The declared streams must agree with each other and with the spec's
+/// `process.terminal` (the shim derives both from one containerd request).
+fn check_terminal(spec_terminal: Option<bool>, declared: Declared) -> Result<(), ManagerError> {
+    declared
+        .check()
+        .map_err(|e| ManagerError::Invalid(e.to_string()))?;
+    let spec_terminal = spec_terminal.unwrap_or(false);
+    if spec_terminal != declared.terminal {
+        return Err(ManagerError::Invalid(format!(
+            "process.terminal is {spec_terminal} but StdioSpec.terminal is {}",
+            declared.terminal
+        )));
+    }
+    Ok(())
+}
+
+/// A console socket for a process with a terminal.
+fn open_console(
+    child: &ChildStdio,
+    dir: &std::path::Path,
+) -> Result<Option<ConsoleSocket>, ManagerError> {
+    match child {
+        ChildStdio::Terminal => ConsoleSocket::bind(dir)
+            .map(Some)
+            .map_err(|e| runtime_err("the process's terminal", error_chain(&e))),
+        ChildStdio::Pipes { .. } => Ok(None),
+    }
+}
+
+/// Gives the process its pipes, or libcontainer the console socket to send its pty to.
+fn give_stdio(
+    builder: ContainerBuilder,
+    child: ChildStdio,
+    console: Option<&ConsoleSocket>,
+) -> ContainerBuilder {
+    match child {
+        ChildStdio::Pipes {
+            stdin,
+            stdout,
+            stderr,
+        } => builder
+            .with_stdin(stdin)
+            .with_stdout(stdout)
+            .with_stderr(stderr),
+        ChildStdio::Terminal => builder.with_console_socket(console.map(ConsoleSocket::path)),
+    }
+}
+
+/// Receives the built process's pty master into its stdio.
+fn take_master(console: Option<&ConsoleSocket>, stdio: &ProcessStdio) -> Result<(), ManagerError> {
+    let Some(console) = console else {
+        return Ok(());
+    };
+    let master = console
+        .receive_master(MASTER_TIMEOUT)
+        .map_err(|e| runtime_err("the process's terminal", error_chain(&e)))?;
+    stdio.set_master(master)?;
+    Ok(())
 }
 
 impl StdioRegistry for ContainerManager {

@@ -4,10 +4,13 @@
 //! linked libseccomp really enforces a profile, so a broken link shows as a logged
 //! failure instead of containers that silently run unfiltered.
 
+pub mod cgroups;
+pub mod events;
 pub mod exits;
 pub mod manager;
 pub mod spec;
 pub mod stdio;
+pub mod tty;
 
 use libcontainer::oci_spec::runtime::{
     LinuxSeccompAction, LinuxSeccompBuilder, LinuxSyscallBuilder,

@@ -1,11 +1,17 @@
 //! Turns the OCI spec a CreateContainer request carries into the bundle libcontainer
 //! builds from: bounded, parsed, checked and normalised (rootfs from the request,
 //! libcontainer's `noNewPrivileges: false` quirk removed, a cgroup path under the
-//! pod's cgroup when the spec names none, no terminal until ttys exist).
+//! pod's cgroup when the spec names none, and — once
+//! CreateSandbox made the pod — the pod's UTS, IPC and network namespaces (and its PID
+//! namespace when shared) joined by path instead of the spec's hostname).
 
 use std::path::{Path, PathBuf};
 
-use libcontainer::oci_spec::runtime::{Process, RootBuilder, Spec};
+use libcontainer::oci_spec::runtime::{
+    LinuxNamespace, LinuxNamespaceBuilder, LinuxNamespaceType, Process, RootBuilder, Spec,
+};
+
+use crate::sandbox::PodNamespaces;
 
 /// Largest accepted `oci_spec` (container.proto).
 pub const MAX_SPEC_BYTES: usize = 1 << 20;
@@ -107,7 +113,47 @@ pub fn prepare(id: &str, raw: &[u8], rootfs: &str) -> Result<Spec, SpecError> {
         linux.set_cgroups_path(Some(PathBuf::from(format!("{POD_CGROUP}/{id}"))));
     }
     spec.set_linux(Some(linux));
+    if let Some(pod) = crate::sandbox::current() {
+        join_pod(&mut spec, &pod.namespaces)?;
+    }
     Ok(spec)
+}
+
+/// Puts the container into the pod's namespaces: UTS, IPC and network always, PID when
+/// the pod shares one. The spec's own hostname goes: the pod's UTS namespace has the
+/// pod's, and setting another there would rename every container of the pod.
+pub fn join_pod(spec: &mut Spec, pod: &PodNamespaces) -> Result<(), SpecError> {
+    let mut joined: Vec<(LinuxNamespaceType, &Path)> = vec![
+        (LinuxNamespaceType::Uts, &pod.uts),
+        (LinuxNamespaceType::Ipc, &pod.ipc),
+        (LinuxNamespaceType::Network, &pod.net),
+    ];
+    if let Some(pid) = &pod.pid {
+        joined.push((LinuxNamespaceType::Pid, pid));
+    }
+    let Some(mut linux) = spec.linux().clone() else {
+        return Err(SpecError::Unsupported("no linux section".into()));
+    };
+    let mut namespaces: Vec<LinuxNamespace> = linux
+        .namespaces()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|ns| !joined.iter().any(|(typ, _)| *typ == ns.typ()))
+        .collect();
+    for (typ, path) in joined {
+        namespaces.push(
+            LinuxNamespaceBuilder::default()
+                .typ(typ)
+                .path(path)
+                .build()
+                .map_err(|e| SpecError::Unsupported(e.to_string()))?,
+        );
+    }
+    linux.set_namespaces(Some(namespaces));
+    spec.set_linux(Some(linux));
+    spec.set_hostname(None);
+    Ok(())
 }
 
 /// Checks what the agent cannot run and removes libcontainer 0.7's
@@ -117,11 +163,6 @@ pub fn prepare(id: &str, raw: &[u8], rootfs: &str) -> Result<Spec, SpecError> {
 fn normalise_process(mut process: Process) -> Result<Process, SpecError> {
     if process.args().as_ref().is_none_or(|a| a.is_empty()) {
         return Err(SpecError::Unsupported("process.args is empty".into()));
-    }
-    if process.terminal() == Some(true) {
-        return Err(SpecError::Unsupported(
-            "process.terminal is not supported by this agent yet".into(),
-        ));
     }
     if process.no_new_privileges() == Some(false) {
         process.set_no_new_privileges(None);
@@ -198,15 +239,57 @@ mod tests {
             prepare("c", minimal("").as_bytes(), "relative"),
             Err(SpecError::Rootfs(_))
         ));
-        assert!(matches!(
-            prepare("c", minimal(r#","terminal":true"#).as_bytes(), "/"),
-            Err(SpecError::Unsupported(_))
-        ));
         let no_args = r#"{"ociVersion":"1.0.2","process":{"args":[],"cwd":"/","user":{"uid":0,"gid":0}},"linux":{}}"#;
         assert!(matches!(
             prepare("c", no_args.as_bytes(), "/"),
             Err(SpecError::Unsupported(_))
         ));
+    }
+
+    #[test]
+    fn joins_the_pods_namespaces_and_drops_the_hostname() {
+        let raw = r#"{"ociVersion":"1.0.2","hostname":"own","process":{"args":["true"],"cwd":"/","user":{"uid":0,"gid":0}},
+            "linux":{"namespaces":[{"type":"pid"},{"type":"mount"},{"type":"uts"},{"type":"ipc"},{"type":"network"}]}}"#;
+        let mut spec: Spec = serde_json::from_str(raw).unwrap();
+        let pod = PodNamespaces {
+            uts: "/proc/7/ns/uts".into(),
+            ipc: "/proc/7/ns/ipc".into(),
+            net: "/proc/7/ns/net".into(),
+            pid: None,
+        };
+        join_pod(&mut spec, &pod).unwrap();
+        assert_eq!(spec.hostname(), &None);
+        let namespaces = spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
+        let path_of = |typ| {
+            let found: Vec<_> = namespaces.iter().filter(|n| n.typ() == typ).collect();
+            assert_eq!(found.len(), 1, "{typ:?} once");
+            found[0].path().clone()
+        };
+        assert_eq!(
+            path_of(LinuxNamespaceType::Uts),
+            Some(PathBuf::from("/proc/7/ns/uts"))
+        );
+        assert_eq!(
+            path_of(LinuxNamespaceType::Ipc),
+            Some(PathBuf::from("/proc/7/ns/ipc"))
+        );
+        assert_eq!(
+            path_of(LinuxNamespaceType::Network),
+            Some(PathBuf::from("/proc/7/ns/net"))
+        );
+        // Not shared: the container keeps a PID namespace of its own.
+        assert_eq!(path_of(LinuxNamespaceType::Pid), None);
+        assert_eq!(path_of(LinuxNamespaceType::Mount), None);
+
+        let shared = PodNamespaces {
+            pid: Some("/proc/7/ns/pid".into()),
+            ..pod
+        };
+        join_pod(&mut spec, &shared).unwrap();
+        let namespaces = spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
+        assert!(namespaces.iter().any(|n| n.typ() == LinuxNamespaceType::Pid
+            && n.path().as_deref() == Some(Path::new("/proc/7/ns/pid"))));
+        assert_eq!(namespaces.len(), 5);
     }
 
     #[test]

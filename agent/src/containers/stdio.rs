@@ -1,8 +1,8 @@
 //! Process stdio as separate connections (stdio.proto): the listener on the stdio port
 //! (vsock 1026 in a VM, a Unix socket in host mode), the "CRXS" handshake, and the
-//! pipes between a process and its attached streams. Each attached stream is copied by
-//! its own thread with blocking I/O, so the process is slowed to the host's pace and
-//! nothing is buffered without bound.
+//! pipes (or the pty) between a process and its attached streams. Each attached stream
+//! is copied by its own thread with blocking I/O and one fixed buffer, so the process is
+//! slowed to the host's pace and nothing is buffered without bound.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -20,6 +20,8 @@ use nix::fcntl::OFlag;
 use protobuf::Message as _;
 use tokio::sync::watch;
 
+use super::tty::{self, Terminal};
+
 /// The handshake's magic.
 const MAGIC: &[u8; 4] = b"CRXS";
 /// Longest header or reply.
@@ -28,6 +30,8 @@ const MAX_FRAME: usize = 512;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections being handshaken or copied at once; more are closed at once.
 const MAX_CONNECTIONS: usize = 4096;
+/// Buffer of one stream copier: the most the agent holds of a stream at a time.
+const COPY_BUFFER: usize = 64 << 10;
 
 /// Where the stdio listener listens.
 #[derive(Clone, Debug)]
@@ -60,6 +64,12 @@ pub enum StdioError {
     /// Pipes or /dev/null for a process could not be made.
     #[error("cannot make the process's stdio pipes")]
     Pipes(#[source] io::Error),
+    /// The declared streams contradict each other.
+    #[error("{0}")]
+    Declared(String),
+    /// The process's pty master could not be kept.
+    #[error("cannot keep the pty master")]
+    Master(#[source] io::Error),
 }
 
 /// One accepted stream connection.
@@ -122,31 +132,52 @@ pub trait StdioRegistry: Send + Sync + 'static {
     fn find(&self, container_id: &str, exec_id: &str) -> Option<Arc<ProcessStdio>>;
 }
 
-/// Which streams a process declared.
+/// Which streams a process declared. With `terminal` the process has a pty and one
+/// TTY stream; `stdin` then says whether the host's input on it reaches the pty.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Declared {
     pub stdin: bool,
     pub stdout: bool,
     pub stderr: bool,
+    pub terminal: bool,
 }
 
 const STDIN_BIT: u8 = 1;
 const STDOUT_BIT: u8 = 2;
 const STDERR_BIT: u8 = 4;
+const TTY_BIT: u8 = 8;
 
 impl Declared {
+    /// A terminal's output is the TTY stream: stdout and stderr cannot be declared too.
+    pub fn check(self) -> Result<(), StdioError> {
+        if self.terminal && (self.stdout || self.stderr) {
+            return Err(StdioError::Declared(
+                "a process with a terminal has one TTY stream: stdout and stderr must not be declared".into(),
+            ));
+        }
+        Ok(())
+    }
+
     fn mask(self) -> u8 {
+        if self.terminal {
+            return TTY_BIT;
+        }
         (if self.stdin { STDIN_BIT } else { 0 })
             | (if self.stdout { STDOUT_BIT } else { 0 })
             | (if self.stderr { STDERR_BIT } else { 0 })
     }
 }
 
-/// The process's ends of its stdio, handed to libcontainer.
-pub struct ChildStdio {
-    pub stdin: OwnedFd,
-    pub stdout: OwnedFd,
-    pub stderr: OwnedFd,
+/// The process's side of its stdio, handed to libcontainer.
+pub enum ChildStdio {
+    /// Pipes (/dev/null for undeclared streams) for fds 0-2.
+    Pipes {
+        stdin: OwnedFd,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+    },
+    /// libcontainer makes a pty and passes its master back (see `tty`).
+    Terminal,
 }
 
 #[derive(Default)]
@@ -156,24 +187,41 @@ struct Ends {
     /// Read ends of the output pipes, until attached.
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
-    /// The attached stdin connection, kept to end it on CloseStdin.
+    /// The connection carrying stdin (the STDIN or TTY stream), kept to end it on
+    /// CloseStdin.
     stdin_conn: Option<Conn>,
     /// CloseStdin came.
     stdin_closed: bool,
+    /// The attached TTY stream, until the pty master arrives (an exec's pty exists only
+    /// once it is started).
+    tty_conn: Option<Conn>,
 }
 
 /// The agent's side of one process's stdio.
 pub struct ProcessStdio {
     declared: Declared,
     ends: Mutex<Ends>,
-    /// Bit mask of the attached streams.
+    /// Bit mask of the attached streams (and of a stdin closed before it was attached).
     attached: watch::Sender<u8>,
+    /// With a declared terminal: its master and window size.
+    terminal: Option<Terminal>,
 }
 
 impl ProcessStdio {
     /// Pipes for the declared streams (/dev/null for the others): the agent's ends stay
-    /// here until attached, the process's ends are returned.
+    /// here until attached, the process's ends are returned. A terminal needs none: its
+    /// master comes later ([`ProcessStdio::set_master`]).
     pub fn new(declared: Declared) -> Result<(Arc<ProcessStdio>, ChildStdio), StdioError> {
+        declared.check()?;
+        if declared.terminal {
+            let me = Arc::new(ProcessStdio {
+                declared,
+                ends: Mutex::new(Ends::default()),
+                attached: watch::channel(0).0,
+                terminal: Some(Terminal::default()),
+            });
+            return Ok((me, ChildStdio::Terminal));
+        }
         let null_in = || File::open("/dev/null").map(OwnedFd::from);
         let null_out = || {
             File::options()
@@ -205,15 +253,49 @@ impl ProcessStdio {
             declared,
             ends: Mutex::new(ends),
             attached: watch::channel(0).0,
+            terminal: None,
         });
         Ok((
             me,
-            ChildStdio {
+            ChildStdio::Pipes {
                 stdin,
                 stdout,
                 stderr,
             },
         ))
+    }
+
+    /// The process's terminal, if it declared one.
+    pub fn terminal(&self) -> Option<&Terminal> {
+        self.terminal.as_ref()
+    }
+
+    /// Takes the pty master libcontainer passed back; starts copying if the TTY stream
+    /// is already attached.
+    pub fn set_master(&self, master: OwnedFd) -> Result<(), StdioError> {
+        let Some(terminal) = &self.terminal else {
+            return Err(StdioError::Master(io::Error::other(
+                "the process declared no terminal",
+            )));
+        };
+        let copy = terminal.set_master(master).map_err(StdioError::Master)?;
+        let mut ends = self.lock();
+        if let Some(conn) = ends.tty_conn.take() {
+            let input = self.declared.stdin && !ends.stdin_closed;
+            drop(ends);
+            spawn_tty_copiers(conn, copy, input);
+        }
+        Ok(())
+    }
+
+    /// The process could not be started: an attached TTY stream waiting for its master
+    /// gets EOF instead of waiting for ever.
+    pub fn abandon(&self) {
+        let mut ends = self.lock();
+        if let Some(conn) = ends.tty_conn.take() {
+            let _ = conn.shutdown(Shutdown::Both);
+        }
+        ends.stdin_conn = None;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Ends> {
@@ -236,6 +318,7 @@ impl ProcessStdio {
                     (STDIN_BIT, "stdin"),
                     (STDOUT_BIT, "stdout"),
                     (STDERR_BIT, "stderr"),
+                    (TTY_BIT, "tty"),
                 ]
                 .into_iter()
                 .filter(|(bit, _)| want & bit != 0 && got & bit == 0)
@@ -246,35 +329,52 @@ impl ProcessStdio {
         }
     }
 
-    /// Gives the program EOF on stdin, attached or not.
+    /// Gives the program EOF on stdin, attached or not. A stdin never attached no longer
+    /// holds up the start. On a terminal the host's input stops and the terminal's EOF
+    /// character is sent (see [`tty::send_eof`]).
     pub fn close_stdin(&self) {
         let mut ends = self.lock();
         ends.stdin_closed = true;
         ends.stdin = None;
         if let Some(conn) = ends.stdin_conn.take() {
-            // Wakes the copier's read with EOF; it then closes the pipe.
+            // Wakes the copier's read with EOF; it then closes the pipe (or sends the
+            // terminal's EOF).
             let _ = conn.shutdown(Shutdown::Read);
+        }
+        drop(ends);
+        if !self.declared.terminal && self.declared.stdin {
+            self.attached.send_modify(|m| *m |= STDIN_BIT);
         }
     }
 
     /// Takes the agent's end of stream `kind` for a new connection.
-    fn claim(&self, kind: StreamKind) -> Result<(OwnedFd, u8), String> {
+    fn claim(&self, kind: StreamKind) -> Result<(Option<OwnedFd>, u8), String> {
         let (declared, bit) = match kind {
             StreamKind::STREAM_KIND_STDIN => (self.declared.stdin, STDIN_BIT),
             StreamKind::STREAM_KIND_STDOUT => (self.declared.stdout, STDOUT_BIT),
             StreamKind::STREAM_KIND_STDERR => (self.declared.stderr, STDERR_BIT),
-            StreamKind::STREAM_KIND_TTY => return Err("this process has no terminal".into()),
+            StreamKind::STREAM_KIND_TTY => (self.declared.terminal, TTY_BIT),
             StreamKind::STREAM_KIND_UNSPECIFIED => return Err("stream kind unspecified".into()),
         };
+        if self.declared.terminal && bit != TTY_BIT {
+            return Err(format!(
+                "the process has a terminal: its one stream is STREAM_KIND_TTY, not {kind:?}"
+            ));
+        }
         if !declared {
             return Err(format!("the process did not declare {kind:?}"));
-        }
-        if *self.attached.borrow() & bit != 0 {
-            return Err(format!("{kind:?} is already attached"));
         }
         let mut ends = self.lock();
         if bit == STDIN_BIT && ends.stdin_closed {
             return Err("stdin was closed (CloseStdin)".into());
+        }
+        if *self.attached.borrow() & bit != 0 {
+            return Err(format!("{kind:?} is already attached"));
+        }
+        if bit == TTY_BIT {
+            // The bit is set under this lock by the claimer: a second claim sees it.
+            self.attached.send_modify(|m| *m |= TTY_BIT);
+            return Ok((None, bit));
         }
         let slot = match bit {
             STDIN_BIT => &mut ends.stdin,
@@ -282,8 +382,34 @@ impl ProcessStdio {
             _ => &mut ends.stderr,
         };
         slot.take()
-            .map(|fd| (fd, bit))
+            .map(|fd| (Some(fd), bit))
             .ok_or_else(|| format!("{kind:?} is already attached"))
+    }
+
+    /// Serves an accepted TTY stream: copies at once if the master is here, else keeps
+    /// the connection for [`ProcessStdio::set_master`].
+    fn attach_tty(&self, conn: Conn) {
+        let mut ends = self.lock();
+        let input = self.declared.stdin && !ends.stdin_closed;
+        if input {
+            match conn.try_clone() {
+                Ok(clone) => ends.stdin_conn = Some(clone),
+                Err(e) => tracing::warn!(error = %e, "CloseStdin will not interrupt this stream"),
+            }
+        }
+        let master = self.terminal.as_ref().map(Terminal::master);
+        match master {
+            Some(Ok(Some(master))) => {
+                drop(ends);
+                spawn_tty_copiers(conn, master, input);
+            }
+            Some(Ok(None)) => ends.tty_conn = Some(conn),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "cannot copy the pty master; closing the TTY stream");
+                let _ = conn.shutdown(Shutdown::Both);
+            }
+            None => {}
+        }
     }
 }
 
@@ -357,7 +483,7 @@ fn accept_loop(
 }
 
 /// Reads and checks the header of a new connection.
-fn read_header(conn: &mut Conn) -> Result<StreamHeader, String> {
+pub(crate) fn read_header(conn: &mut impl Read) -> Result<StreamHeader, String> {
     let mut magic = [0u8; 4];
     conn.read_exact(&mut magic)
         .map_err(|e| format!("no header: {e}"))?;
@@ -377,12 +503,18 @@ fn read_header(conn: &mut Conn) -> Result<StreamHeader, String> {
     StreamHeader::parse_from_bytes(&body).map_err(|e| format!("malformed header: {e}"))
 }
 
-fn reply(conn: &mut Conn, error: Option<&str>) -> io::Result<()> {
+pub(crate) fn reply(conn: &mut impl Write, error: Option<&str>) -> io::Result<()> {
     let mut accept = StreamAccept::new();
     accept.accepted = error.is_none();
     if let Some(e) = error {
-        // Keep the reply within the frame limit whatever the cause's length.
-        accept.error = e.chars().take(400).collect();
+        // Keep the reply within the frame limit whatever the cause's length: 400 bytes
+        // (not characters: multi-byte ones made 400 of them overflow the frame), cut
+        // at a character boundary.
+        let mut end = e.len().min(400);
+        while !e.is_char_boundary(end) {
+            end -= 1;
+        }
+        accept.error = e[..end].to_owned();
     }
     let body = accept.write_to_bytes().map_err(io::Error::other)?;
     let len = u16::try_from(body.len()).map_err(io::Error::other)?;
@@ -425,6 +557,10 @@ fn serve(mut conn: Conn, registry: &dyn StdioRegistry) {
         return;
     }
     tracing::debug!(container = %header.container_id, exec = %header.exec_id, ?kind, "stream attached");
+    let Some(fd) = fd else {
+        stdio.attach_tty(conn);
+        return;
+    };
     if bit == STDIN_BIT {
         match conn.try_clone() {
             Ok(clone) => {
@@ -443,14 +579,89 @@ fn serve(mut conn: Conn, registry: &dyn StdioRegistry) {
     if bit == STDIN_BIT {
         // Ends when the host closes its side (or CloseStdin shuts ours); dropping the
         // pipe then gives the program EOF.
-        if let Err(e) = io::copy(&mut conn, &mut pipe) {
+        if let Err(e) = pump(&mut conn, &mut pipe) {
             tracing::debug!(error = %e, "stdin stream ended");
         }
     } else {
         // EOF on the pipe means every writer closed it: all output is through.
-        if let Err(e) = io::copy(&mut pipe, &mut conn) {
+        if let Err(e) = pump(&mut pipe, &mut conn) {
             tracing::debug!(error = %e, "output stream ended early");
         }
         let _ = conn.shutdown(Shutdown::Write);
+    }
+}
+
+/// Copies until EOF through one fixed buffer: a slow reader stalls the writer instead
+/// of growing a queue.
+fn pump(from: &mut impl Read, to: &mut impl Write) -> io::Result<u64> {
+    let mut buf = vec![0u8; COPY_BUFFER];
+    let mut total = 0u64;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+}
+
+/// Reads a pty master, ending cleanly where the process's side is gone: Linux answers
+/// EIO once no slave descriptor is open.
+struct MasterReader(File);
+
+impl Read for MasterReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.0.read(buf) {
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => Ok(0),
+            other => other,
+        }
+    }
+}
+
+/// Copies a TTY stream both ways on two threads: the pty's output to the host until
+/// the process's side is gone (then EOF to the host), and, with `input`, the host's
+/// bytes into the pty until the host stops sending (or CloseStdin), then the
+/// terminal's EOF character.
+fn spawn_tty_copiers(conn: Conn, master: OwnedFd, input: bool) {
+    let to_process = if input {
+        match (conn.try_clone(), master.try_clone()) {
+            (Ok(c), Ok(m)) => Some((c, m)),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(error = %e, "cannot copy the TTY stream's input");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    if let Some((mut from_host, master_in)) = to_process {
+        let spawned = std::thread::Builder::new()
+            .name("stdio-tty-in".into())
+            .spawn(move || {
+                let mut pty = File::from(master_in);
+                if let Err(e) = pump(&mut from_host, &mut pty) {
+                    tracing::debug!(error = %e, "tty input ended");
+                }
+                tty::send_eof(&OwnedFd::from(pty));
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the tty input thread");
+        }
+    }
+    let spawned = std::thread::Builder::new()
+        .name("stdio-tty-out".into())
+        .spawn(move || {
+            let mut conn = conn;
+            let mut pty = MasterReader(File::from(master));
+            if let Err(e) = pump(&mut pty, &mut conn) {
+                tracing::debug!(error = %e, "tty output ended early");
+            }
+            let _ = conn.shutdown(Shutdown::Write);
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the tty output thread");
     }
 }

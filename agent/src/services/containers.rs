@@ -10,8 +10,8 @@ use crx_protocols::v1::container::*;
 use crx_protocols::v1::container_ttrpc::Containers;
 use ttrpc::r#async::TtrpcContext;
 
-use super::drafts::unimplemented;
 use super::AgentState;
+use crate::containers::cgroups::{self, CgroupError};
 use crate::containers::manager::{ContainerManager, ManagerError};
 use crate::containers::spec::SpecError;
 use crate::containers::stdio::Declared;
@@ -77,16 +77,11 @@ fn declared(stdio: Option<&StdioSpec>) -> ttrpc::Result<Declared> {
     let Some(s) = stdio else {
         return Ok(Declared::default());
     };
-    if s.terminal {
-        return Err(status_of(
-            ttrpc::Code::UNIMPLEMENTED,
-            "StdioSpec.terminal: terminals are not implemented by this agent yet",
-        ));
-    }
     Ok(Declared {
         stdin: s.stdin,
         stdout: s.stdout,
         stderr: s.stderr,
+        terminal: s.terminal,
     })
 }
 
@@ -202,6 +197,7 @@ impl Containers for ContainersService {
             ChildStatus::Exited(_) => 0,
         };
         exit.exited_at_unix_nanos = end.exit.at_unix_nanos;
+        exit.oom_killed = end.exit.oom_killed;
         let mut resp = WaitProcessResponse::new();
         resp.exit = Some(exit).into();
         Ok(resp)
@@ -210,9 +206,12 @@ impl Containers for ContainersService {
     async fn resize_tty(
         &self,
         _ctx: &TtrpcContext,
-        _req: ResizeTtyRequest,
+        req: ResizeTtyRequest,
     ) -> ttrpc::Result<ResizeTtyResponse> {
-        unimplemented("Containers.ResizeTty")
+        self.manager()?
+            .resize_tty(&req.container_id, &req.exec_id, req.rows, req.cols)
+            .map_err(|e| status(&e))?;
+        Ok(ResizeTtyResponse::new())
     }
 
     async fn close_stdin(
@@ -243,50 +242,131 @@ impl Containers for ContainersService {
     async fn update_container(
         &self,
         _ctx: &TtrpcContext,
-        _req: UpdateContainerRequest,
+        req: UpdateContainerRequest,
     ) -> ttrpc::Result<UpdateContainerResponse> {
-        unimplemented("Containers.UpdateContainer")
+        let dir = self.cgroup_of(&req.container_id)?;
+        let resources = cgroups::parse_resources(&req.linux_resources).map_err(|e| cgroup_status(&e))?;
+        let container = req.container_id.clone();
+        tokio::task::spawn_blocking(move || cgroups::apply(&dir, &resources))
+            .await
+            .map_err(|e| status_of(ttrpc::Code::INTERNAL, e.to_string()))?
+            .map_err(|e| {
+                tracing::warn!(%container, error = %error_chain(&e), "UpdateContainer failed");
+                cgroup_status(&e)
+            })?;
+        Ok(UpdateContainerResponse::new())
     }
 
     async fn pause_container(
         &self,
-        _ctx: &TtrpcContext,
-        _req: PauseContainerRequest,
+        ctx: &TtrpcContext,
+        req: PauseContainerRequest,
     ) -> ttrpc::Result<PauseContainerResponse> {
-        unimplemented("Containers.PauseContainer")
+        let dir = self.cgroup_of(&req.container_id)?;
+        cgroups::set_frozen(&dir, true, request_deadline(ctx))
+            .await
+            .map_err(|e| cgroup_status(&e))?;
+        Ok(PauseContainerResponse::new())
     }
 
     async fn resume_container(
         &self,
-        _ctx: &TtrpcContext,
-        _req: ResumeContainerRequest,
+        ctx: &TtrpcContext,
+        req: ResumeContainerRequest,
     ) -> ttrpc::Result<ResumeContainerResponse> {
-        unimplemented("Containers.ResumeContainer")
+        let dir = self.cgroup_of(&req.container_id)?;
+        cgroups::set_frozen(&dir, false, request_deadline(ctx))
+            .await
+            .map_err(|e| cgroup_status(&e))?;
+        Ok(ResumeContainerResponse::new())
     }
 
     async fn stats_container(
         &self,
         _ctx: &TtrpcContext,
-        _req: StatsContainerRequest,
+        req: StatsContainerRequest,
     ) -> ttrpc::Result<StatsContainerResponse> {
-        unimplemented("Containers.StatsContainer")
+        let dir = self.cgroup_of(&req.container_id)?;
+        let metrics = cgroups::stats(&dir).map_err(|e| cgroup_status(&e))?;
+        let mut resp = StatsContainerResponse::new();
+        resp.metrics = Some(metrics).into();
+        Ok(resp)
     }
 
     async fn list_pids(
         &self,
         _ctx: &TtrpcContext,
-        _req: ListPidsRequest,
+        req: ListPidsRequest,
     ) -> ttrpc::Result<ListPidsResponse> {
-        unimplemented("Containers.ListPids")
+        let dir = self.cgroup_of(&req.container_id)?;
+        let owners = self
+            .manager()?
+            .process_pids(&req.container_id)
+            .map_err(|e| status(&e))?;
+        let pids = cgroups::procs(&dir).map_err(|e| cgroup_status(&e))?;
+        let mut resp = ListPidsResponse::new();
+        resp.pids = pids
+            .into_iter()
+            .map(|pid| {
+                let mut entry = ProcessPid::new();
+                entry.pid = u32::try_from(pid).unwrap_or(0);
+                entry.exec_id = owners
+                    .iter()
+                    .find(|(p, _)| *p == pid)
+                    .map(|(_, exec_id)| exec_id.clone())
+                    .unwrap_or_default();
+                entry
+            })
+            .collect();
+        Ok(resp)
     }
 
     async fn get_events(
         &self,
-        _ctx: &TtrpcContext,
-        _req: GetEventsRequest,
+        ctx: &TtrpcContext,
+        req: GetEventsRequest,
     ) -> ttrpc::Result<GetEventsResponse> {
-        unimplemented("Containers.GetEvents")
+        let (events, dropped) = self
+            .manager()?
+            .events()
+            .next(req.after_sequence, req.max_events, request_deadline(ctx))
+            .await
+            .map_err(|e| status_of(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
+        let mut resp = GetEventsResponse::new();
+        resp.events = events;
+        resp.dropped = dropped;
+        Ok(resp)
     }
+}
+
+/// cgroup calls (UpdateContainer, Pause/Resume, Stats, ListPids).
+impl ContainersService {
+    /// The cgroup of container `id`, once cgroup v2 is known to be there.
+    fn cgroup_of(&self, id: &str) -> ttrpc::Result<std::path::PathBuf> {
+        let manager = self.manager()?;
+        cgroups::check_v2(std::path::Path::new(cgroups::CGROUP_ROOT))
+            .map_err(|e| cgroup_status(&e))?;
+        manager.cgroup_dir(id).map_err(|e| status(&e))
+    }
+}
+
+fn cgroup_status(e: &CgroupError) -> ttrpc::Error {
+    let code = match e {
+        CgroupError::NotV2(_) | CgroupError::MissingController { .. } => {
+            ttrpc::Code::FAILED_PRECONDITION
+        }
+        CgroupError::TooLarge(_) | CgroupError::TooManyPids(_) => ttrpc::Code::RESOURCE_EXHAUSTED,
+        CgroupError::Parse(_)
+        | CgroupError::Invalid(_)
+        | CgroupError::Refused { .. }
+        | CgroupError::BadPath(_) => ttrpc::Code::INVALID_ARGUMENT,
+        CgroupError::FreezeTimeout { .. } => ttrpc::Code::DEADLINE_EXCEEDED,
+        CgroupError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            ttrpc::Code::NOT_FOUND
+        }
+        CgroupError::Io { .. } => ttrpc::Code::INTERNAL,
+    };
+    status_of(code, error_chain(e))
 }
 
 impl ContainersService {

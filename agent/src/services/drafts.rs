@@ -1,18 +1,18 @@
-//! The draft services of protocol version 3 (`Sandbox`, `Containers`): registered so
+//! The draft services of protocol version 3 (`Containers` without the feature): registered so
 //! that every method answers UNIMPLEMENTED with its name — never the generated
 //! NOT_FOUND default, never a hang — until the container work fills them in.
 
 use async_trait::async_trait;
 use crx_protocols::v1::container::*;
 use crx_protocols::v1::container_ttrpc::Containers;
-use crx_protocols::v1::sandbox::*;
-use crx_protocols::v1::sandbox_ttrpc::Sandbox;
 use ttrpc::r#async::TtrpcContext;
 
-/// The Sandbox and Containers services, before they do anything.
+/// The Containers service, before it does anything (used without the feature).
+#[cfg_attr(feature = "containers", allow(dead_code))]
 pub struct DraftServices;
 
 /// The UNIMPLEMENTED answer for `method` ("Service.Method").
+#[cfg_attr(feature = "containers", allow(dead_code))]
 pub(crate) fn unimplemented<T>(method: &str) -> ttrpc::Result<T> {
     Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
         ttrpc::Code::UNIMPLEMENTED,
@@ -37,11 +37,6 @@ macro_rules! unimplemented_service {
             )*
         }
     };
-}
-
-unimplemented_service! { Sandbox, "Sandbox";
-    create_sandbox(CreateSandboxRequest) -> CreateSandboxResponse: "CreateSandbox";
-    destroy_sandbox(DestroySandboxRequest) -> DestroySandboxResponse: "DestroySandbox";
 }
 
 unimplemented_service! { Containers, "Containers";

@@ -5,6 +5,7 @@ pub mod containers;
 pub mod drafts;
 pub mod health;
 pub mod lifecycle;
+pub mod sandbox;
 pub mod storage;
 
 use std::collections::HashMap;
@@ -27,12 +28,22 @@ pub struct AgentState {
     /// Mount points of each container's storages, unmounted when it is removed.
     #[cfg(feature = "containers")]
     container_storages: std::sync::Mutex<HashMap<String, Vec<std::path::PathBuf>>>,
+    /// The pod sandbox (its namespaces, hostname, files, pod resources).
+    sandbox: crate::sandbox::SandboxSlot,
 }
 
 impl AgentState {
     /// A fresh agent: serving, no shutdown requested, nothing mounted.
     pub fn new(storage: StorageManager) -> Arc<AgentState> {
+        // The pod's files live beside the storage root, in the agent's state directory.
+        let sandbox_dir = storage
+            .root()
+            .parent()
+            .map_or_else(|| storage.root().join("sandbox"), |p| p.join("sandbox"));
+        // main marks host mode, which may also run as PID 1.
+        let guest = std::process::id() == 1;
         Arc::new(AgentState {
+            sandbox: crate::sandbox::SandboxSlot::new(sandbox_dir, guest),
             shutdown: watch::channel(false).0,
             storage,
             #[cfg(feature = "containers")]
@@ -73,6 +84,11 @@ impl AgentState {
             .unwrap_or_default()
     }
 
+    /// The pod sandbox.
+    pub fn sandbox(&self) -> &crate::sandbox::SandboxSlot {
+        &self.sandbox
+    }
+
     /// The agent's mounts.
     pub fn storage(&self) -> &StorageManager {
         &self.storage
@@ -107,7 +123,7 @@ pub fn all(state: &Arc<AgentState>) -> HashMap<String, ttrpc::r#async::Service> 
         storage::StorageService::new(state.clone()),
     )));
     services.extend(sandbox_ttrpc::create_sandbox(Arc::new(
-        drafts::DraftServices,
+        sandbox::SandboxService::new(state.clone()),
     )));
     #[cfg(feature = "containers")]
     services.extend(container_ttrpc::create_containers(Arc::new(

@@ -101,6 +101,11 @@ impl StorageManager {
         }
     }
 
+    /// The directory every mount point lies under (the sandbox puts its files beside it).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// Validates and mounts `storage`. A block device is waited for until
     /// `device_deadline`; the whole call gives up at `deadline`.
     pub async fn mount(

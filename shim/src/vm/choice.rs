@@ -2,7 +2,7 @@
 //! and why. The answer depends on whether this host's KVM can run a stock guest's user
 //! space: hardware KVM can; PVM (KVM on shadow paging inside cloud VMs) cannot.
 
-use super::{BackendKind, QemuAccel};
+use super::{BackendKind, Confinement, QemuAccel};
 
 /// The operator's choice, from the crx configuration.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -95,17 +95,35 @@ pub fn choose_backend(wanted: Hypervisor, kvm: &KvmVerdict) -> Result<BackendCho
 pub fn select_backend(
     wanted: Hypervisor,
 ) -> Result<(Box<dyn super::VmBackend>, BackendChoice), String> {
+    select_confined_backend(wanted, Confinement::default())
+}
+
+/// [`select_backend`], with the backend confining its crx-vmm processes.
+pub fn select_confined_backend(
+    wanted: Hypervisor,
+    confinement: Confinement,
+) -> Result<(Box<dyn super::VmBackend>, BackendChoice), String> {
     let choice = choose_backend(wanted, &probe_kvm())?;
     if choice.kind == BackendKind::Qemu(QemuAccel::Tcg) {
         tracing::warn!(backend = %choice.kind, ?wanted, "{}", choice.reason);
     } else {
         tracing::info!(backend = %choice.kind, ?wanted, "{}", choice.reason);
     }
-    let backend: Box<dyn super::VmBackend> = match choice.kind {
-        BackendKind::CrxVmm => Box::new(super::CrxVmmBackend::default()),
-        BackendKind::Qemu(accel) => Box::new(super::QemuBackend::new(accel)),
-    };
-    Ok((backend, choice))
+    Ok((backend_for(choice.kind, confinement), choice))
+}
+
+/// The backend of `kind`, confining its crx-vmm processes as `confinement` says.
+pub fn backend_for(kind: BackendKind, confinement: Confinement) -> Box<dyn super::VmBackend> {
+    match kind {
+        BackendKind::CrxVmm => Box::new(super::CrxVmmBackend {
+            confinement,
+            ..Default::default()
+        }),
+        BackendKind::Qemu(accel) => Box::new(super::QemuBackend {
+            confinement,
+            ..super::QemuBackend::new(accel)
+        }),
+    }
 }
 
 #[cfg(test)]

@@ -9,13 +9,15 @@ use std::time::Duration;
 use super::child::{inherit_fd, wait_any, VmProcess};
 use super::config::{format_mac, SerialOutput, VmDevices, GUEST_CID};
 use super::qemu::remove_sockets;
-use super::{BackendKind, Vm, VmBackend, VmConfig, VmError, VmExit, VmResources};
+use super::{BackendKind, Confinement, Vm, VmBackend, VmConfig, VmError, VmExit, VmResources};
 
 /// Starts pod VMs with `crx-vmm`.
 #[derive(Clone, Debug, Default)]
 pub struct CrxVmmBackend {
     /// Extra flags for crx-vmm (tests use `--allow-pvm` for tiny guests).
     pub extra_args: Vec<String>,
+    /// Jail and seccomp of each VM's crx-vmm.
+    pub confinement: Confinement,
 }
 
 impl CrxVmmBackend {
@@ -98,8 +100,9 @@ impl VmBackend for CrxVmmBackend {
         config.validate()?;
         config.prepare_run_dir()?;
         let agent_socket = config.agent_socket();
+        let confinement = self.confinement.prepare(&config.run_dir)?;
         let mut cmd = Command::new(&config.crx_vmm_binary);
-        cmd.args(self.vmm_args(config));
+        cmd.args(self.vmm_args(config)).args(confinement);
         if let Some(net) = &config.devices.net {
             inherit_fd(&mut cmd, net.tap.as_raw_fd());
         }

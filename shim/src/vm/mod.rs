@@ -6,6 +6,7 @@
 mod child;
 mod choice;
 mod config;
+mod confine;
 mod crx_vmm;
 mod qemu;
 mod qemu_devices;
@@ -15,9 +16,11 @@ use std::path::Path;
 use std::time::Duration;
 
 pub use choice::{
-    choose_backend, probe_kvm, select_backend, BackendChoice, Hypervisor, KvmVerdict, TCG_COST,
+    backend_for, choose_backend, probe_kvm, select_backend, select_confined_backend, BackendChoice,
+    Hypervisor, KvmVerdict, TCG_COST,
 };
 pub use config::{Drive, NetDevice, SerialOutput, SharedDir, VmConfig, VmDevices, MIN_MEMORY_MIB};
+pub use confine::{jail_dir, Confinement, Seccomp};
 pub use crx_vmm::CrxVmmBackend;
 pub use qemu::{QemuAccel, QemuBackend};
 pub use resources::{ProcessFigures, VmResources};

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use super::child::{inherit_fd, wait_any, VmProcess};
 use super::config::{executable, SerialOutput, GUEST_CID};
 use super::qemu_devices::device_args;
-use super::{BackendKind, Vm, VmBackend, VmConfig, VmError, VmExit, VmResources};
+use super::{BackendKind, Confinement, Vm, VmBackend, VmConfig, VmError, VmExit, VmResources};
 
 /// How QEMU runs guest code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,6 +37,8 @@ pub struct QemuBackend {
     pub backend_ready_timeout: Duration,
     /// Extra QEMU arguments (benchmarks add trace events).
     pub extra_args: Vec<String>,
+    /// Jail and seccomp of each VM's vhost-user back ends (crx-vmm processes).
+    pub confinement: Confinement,
 }
 
 impl QemuBackend {
@@ -46,6 +48,7 @@ impl QemuBackend {
             tcg_tb_size_mib: 32,
             backend_ready_timeout: Duration::from_secs(5),
             extra_args: Vec::new(),
+            confinement: Confinement::default(),
         }
     }
 
@@ -174,6 +177,7 @@ impl VmBackend for QemuBackend {
 
         // Built first: a command line QEMU would refuse fails before anything starts.
         let qemu_args = self.qemu_args(config, &vhost_socket)?;
+        let confinement = self.confinement.prepare(&config.run_dir)?;
         let mut backend_cmd = Command::new(&config.crx_vmm_binary);
         backend_cmd
             .arg("vhost-user-vsock")
@@ -182,7 +186,8 @@ impl VmBackend for QemuBackend {
             .arg("--uds")
             .arg(&agent_socket)
             .arg("--guest-cid")
-            .arg(GUEST_CID.to_string());
+            .arg(GUEST_CID.to_string())
+            .args(&confinement);
         let mut backends = vec![VmProcess::spawn(
             "vhost-user-vsock",
             &mut backend_cmd,
@@ -198,7 +203,8 @@ impl VmBackend for QemuBackend {
                 .arg("--socket")
                 .arg(&socket)
                 .arg("--dir")
-                .arg(&share.host_dir);
+                .arg(&share.host_dir)
+                .args(&confinement);
             backends.push(VmProcess::spawn(
                 "vhost-user-fs",
                 &mut cmd,

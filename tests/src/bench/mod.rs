@@ -3,6 +3,8 @@
 
 pub mod blk;
 pub mod boot;
+pub mod container;
+pub mod ctr;
 pub mod fs;
 pub mod net;
 pub mod stats;

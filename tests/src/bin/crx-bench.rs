@@ -88,6 +88,28 @@ enum Command {
         #[arg(long)]
         guest: bool,
     },
+    /// Container create+start -> first output byte and exec -> exit: runc on the host
+    /// vs crx-agent in host mode vs crx-agent in a QEMU/TCG pod VM.
+    Container {
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        /// Guest memory of the pod VM.
+        #[arg(long, default_value_t = 512)]
+        memory_mib: u32,
+        /// Leave out the pod VM.
+        #[arg(long)]
+        no_vm: bool,
+    },
+    /// `ctr run --rm` -> exit of a trivial container through a private containerd,
+    /// crx vs runc alternated (median, p90); host PSS of an idle crx pod's shim and
+    /// VM processes and the guest memory it touched.
+    Ctr {
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// The shim's hypervisor setting: auto, qemu or crx-vmm.
+        #[arg(long, default_value = "auto")]
+        hypervisor: String,
+    },
 }
 
 fn main() -> Result<()> {
@@ -138,6 +160,18 @@ fn main() -> Result<()> {
             rounds,
             guest,
         })?,
+        Command::Container {
+            runs,
+            memory_mib,
+            no_vm,
+        } => bench::container::run(&bench::container::ContainerOptions {
+            runs,
+            memory_mib,
+            no_vm,
+        })?,
+        Command::Ctr { runs, hypervisor } => {
+            bench::ctr::run(&bench::ctr::CtrOptions { runs, hypervisor })?
+        }
     };
     println!("{result}");
     Ok(())

@@ -1,0 +1,537 @@
+//! CRI suite: containerd's CRI plugin (Debian's containerd 1.6, private config, root,
+//! state and socket; see `crx_tests::cri`) driven over its socket like a kubelet would,
+//! organised like cri-tools' critest areas. Every case runs once per runtime handler,
+//! `runc` and `crx` (QEMU/TCG here), as `<case>::runc` and `<case>::crx`, so any
+//! difference between the two shows as one failing test that names its cause.
+//!
+//! Each test starts its own containerd (with the crx drop-in rendered from
+//! `deploy/containerd/crx.toml`, the CNI list `deploy/cni/10-crx-test-bridge.conflist`
+//! and the local pause image) and checks at its end that nothing of its pods is left.
+//! Tests of this file run one after another (they share the test bridge).
+//!
+//! `cargo build -p containerd-shim-crx-v2 && cargo test -p crx-tests --test cri_suite`
+//! (the crx cases also need the guest kernel and initramfs: `scripts/test.sh` builds
+//! them).
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    use anyhow::{bail, ensure, Context, Result};
+    use crx_tests::containerd::wait_until_empty;
+    use crx_tests::cri::specs::{container_config, pod_config};
+    use crx_tests::cri::{config, CriContainerd, PAUSE_IMAGE};
+    use k8s_cri::v1 as cri;
+
+    /// One test at a time: every containerd of this file puts its pods on the same
+    /// host bridge and subnet.
+    static SERIAL: Mutex<()> = Mutex::new(());
+    /// How long a pod may take to be fully released after RemovePodSandbox.
+    const RELEASE: Duration = Duration::from_secs(30);
+    /// How long a short-lived container may take to run and exit (a crx pod's first
+    /// container under TCG included).
+    const EXIT: Duration = Duration::from_secs(120);
+    const EXEC: Duration = Duration::from_secs(60);
+
+    /// Runs `case` for `handler` on a fresh containerd; panics with the case's error,
+    /// the list of leftovers and the tail of containerd's log.
+    fn run_case(handler: &str, case: fn(&Suite) -> Result<()>) {
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let node = match CriContainerd::start(handler == "crx") {
+            Ok(node) => node,
+            Err(e) => panic!("[{handler}] starting containerd with CRI: {e:#}"),
+        };
+        let suite = Suite {
+            node,
+            handler: handler.to_owned(),
+            crx_pods: Mutex::new(Vec::new()),
+        };
+        let outcome = case(&suite);
+        let pods = suite.crx_pods.lock().map(|p| p.clone()).unwrap_or_default();
+        let pod_refs: Vec<&str> = pods.iter().map(String::as_str).collect();
+        let left = if outcome.is_ok() {
+            wait_until_empty(RELEASE, || suite.node.leftovers(&pod_refs))
+        } else {
+            Vec::new()
+        };
+        if let Err(e) = outcome {
+            panic!(
+                "[{handler}] {e:#}\n--- containerd log (tail) ---\n{}",
+                suite.node.log_tail(25)
+            );
+        }
+        assert!(
+            left.is_empty(),
+            "[{handler}] the case passed but left: {left:#?}\n--- containerd log (tail) ---\n{}",
+            suite.node.log_tail(25)
+        );
+    }
+
+    /// Declares `<case>::runc` and `<case>::crx`.
+    macro_rules! for_each_handler {
+        ($($case:ident),* $(,)?) => {$(
+            mod $case {
+                #[test]
+                fn runc() {
+                    super::run_case("runc", super::$case)
+                }
+                #[test]
+                fn crx() {
+                    super::run_case("crx", super::$case)
+                }
+            }
+        )*};
+    }
+
+    for_each_handler!(
+        runtime_status_and_version,
+        pod_sandbox_lifecycle,
+        container_lifecycle_exit_code_and_logs,
+        exec_sync_output_and_exit_code,
+        pod_hostname_and_dns,
+    );
+
+    /// One case's view: the containerd, the handler under test, the pods it ran.
+    struct Suite {
+        node: CriContainerd,
+        handler: String,
+        crx_pods: Mutex<Vec<String>>,
+    }
+
+    impl Suite {
+        fn client(&self) -> Result<&crx_tests::cri::CriClient> {
+            Ok(self.node.client()?)
+        }
+
+        /// RunPodSandbox with the handler under test; checks it is READY on it.
+        fn run_pod(&self, config: &cri::PodSandboxConfig) -> Result<String> {
+            let id = self
+                .client()?
+                .run_pod_sandbox(config, &self.handler)
+                .with_context(|| format!("RunPodSandbox on handler {}", self.handler))?;
+            if self.handler == "crx" {
+                if let Ok(mut pods) = self.crx_pods.lock() {
+                    pods.push(id.clone());
+                }
+            }
+            Ok(id)
+        }
+
+        /// Stops and removes pod `id`; the pod is gone from CRI afterwards.
+        fn remove_pod(&self, id: &str) -> Result<()> {
+            let client = self.client()?;
+            client.stop_pod_sandbox(id).context("StopPodSandbox")?;
+            client.remove_pod_sandbox(id).context("RemovePodSandbox")?;
+            Ok(())
+        }
+
+        /// A pod with one running container (`sleep`), for cases that exec into it.
+        fn pod_with_sleeper(&self, pod: &cri::PodSandboxConfig) -> Result<(String, String)> {
+            let pod_id = self.run_pod(pod)?;
+            let client = self.client()?;
+            let c = container_config(
+                "sleeper",
+                self.node.busybox(),
+                &["/bin/sleep", "3600"],
+                "sleeper.log",
+            );
+            let cid = client
+                .create_container(&pod_id, &c, pod)
+                .context("CreateContainer")?;
+            client.start_container(&cid).context("StartContainer")?;
+            let status = client.container_status(&cid)?;
+            ensure!(
+                status.state == cri::ContainerState::ContainerRunning as i32,
+                "the sleeper is not running after StartContainer: {status:?}"
+            );
+            Ok((pod_id, cid))
+        }
+
+        fn exec(&self, cid: &str, cmd: &[&str]) -> Result<cri::ExecSyncResponse> {
+            self.client()?
+                .exec_sync(cid, cmd, EXEC)
+                .with_context(|| format!("ExecSync {cmd:?}"))
+        }
+    }
+
+    fn text(bytes: &[u8]) -> String {
+        String::from_utf8_lossy(bytes).into_owned()
+    }
+
+    fn poll<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(v) = f() {
+                return Some(v);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Looks a key up in a JSON object under either of two spellings (containerd's
+    /// config JSON mixes Go field names and json tags).
+    fn field<'a>(v: &'a serde_json::Value, a: &str, b: &str) -> Option<&'a serde_json::Value> {
+        v.get(a).or_else(|| v.get(b))
+    }
+
+    // --- runtime info --------------------------------------------------------------
+
+    /// Version and Status answer as the kubelet expects, and the runtime's config names
+    /// the handler with its runtime type (and, for crx, the drop-in's settings).
+    fn runtime_status_and_version(s: &Suite) -> Result<()> {
+        let client = s.client()?;
+        let version = client.version()?;
+        ensure!(
+            version.runtime_api_version == "v1",
+            "runtime API {version:?}"
+        );
+        ensure!(version.runtime_name == "containerd", "{version:?}");
+        ensure!(
+            version.runtime_version.starts_with("1.6")
+                || version.runtime_version.starts_with("v1.6"),
+            "expected containerd 1.6: {version:?}"
+        );
+        let status = client.status(true)?;
+        let conditions = status.status.context("Status without a status")?.conditions;
+        for want in ["RuntimeReady", "NetworkReady"] {
+            ensure!(
+                conditions.iter().any(|c| c.r#type == want && c.status),
+                "{want} is not true: {conditions:?}"
+            );
+        }
+        let config: serde_json::Value = serde_json::from_str(
+            status
+                .info
+                .get("config")
+                .context("verbose Status has no config")?,
+        )
+        .context("Status config is not JSON")?;
+        let sandbox_image = field(&config, "sandboxImage", "SandboxImage");
+        ensure!(
+            sandbox_image.and_then(|v| v.as_str()) == Some(PAUSE_IMAGE),
+            "sandbox image {sandbox_image:?}"
+        );
+        let runtime = config
+            .pointer("/containerd/runtimes")
+            .and_then(|r| r.get(&s.handler))
+            .with_context(|| format!("handler {} not configured: {config}", s.handler))?;
+        let runtime_type = field(runtime, "runtimeType", "Type").and_then(|v| v.as_str());
+        let want = if s.handler == "crx" {
+            "io.containerd.crx.v2"
+        } else {
+            "io.containerd.runc.v2"
+        };
+        ensure!(runtime_type == Some(want), "runtime type {runtime:?}");
+        if s.handler == "crx" {
+            let annotations = field(runtime, "PodAnnotations", "podAnnotations")
+                .and_then(|v| v.as_array())
+                .with_context(|| format!("crx has no pod annotations: {runtime}"))?;
+            ensure!(
+                annotations.iter().any(|a| a == "io.kubernetes.cri.*"),
+                "pod annotations {annotations:?}"
+            );
+            let config_path = runtime
+                .pointer("/options/ConfigPath")
+                .and_then(|v| v.as_str());
+            let want = s.node.shim_config().map(|p| p.display().to_string());
+            ensure!(
+                config_path.map(str::to_owned) == want,
+                "ConfigPath {config_path:?}, want {want:?}"
+            );
+        }
+        let images = client.image_refs()?;
+        for want in [PAUSE_IMAGE, s.node.busybox()] {
+            ensure!(images.iter().any(|i| i == want), "{want} not in {images:?}");
+        }
+        Ok(())
+    }
+
+    // --- pod sandbox ---------------------------------------------------------------
+
+    /// RunPodSandbox → READY with an address from the test network; Stop → NOTREADY with
+    /// the address released; Stop and Remove are idempotent; the pod is gone after.
+    fn pod_sandbox_lifecycle(s: &Suite) -> Result<()> {
+        let client = s.client()?;
+        let pod = pod_config("lifecycle", &s.node.pod_log_dir("lifecycle"));
+        let id = s.run_pod(&pod)?;
+
+        let reply = client.pod_sandbox_status(&id, true)?;
+        let status = reply.status.context("PodSandboxStatus without a status")?;
+        ensure!(
+            status.state == cri::PodSandboxState::SandboxReady as i32,
+            "not ready: {status:?}"
+        );
+        ensure!(status.runtime_handler == s.handler, "handler {status:?}");
+        ensure!(
+            status.metadata.as_ref().map(|m| m.name.as_str()) == Some("lifecycle"),
+            "metadata {status:?}"
+        );
+        let ip = status
+            .network
+            .as_ref()
+            .map(|n| n.ip.clone())
+            .unwrap_or_default();
+        let subnet = config::conflist_subnet()?;
+        let prefix = subnet.rsplit_once('.').map(|(p, _)| p).unwrap_or(&subnet);
+        ensure!(
+            ip.starts_with(&format!("{prefix}.")),
+            "pod IP {ip:?} is not from the test network {subnet}"
+        );
+        ensure!(
+            s.node.ip_leases().contains(&ip),
+            "host-local has no lease for {ip}: {:?}",
+            s.node.ip_leases()
+        );
+        let listed = client.list_pod_sandboxes()?;
+        ensure!(
+            listed
+                .iter()
+                .any(|p| p.id == id && p.state == cri::PodSandboxState::SandboxReady as i32),
+            "ListPodSandbox does not list {id} as ready: {listed:?}"
+        );
+        let netns = reply
+            .info
+            .get("info")
+            .and_then(|i| serde_json::from_str::<serde_json::Value>(i).ok())
+            .and_then(|i| {
+                i.pointer("/runtimeSpec/linux/namespaces")?
+                    .as_array()?
+                    .iter()
+                    .find(|n| n["type"] == "network")?["path"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .context("verbose PodSandboxStatus names no network namespace")?;
+        ensure!(Path::new(&netns).exists(), "pod netns {netns} missing");
+
+        client.stop_pod_sandbox(&id).context("StopPodSandbox")?;
+        let status = client
+            .pod_sandbox_status(&id, false)?
+            .status
+            .context("no status")?;
+        ensure!(
+            status.state == cri::PodSandboxState::SandboxNotready as i32,
+            "still ready after StopPodSandbox: {status:?}"
+        );
+        ensure!(
+            !s.node.ip_leases().contains(&ip),
+            "{ip} still leased after StopPodSandbox"
+        );
+        ensure!(
+            !Path::new(&netns).exists(),
+            "netns {netns} still there after StopPodSandbox"
+        );
+        client
+            .stop_pod_sandbox(&id)
+            .context("a second StopPodSandbox")?;
+
+        client.remove_pod_sandbox(&id).context("RemovePodSandbox")?;
+        match client.pod_sandbox_status(&id, false) {
+            Err(e) if e.code() == Some(tonic::Code::NotFound) => {}
+            other => bail!("PodSandboxStatus after removal answered {other:?}"),
+        }
+        client
+            .remove_pod_sandbox(&id)
+            .context("a second RemovePodSandbox")?;
+        ensure!(
+            client.list_pod_sandboxes()?.is_empty(),
+            "ListPodSandbox still lists pods"
+        );
+        Ok(())
+    }
+
+    // --- containers ----------------------------------------------------------------
+
+    /// A container that writes to both streams and exits 3: CREATED → RUNNING →
+    /// EXITED with code 3, its lines in the CRI log file by stream; a running container
+    /// stops on StopContainer; removed containers are gone.
+    fn container_lifecycle_exit_code_and_logs(s: &Suite) -> Result<()> {
+        let client = s.client()?;
+        let log_dir = s.node.pod_log_dir("containers");
+        let pod = pod_config("containers", &log_dir);
+        let pod_id = s.run_pod(&pod)?;
+
+        let c = container_config(
+            "exits",
+            s.node.busybox(),
+            &[
+                "/bin/sh",
+                "-c",
+                "echo to-stdout; echo to-stderr >&2; exit 3",
+            ],
+            "exits.log",
+        );
+        let cid = client
+            .create_container(&pod_id, &c, &pod)
+            .context("CreateContainer")?;
+        let created = client.container_status(&cid)?;
+        ensure!(
+            created.state == cri::ContainerState::ContainerCreated as i32,
+            "not CREATED after CreateContainer: {created:?}"
+        );
+        client.start_container(&cid).context("StartContainer")?;
+        let exited = client.wait_exited(&cid, EXIT)?;
+        ensure!(
+            exited.exit_code == 3,
+            "exit code {}: {exited:?}",
+            exited.exit_code
+        );
+        // containerd stamps started_at when Start returns, which a process this quick
+        // may outlive by less than its whole run: compare both with created_at only.
+        ensure!(
+            exited.started_at >= exited.created_at
+                && exited.finished_at >= exited.created_at
+                && exited.created_at > 0,
+            "times {exited:?}"
+        );
+        let log_path = log_dir.join("exits.log");
+        ensure!(
+            exited.log_path == log_path.display().to_string(),
+            "log path {:?}, want {}",
+            exited.log_path,
+            log_path.display()
+        );
+        // CRI log lines: "<RFC3339Nano time> <stream> <F|P> <text>".
+        let wanted = [("stdout", "to-stdout"), ("stderr", "to-stderr")];
+        let lines = poll(Duration::from_secs(10), || {
+            let log = std::fs::read_to_string(&log_path).ok()?;
+            let parsed: Vec<(String, String)> = log
+                .lines()
+                .filter_map(|l| {
+                    let mut f = l.splitn(4, ' ');
+                    let (_time, stream, tag, text) = (f.next()?, f.next()?, f.next()?, f.next()?);
+                    (tag == "F").then(|| (stream.to_owned(), text.to_owned()))
+                })
+                .collect();
+            wanted
+                .iter()
+                .all(|(st, tx)| parsed.iter().any(|(a, b)| a == st && b == tx))
+                .then_some(parsed)
+        });
+        ensure!(
+            lines.is_some(),
+            "log {} lacks the container's lines: {:?}",
+            log_path.display(),
+            std::fs::read_to_string(&log_path)
+        );
+
+        let sleeper = container_config(
+            "sleeper",
+            s.node.busybox(),
+            &["/bin/sleep", "3600"],
+            "sleeper.log",
+        );
+        let sid = client
+            .create_container(&pod_id, &sleeper, &pod)
+            .context("CreateContainer (sleeper)")?;
+        client
+            .start_container(&sid)
+            .context("StartContainer (sleeper)")?;
+        let running = client.container_status(&sid)?;
+        ensure!(
+            running.state == cri::ContainerState::ContainerRunning as i32,
+            "sleeper not RUNNING: {running:?}"
+        );
+        client.stop_container(&sid, 2).context("StopContainer")?;
+        let stopped = client.wait_exited(&sid, EXIT)?;
+        ensure!(
+            stopped.exit_code == 137 || stopped.exit_code == 143,
+            "a stopped container exits by SIGKILL or SIGTERM: {stopped:?}"
+        );
+
+        for id in [&cid, &sid] {
+            client.remove_container(id).context("RemoveContainer")?;
+            match client.container_status(id) {
+                Err(e) if e.code() == Some(tonic::Code::NotFound) => {}
+                other => bail!("ContainerStatus after removal answered {other:?}"),
+            }
+        }
+        s.remove_pod(&pod_id)
+    }
+
+    // --- exec ----------------------------------------------------------------------
+
+    /// ExecSync returns the command's stdout, stderr and exit code apart; a missing
+    /// binary is not reported as success.
+    fn exec_sync_output_and_exit_code(s: &Suite) -> Result<()> {
+        let pod = pod_config("exec", &s.node.pod_log_dir("exec"));
+        let (pod_id, cid) = s.pod_with_sleeper(&pod)?;
+        let r = s.exec(
+            &cid,
+            &["/bin/sh", "-c", "echo out-text; echo err-text >&2; exit 7"],
+        )?;
+        ensure!(
+            (
+                text(&r.stdout).as_str(),
+                text(&r.stderr).as_str(),
+                r.exit_code
+            ) == ("out-text\n", "err-text\n", 7),
+            "ExecSync answered {r:?}"
+        );
+        let r = s.exec(&cid, &["/bin/true"])?;
+        ensure!(
+            r.exit_code == 0 && r.stdout.is_empty() && r.stderr.is_empty(),
+            "true answered {r:?}"
+        );
+        // The handler shows: a runc container shares the host's kernel, a crx
+        // container runs on its pod VM's own.
+        let r = s.exec(&cid, &["/bin/cat", "/proc/version"])?;
+        let host = std::fs::read_to_string("/proc/version").context("host /proc/version")?;
+        let same_kernel = text(&r.stdout) == host;
+        ensure!(
+            r.exit_code == 0 && same_kernel == (s.handler == "runc"),
+            "handler {} but the container's kernel is {:?} (host: {host:?})",
+            s.handler,
+            text(&r.stdout)
+        );
+        match s.client()?.exec_sync(&cid, &["/no/such/binary"], EXEC) {
+            Ok(r) if r.exit_code == 0 => bail!("a missing binary exec'd with exit 0: {r:?}"),
+            _ => {}
+        }
+        s.remove_pod(&pod_id)
+    }
+
+    // --- DNS and hostname ----------------------------------------------------------
+
+    /// The container sees the hostname and resolv.conf the pod asked for.
+    fn pod_hostname_and_dns(s: &Suite) -> Result<()> {
+        let mut pod = pod_config("dns", &s.node.pod_log_dir("dns"));
+        pod.hostname = "crx-cri-dns".into();
+        pod.dns_config = Some(cri::DnsConfig {
+            // TEST-NET-1 (RFC 5737): written to resolv.conf only, never queried.
+            servers: vec!["192.0.2.53".into()],
+            searches: vec!["crx.test".into(), "svc.crx.test".into()],
+            options: vec!["ndots:2".into(), "timeout:1".into()],
+        });
+        let (pod_id, cid) = s.pod_with_sleeper(&pod)?;
+        let r = s.exec(&cid, &["/bin/hostname"])?;
+        ensure!(
+            r.exit_code == 0 && text(&r.stdout).trim() == "crx-cri-dns",
+            "hostname answered {r:?}"
+        );
+        let r = s.exec(&cid, &["/bin/cat", "/etc/hostname"])?;
+        ensure!(
+            text(&r.stdout).trim() == "crx-cri-dns",
+            "/etc/hostname: {r:?}"
+        );
+        let r = s.exec(&cid, &["/bin/cat", "/etc/resolv.conf"])?;
+        let resolv = text(&r.stdout);
+        let lines: Vec<&str> = resolv.lines().map(str::trim).collect();
+        for want in [
+            "nameserver 192.0.2.53",
+            "search crx.test svc.crx.test",
+            "options ndots:2 timeout:1",
+        ] {
+            ensure!(
+                lines.contains(&want),
+                "resolv.conf lacks {want:?}:\n{resolv}"
+            );
+        }
+        s.remove_pod(&pod_id)
+    }
+}
