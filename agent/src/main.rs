@@ -102,6 +102,15 @@ fn parse_level(text: &str) -> anyhow::Result<LevelFilter> {
 }
 
 fn main() -> ExitCode {
+    // A builder process (containers::build_process) must stay single-threaded: it is
+    // told apart before anything else runs.
+    #[cfg(feature = "containers")]
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == containers::build_process::BUILD_ARG)
+    {
+        return containers::build_process::main();
+    }
     let args = parse_args(std::env::args_os().skip(1));
     // `--listen unix://` means host mode even as PID 1 (say, of a PID namespace on the
     // host): no mounts, no port writes there.

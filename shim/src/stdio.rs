@@ -231,7 +231,7 @@ where
     W: Write + Send + AsHalfClose + 'static,
 {
     tokio::task::spawn_blocking(move || {
-        if let Err(e) = std::io::copy(&mut from, &mut to) {
+        if let Err(e) = copy_through_buffer(&mut from, &mut to) {
             tracing::debug!(error = %e, "stdio copy ended");
         }
         let _ = to.flush();
@@ -239,6 +239,25 @@ where
             to.half_close();
         }
     })
+}
+
+/// Copies until EOF through a buffer of our own. `std::io::copy` would splice(2)
+/// from the socket into the FIFO, and splice holds the FIFO's pipe lock while it
+/// waits for the socket: a reader closing its end (ctr detaching, containerd's log
+/// copier) would then hang in close until the container printed something.
+fn copy_through_buffer(from: &mut impl Read, to: &mut impl Write) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..n])?;
+        total += n as u64;
+    }
 }
 
 /// Writers that can signal EOF without closing the read side.

@@ -293,7 +293,9 @@ impl Inner {
                     .await;
                     return;
                 }
-                Err(e) if rpc::code_of(&e) == Code::DEADLINE_EXCEEDED => continue,
+                // The long poll's own deadline: the agent's DEADLINE_EXCEEDED, or the
+                // ttrpc client giving up first ("Receive packet timeout").
+                Err(e) if poll_expired(&e, deadline) => continue,
                 Err(e) => {
                     if !self.is_current(&pod).await {
                         return;
@@ -322,7 +324,8 @@ impl Inner {
             let mut req = agent_api::GetEventsRequest::new();
             req.after_sequence = after;
             req.max_events = 256;
-            let deadline = context_until(Instant::now() + WAIT_POLL);
+            let poll_deadline = Instant::now() + WAIT_POLL;
+            let deadline = context_until(poll_deadline);
             match pod.containers.get_events(deadline, &req).await {
                 Ok(resp) => {
                     if resp.dropped > 0 {
@@ -340,7 +343,7 @@ impl Inner {
                         self.handle_event(ev).await;
                     }
                 }
-                Err(e) if rpc::code_of(&e) == Code::DEADLINE_EXCEEDED => {}
+                Err(e) if poll_expired(&e, poll_deadline) => {}
                 Err(e) if rpc::code_of(&e) == Code::UNIMPLEMENTED => {
                     tracing::info!("the agent has no event stream: no OOM events for this pod");
                     return;
@@ -407,6 +410,12 @@ impl Inner {
             _ => {}
         }
     }
+}
+
+/// Whether a long poll ended only because its deadline passed.
+fn poll_expired(e: &ttrpc::Error, deadline: Instant) -> bool {
+    rpc::code_of(e) == Code::DEADLINE_EXCEEDED
+        || (Instant::now() >= deadline && !matches!(e, ttrpc::Error::RpcStatus(_)))
 }
 
 /// Stops the VM (if any) and removes the pod's run directory and mounts.

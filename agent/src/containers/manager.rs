@@ -8,16 +8,15 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::time::Instant;
 
-use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::{Container, ContainerStatus};
-use libcontainer::syscall::syscall::SyscallType;
 
+use super::build_process;
 use super::cgroups;
 use super::events::EventLog;
 use super::exits::{ExitRecord, ExitTable};
 use super::spec::{self, SpecError};
 use super::stdio::{ChildStdio, Declared, ProcessStdio, StdioError, StdioRegistry};
-use super::tty::{self, ConsoleSocket, SizedTerminalExecutor, Terminal, WindowSize};
+use super::tty::{ConsoleSocket, Terminal, WindowSize};
 
 /// Most containers one agent holds (container.proto).
 pub const MAX_CONTAINERS: usize = 128;
@@ -253,25 +252,23 @@ impl ContainerManager {
         let root = self.root.clone();
         let no_pivot = self.no_pivot;
         let (job_id, job_bundle, job_stdio) = (id.to_owned(), bundle.clone(), stdio.clone());
+        let exits = self.exits.clone();
         let built = blocking("create the container", move || {
-            std::fs::create_dir_all(&root).map_err(|e| runtime_err("create the state root", e))?;
-            let console_build = console.as_ref().map(|_| tty::console_build_lock());
-            let builder = ContainerBuilder::new(job_id.clone(), SyscallType::default())
-                .with_root_path(&root)
-                .map_err(|e| runtime_err("libcontainer state root", e))?;
-            let container = give_stdio(builder, child, console.as_ref())
-                .as_init(&job_bundle)
-                .with_systemd(false)
-                .with_detach(true)
-                .with_no_pivot(no_pivot)
-                .build()
-                .map_err(|e| {
-                    runtime_err(
-                        "libcontainer could not create the container",
-                        error_chain(&e),
-                    )
+            // In a single-threaded builder process (build_process.rs), then loaded here.
+            let request = build_process::InitRequest {
+                id: &job_id,
+                root: &root,
+                bundle: &job_bundle,
+                no_pivot,
+                console: console.as_ref().map(ConsoleSocket::path),
+            };
+            let container = build_process::build_init(&request, child)
+                .map_err(|e| build_err("libcontainer could not create the container", e))
+                .inspect(|built| forget_builder(&exits, built))
+                .and_then(|_| {
+                    Container::load(root.join(&job_id))
+                        .map_err(|e| runtime_err("load the created container", error_chain(&e)))
                 });
-            drop(console_build);
             // The init made its pty before it reported ready: the master is waiting.
             match container.and_then(|c| take_master(console.as_ref(), &job_stdio).map(|()| c)) {
                 Ok(c) => Ok(c),
@@ -343,31 +340,24 @@ impl ContainerManager {
             let job_stdio = proc.stdio.clone();
             // The tenant builder joins the init's namespaces and cgroup and runs the
             // program at once: created-but-not-started lives here, in the agent.
+            let exits = self.exits.clone();
             let pid = blocking("start the exec process", move || {
-                let console_build = console.as_ref().map(|_| tty::console_build_lock());
-                let builder = ContainerBuilder::new(cid, SyscallType::default())
-                    .with_root_path(&root)
-                    .map_err(|e| runtime_err("libcontainer state root", e))?;
-                let mut builder = give_stdio(builder, child, console.as_ref());
-                if console.is_some() {
-                    builder = builder.with_executor(SizedTerminalExecutor { size });
-                }
-                let pid = builder
-                    .as_tenant()
-                    .with_process(Some(json))
-                    .with_detach(true)
-                    .build()
-                    .map_err(|e| {
-                        runtime_err(
-                            "libcontainer could not start the exec process",
-                            error_chain(&e),
-                        )
-                    })?;
-                drop(console_build);
+                // In a single-threaded builder process (build_process.rs).
+                let request = build_process::ExecRequest {
+                    id: &cid,
+                    root: &root,
+                    process_json: &json,
+                    console: console.as_ref().map(ConsoleSocket::path),
+                    size,
+                };
+                let built = build_process::build_exec(&request, child)
+                    .map_err(|e| build_err("libcontainer could not start the exec process", e))?;
+                forget_builder(&exits, &built);
+                let pid = nix::unistd::Pid::from_raw(built.pid);
                 if let Err(e) = take_master(console.as_ref(), &job_stdio) {
                     // Nobody could see or feed it: it must not run on unattended.
-                    // SAFETY: kill takes plain integers; the pid is the agent's child,
-                    // started just now.
+                    // SAFETY: kill takes plain integers; the pid was started just now
+                    // and is the agent's (re-parented) child.
                     unsafe { libc::kill(pid.as_raw(), libc::SIGKILL) };
                     return Err(e);
                 }
@@ -387,14 +377,20 @@ impl ContainerManager {
             return Ok(pid.as_raw());
         }
         let container = entry.container.clone();
+        let (root, cid, exits) = (self.root.clone(), id.to_owned(), self.exits.clone());
         blocking("start the container", move || {
             let mut c = container.lock().unwrap_or_else(|p| p.into_inner());
-            c.start().map_err(|e| {
-                runtime_err(
-                    "libcontainer could not start the container",
-                    error_chain(&e),
-                )
-            })
+            // In a builder process (build_process.rs), then reloaded: it is Running now.
+            let request = build_process::StartRequest {
+                id: &cid,
+                root: &root,
+            };
+            let built = build_process::start_init(&request)
+                .map_err(|e| build_err("libcontainer could not start the container", e))?;
+            forget_builder(&exits, &built);
+            *c = Container::load(root.join(&cid))
+                .map_err(|e| runtime_err("load the started container", error_chain(&e)))?;
+            Ok(())
         })
         .await
         .inspect_err(|_| proc.started.store(false, Ordering::Release))?;
@@ -678,24 +674,31 @@ fn open_console(
     }
 }
 
-/// Gives the process its pipes, or libcontainer the console socket to send its pty to.
-fn give_stdio(
-    builder: ContainerBuilder,
-    child: ChildStdio,
-    console: Option<&ConsoleSocket>,
-) -> ContainerBuilder {
-    match child {
-        ChildStdio::Pipes {
-            stdin,
-            stdout,
-            stderr,
-        } => builder
-            .with_stdin(stdin)
-            .with_stdout(stdout)
-            .with_stderr(stderr),
-        ChildStdio::Terminal => builder.with_console_socket(console.map(ConsoleSocket::path)),
+/// A failed build: libcontainer's own error chain, or why the builder process failed.
+fn build_err(what: &str, e: build_process::BuildError) -> ManagerError {
+    match e {
+        build_process::BuildError::Failed(chain) => runtime_err(what, chain),
+        other => runtime_err(what, error_chain(&other)),
     }
 }
+
+/// The builder process's exit is the reaper's to collect; its record would only
+/// shadow a later process that reuses the pid.
+fn forget_builder(exits: &Arc<ExitTable>, built: &build_process::Built) {
+    let (exits, pid) = (exits.clone(), built.builder_pid);
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        let reaped = tokio::time::timeout(BUILDER_EXIT_TIMEOUT, exits.wait(pid)).await;
+        if reaped.is_ok() {
+            exits.forget(pid);
+        }
+    });
+}
+
+/// How long the builder process may take to exit once it replied.
+const BUILDER_EXIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Receives the built process's pty master into its stdio.
 fn take_master(console: Option<&ConsoleSocket>, stdio: &ProcessStdio) -> Result<(), ManagerError> {

@@ -91,14 +91,6 @@ impl WindowSize {
     }
 }
 
-/// Serialises builds that use a console socket: libcontainer changes the process-wide
-/// working directory while it connects to the socket (to shorten the path), so two at
-/// once could connect to each other's socket.
-pub fn console_build_lock() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// The listening socket libcontainer's process connects to, to send its pty master.
 /// The socket file is removed on drop.
 pub struct ConsoleSocket {

@@ -1,24 +1,21 @@
-//! The draft services of protocol version 3 (`Containers` without the feature): registered so
-//! that every method answers UNIMPLEMENTED with its name — never the generated
-//! NOT_FOUND default, never a hang — until the container work fills them in.
+//! The Containers service of an agent built without its `containers` feature: registered
+//! so that every method answers UNIMPLEMENTED with its name — never the generated
+//! NOT_FOUND default, never a hang.
 
 use async_trait::async_trait;
 use crx_protocols::v1::container::*;
 use crx_protocols::v1::container_ttrpc::Containers;
 use ttrpc::r#async::TtrpcContext;
 
-/// The Containers service, before it does anything (used without the feature).
-#[cfg_attr(feature = "containers", allow(dead_code))]
+/// The Containers service of an agent that cannot run containers.
 pub struct DraftServices;
 
 /// The UNIMPLEMENTED answer for `method` ("Service.Method").
-#[cfg_attr(feature = "containers", allow(dead_code))]
 pub(crate) fn unimplemented<T>(method: &str) -> ttrpc::Result<T> {
     Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
         ttrpc::Code::UNIMPLEMENTED,
         format!(
-            "{method} is not implemented by this agent (protocol version {}; containers arrive with version 3)",
-            crx_protocols::PROTOCOL_VERSION
+            "{method} is not implemented by this agent: it was built without its `containers` feature"
         ),
     )))
 }

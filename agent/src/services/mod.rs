@@ -2,6 +2,7 @@
 
 #[cfg(feature = "containers")]
 pub mod containers;
+#[cfg(not(feature = "containers"))]
 pub mod drafts;
 pub mod health;
 pub mod lifecycle;
