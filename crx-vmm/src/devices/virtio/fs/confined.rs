@@ -21,7 +21,11 @@
 //!   big requests and for seeing host-side changes (`AUTO_INVAL_DATA`).
 
 use std::ffi::CStr;
+use std::fs::File;
 use std::io;
+use std::mem::ManuallyDrop;
+use std::os::unix::io::{AsRawFd, FromRawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{
@@ -33,6 +37,7 @@ use fuse_backend_rs::api::filesystem::{
 use fuse_backend_rs::passthrough::PassthroughFs;
 
 use super::held_inodes::{Fast, HeldInodes};
+use super::own_files::{is_own, OwnFiles};
 use super::{ATTR_TIMEOUT, ENTRY_TIMEOUT};
 
 type Inode = u64;
@@ -73,6 +78,10 @@ pub struct ConfinedFs {
     inner: PassthroughFs<()>,
     /// Inodes the guest holds, for LOOKUPs that need no new inode.
     held: HeldInodes,
+    /// Files opened by handle (OPEN without the procfs path walk).
+    own: OwnFiles,
+    /// Cleared once `open_by_handle_at` is refused (no CAP_DAC_READ_SEARCH).
+    handles_usable: AtomicBool,
 }
 
 impl ConfinedFs {
@@ -82,6 +91,31 @@ impl ConfinedFs {
         Self {
             inner,
             held: HeldInodes::new(root),
+            own: OwnFiles::default(),
+            handles_usable: AtomicBool::new(true),
+        }
+    }
+
+    /// Opens a held regular file by its handle, if that works; `None` sends the OPEN
+    /// to PassthroughFs.
+    fn open_own(&self, inode: Inode, flags: u32) -> Option<Handle> {
+        if !self.handles_usable.load(Ordering::Relaxed) {
+            return None;
+        }
+        let reopen = self.held.reopen(inode)?;
+        // OPEN carries open(2) flags only; O_CREAT and O_DIRECTORY have no business
+        // here and O_NOCTTY is moot for a regular file.
+        let flags = (flags as i32) & !(libc::O_CREAT | libc::O_EXCL | libc::O_DIRECTORY);
+        match reopen.open(flags) {
+            Ok(file) => Some(self.own.insert(file)),
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                tracing::info!(
+                    "virtio-fs: open_by_handle_at refused (no CAP_DAC_READ_SEARCH); OPEN reopens through /proc/self/fd"
+                );
+                self.handles_usable.store(false, Ordering::Relaxed);
+                None
+            }
+            Err(_) => None,
         }
     }
 
@@ -91,6 +125,21 @@ impl ConfinedFs {
             self.held.handed_out(parent, name, e.inode, &e.attr);
         }
         entry
+    }
+}
+
+/// Borrows an owned file as a `File` for a call that wants `&mut File`.
+fn borrowed(file: &File) -> ManuallyDrop<File> {
+    // SAFETY: the fd stays open for as long as `file` lives, which outlives the
+    // borrow; ManuallyDrop keeps this second `File` from closing it.
+    ManuallyDrop::new(unsafe { File::from_raw_fd(file.as_raw_fd()) })
+}
+
+fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }
 
@@ -159,6 +208,8 @@ impl FileSystem for ConfinedFs {
         inode: Inode,
         handle: Option<Handle>,
     ) -> io::Result<(stat64, Duration)> {
+        // Our handles are files of this inode; PassthroughFs stats the inode itself.
+        let handle = handle.filter(|&h| !is_own(h));
         self.inner.getattr(ctx, inode, handle)
     }
 
@@ -170,6 +221,21 @@ impl FileSystem for ConfinedFs {
         handle: Option<Handle>,
         valid: SetattrValid,
     ) -> io::Result<(stat64, Duration)> {
+        let mut valid = valid;
+        let handle = match handle {
+            Some(h) if is_own(h) => {
+                if valid.contains(SetattrValid::SIZE) {
+                    // Truncate through the guest's own open file, as PassthroughFs
+                    // does with its handles.
+                    let file = self.own.get(h)?;
+                    // SAFETY: ftruncate on an open fd with a size from the request.
+                    check(unsafe { libc::ftruncate64(file.as_raw_fd(), attr.st_size) })?;
+                    valid.remove(SetattrValid::SIZE);
+                }
+                None
+            }
+            other => other,
+        };
         self.inner.setattr(ctx, inode, attr, handle, valid)
     }
 
@@ -262,6 +328,10 @@ impl FileSystem for ConfinedFs {
         flags: u32,
         fuse_flags: u32,
     ) -> io::Result<(Option<Handle>, OpenOptions, Option<u32>)> {
+        // What PassthroughFs answers for a file under CachePolicy::Auto: no options.
+        if let Some(handle) = self.open_own(inode, flags) {
+            return Ok((Some(handle), OpenOptions::empty(), None));
+        }
         self.inner.open(ctx, inode, flags, fuse_flags)
     }
 
@@ -289,6 +359,10 @@ impl FileSystem for ConfinedFs {
         lock_owner: Option<u64>,
         flags: u32,
     ) -> io::Result<usize> {
+        if is_own(handle) {
+            let file = self.own.get(handle)?;
+            return w.write_from(&mut *borrowed(&file), size as usize, offset);
+        }
         self.inner
             .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
     }
@@ -306,6 +380,10 @@ impl FileSystem for ConfinedFs {
         flags: u32,
         fuse_flags: u32,
     ) -> io::Result<usize> {
+        if is_own(handle) {
+            let file = self.own.get(handle)?;
+            return r.read_to(&mut *borrowed(&file), size as usize, offset);
+        }
         self.inner.write(
             ctx,
             inode,
@@ -327,10 +405,28 @@ impl FileSystem for ConfinedFs {
         handle: Handle,
         lock_owner: u64,
     ) -> io::Result<()> {
+        if is_own(handle) {
+            // A guest close(): closing a duplicate gives the host file what a close of
+            // the guest's fd would (lock release, NFS flush), as PassthroughFs does.
+            let file = self.own.get(handle)?;
+            // SAFETY: dup of an open fd; the copy is closed at once.
+            let copy = unsafe { libc::dup(file.as_raw_fd()) };
+            check(copy)?;
+            // SAFETY: `copy` was just created and nothing else owns it.
+            return check(unsafe { libc::close(copy) });
+        }
         self.inner.flush(ctx, inode, handle, lock_owner)
     }
 
     fn fsync(&self, ctx: &Context, inode: Inode, datasync: bool, handle: Handle) -> io::Result<()> {
+        if is_own(handle) {
+            let file = self.own.get(handle)?;
+            return if datasync {
+                file.sync_data()
+            } else {
+                file.sync_all()
+            };
+        }
         self.inner.fsync(ctx, inode, datasync, handle)
     }
 
@@ -343,6 +439,18 @@ impl FileSystem for ConfinedFs {
         offset: u64,
         length: u64,
     ) -> io::Result<()> {
+        if is_own(handle) {
+            let file = self.own.get(handle)?;
+            let (offset, length) = (
+                i64::try_from(offset).map_err(|_| errno(libc::EINVAL))?,
+                i64::try_from(length).map_err(|_| errno(libc::EINVAL))?,
+            );
+            // SAFETY: fallocate on an open fd with values from the request; the kernel
+            // checks them.
+            return check(unsafe {
+                libc::fallocate64(file.as_raw_fd(), mode as libc::c_int, offset, length)
+            });
+        }
         self.inner
             .fallocate(ctx, inode, handle, mode, offset, length)
     }
@@ -357,6 +465,9 @@ impl FileSystem for ConfinedFs {
         flock_release: bool,
         lock_owner: Option<u64>,
     ) -> io::Result<()> {
+        if is_own(handle) {
+            return self.own.remove(handle);
+        }
         self.inner
             .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
     }
@@ -432,6 +543,13 @@ impl FileSystem for ConfinedFs {
         offset: u64,
         whence: u32,
     ) -> io::Result<u64> {
+        if is_own(handle) {
+            let file = self.own.get(handle)?;
+            let offset = i64::try_from(offset).map_err(|_| errno(libc::EINVAL))?;
+            // SAFETY: lseek on an open fd; the kernel checks offset and whence.
+            let at = unsafe { libc::lseek64(file.as_raw_fd(), offset, whence as libc::c_int) };
+            return u64::try_from(at).map_err(|_| io::Error::last_os_error());
+        }
         self.inner.lseek(ctx, inode, handle, offset, whence)
     }
 }

@@ -14,7 +14,7 @@
 //! - Only non-directories are answered here. A directory's lookup always goes to
 //!   PassthroughFs (it may be a mount point added after boot, and its inode is a
 //!   parent for later lookups).
-//! - The parent of a fast lookup must be a directory whose own `O_PATH` fd this table
+//! - The parent of a fast lookup must be a directory whose own fd this table
 //!   holds: the share's root, or a directory opened from a held parent with a plain
 //!   name, `O_NOFOLLOW`, and checked to be the very inode PassthroughFs handed out.
 //!
@@ -46,15 +46,24 @@ fn is_dir(st: &stat64) -> bool {
     st.st_mode & libc::S_IFMT == libc::S_IFDIR
 }
 
+fn is_regular(st: &stat64) -> bool {
+    st.st_mode & libc::S_IFMT == libc::S_IFREG
+}
+
 #[derive(Default)]
 struct Node {
+    /// How to reopen this regular file without a path walk (see [`Reopen`]).
+    reopen: Option<Arc<Reopen>>,
     /// References the guest holds (as counted here).
     refs: u64,
     /// Of those, the ones answered here that PassthroughFs never saw.
     shadow: u64,
     key: Option<FileKey>,
-    /// This directory's own `O_PATH` fd, when it can be a fast-lookup parent.
+    /// This directory's own fd (opened `O_RDONLY`: `open_by_handle_at` takes no
+    /// `O_PATH` fd), when it can be a fast-lookup parent.
     dir: Option<Arc<File>>,
+    /// The id of the mount that fd is on.
+    dir_mount: Option<u64>,
 }
 
 #[derive(Default)]
@@ -84,12 +93,28 @@ impl HeldInodes {
     /// of the very directory PassthroughFs imported).
     pub fn new(root: File) -> Self {
         let mut table = Table::default();
+        // SAFETY: openat of "." relative to an open directory fd; checked below.
+        let fd = unsafe {
+            libc::openat(
+                root.as_raw_fd(),
+                c".".as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        let root = if fd >= 0 {
+            // SAFETY: `fd` was just opened and nothing else owns it.
+            unsafe { File::from_raw_fd(fd) }
+        } else {
+            root
+        };
+        let dir_mount = mount_id(&root);
         table.nodes.insert(
             ROOT_ID,
             Node {
                 // The root is never forgotten.
                 refs: u64::MAX,
                 dir: Some(Arc::new(root)),
+                dir_mount,
                 ..Node::default()
             },
         );
@@ -136,27 +161,58 @@ impl HeldInodes {
         if inode == ROOT_ID || inode == 0 {
             return;
         }
-        let needs_dir_fd = is_dir(attr) && {
+        let (needs_dir_fd, needs_reopen) = {
             let table = self.table();
-            table.nodes.get(&inode).is_none_or(|n| n.dir.is_none())
+            let node = table.nodes.get(&inode);
+            (
+                is_dir(attr) && node.is_none_or(|n| n.dir.is_none()),
+                is_regular(attr) && node.is_none_or(|n| n.reopen.is_none()),
+            )
         };
-        let dir_fd = if needs_dir_fd {
-            let parent_fd = self.table().nodes.get(&parent).and_then(|n| n.dir.clone());
-            parent_fd.and_then(|p| open_same_dir(&p, name, attr).map(Arc::new))
+        let parent_dir = if needs_dir_fd || needs_reopen {
+            self.table()
+                .nodes
+                .get(&parent)
+                .and_then(|n| n.dir.clone().map(|d| (d, n.dir_mount)))
         } else {
             None
+        };
+        let dir_fd = match (&parent_dir, needs_dir_fd) {
+            (Some((p, _)), true) => open_same_dir(p, name, attr).map(Arc::new),
+            _ => None,
+        };
+        // The reopened file lands on the mount of the fd the handle is used with, so
+        // only a file on its parent's own mount gets one (a file bind-mounted over
+        // the name, perhaps read-only, keeps PassthroughFs's reopen).
+        let reopen = match parent_dir {
+            Some((p, Some(mount))) if needs_reopen => {
+                Reopen::of(&p, mount, name, attr).map(Arc::new)
+            }
+            _ => None,
         };
         let mut table = self.table();
         let key = key_of(attr);
         let node = table.nodes.entry(inode).or_default();
         node.refs = node.refs.saturating_add(1);
         if node.dir.is_none() {
-            node.dir = dir_fd;
+            if let Some(d) = dir_fd {
+                node.dir_mount = mount_id(&d);
+                node.dir = Some(d);
+            }
+        }
+        if node.reopen.is_none() {
+            node.reopen = reopen;
         }
         if !is_dir(attr) && node.key.is_none() {
             node.key = Some(key);
             table.files.entry(key).or_insert(inode);
         }
+    }
+
+    /// How to reopen `inode` without a path walk, if it is a held regular file whose
+    /// handle is known.
+    pub fn reopen(&self, inode: Inode) -> Option<Arc<Reopen>> {
+        self.table().nodes.get(&inode).and_then(|n| n.reopen.clone())
     }
 
     /// The guest dropped `count` references to `inode`; returns how many of them
@@ -205,7 +261,7 @@ fn fstatat(dir: &File, name: &CStr) -> io::Result<stat64> {
     Ok(st)
 }
 
-/// Opens `name` under `parent` as an `O_PATH` directory fd if it is still the
+/// Opens `name` under `parent` as a directory fd if it is still the
 /// directory `attr` describes (a rename race gives `None`: the directory just stays
 /// off the fast path).
 fn open_same_dir(parent: &File, name: &CStr, attr: &stat64) -> Option<File> {
@@ -215,7 +271,7 @@ fn open_same_dir(parent: &File, name: &CStr, attr: &stat64) -> Option<File> {
         libc::openat(
             parent.as_raw_fd(),
             name.as_ptr(),
-            libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
         )
     };
     if fd < 0 {
@@ -223,9 +279,124 @@ fn open_same_dir(parent: &File, name: &CStr, attr: &stat64) -> Option<File> {
     }
     // SAFETY: `fd` was just opened and nothing else owns it.
     let file = unsafe { File::from_raw_fd(fd) };
+    fstat(&file)
+        .is_ok_and(|st| key_of(&st) == key_of(attr))
+        .then_some(file)
+}
+
+fn fstat(file: &File) -> io::Result<stat64> {
     // SAFETY: an all-zero stat64 is a valid value of a plain C struct.
     let mut st: stat64 = unsafe { std::mem::zeroed() };
     // SAFETY: `file` is an open fd and `st` a valid out buffer; the result is checked.
-    let rc = unsafe { libc::fstat64(file.as_raw_fd(), &mut st) };
-    (rc == 0 && key_of(&st) == key_of(attr)).then_some(file)
+    if unsafe { libc::fstat64(file.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st)
+}
+
+/// Longest file handle kept (`MAX_HANDLE_SZ` in Linux).
+const MAX_HANDLE_BYTES: usize = 128;
+
+/// A regular file's kernel file handle and a directory fd on its file system:
+/// `open_by_handle_at` opens it again without the `/proc/self/fd/N` path walk
+/// PassthroughFs uses (which instantiates a procfs inode on every OPEN).
+///
+/// Why it is safe: the handle was taken from an `O_PATH` fd opened with `O_NOFOLLOW`
+/// and checked to be the very regular file PassthroughFs handed out, so it can only
+/// ever open that file (a handle carries the inode's generation: once the inode is
+/// freed and reused, it fails with `ESTALE`). It never opens a device node or follows
+/// a name. It needs `CAP_DAC_READ_SEARCH`, which the server keeps anyway (see
+/// `crate::jail::privs::FS_CAPS`); without it the caller falls back to PassthroughFs.
+pub struct Reopen {
+    /// `struct file_handle`: `handle_bytes`, `handle_type`, then the bytes.
+    handle: Vec<u8>,
+    mount: Arc<File>,
+}
+
+impl Reopen {
+    /// The handle of `name` under `parent` (on mount `parent_mount`) if it still is
+    /// the regular file `attr` and on that same mount.
+    fn of(parent: &Arc<File>, parent_mount: u64, name: &CStr, attr: &stat64) -> Option<Reopen> {
+        // SAFETY: `parent` is an open fd and `name` a NUL-terminated plain component;
+        // the result is checked before it becomes an owned File.
+        let fd = unsafe {
+            libc::openat(
+                parent.as_raw_fd(),
+                name.as_ptr(),
+                libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: `fd` was just opened and nothing else owns it.
+        let file = unsafe { File::from_raw_fd(fd) };
+        let st = fstat(&file).ok()?;
+        if key_of(&st) != key_of(attr) || !is_regular(&st) {
+            return None;
+        }
+        let mut handle = vec![0u8; 8 + MAX_HANDLE_BYTES];
+        handle[..4].copy_from_slice(&(MAX_HANDLE_BYTES as u32).to_ne_bytes());
+        let mut mount_id: libc::c_int = 0;
+        // SAFETY: `handle` is a `struct file_handle` with room for MAX_HANDLE_BYTES
+        // (its `handle_bytes` says so), `mount_id` a valid out int, the path empty
+        // with AT_EMPTY_PATH so the call names `file` itself; the result is checked.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_name_to_handle_at,
+                file.as_raw_fd(),
+                c"".as_ptr(),
+                handle.as_mut_ptr(),
+                &mut mount_id,
+                libc::AT_EMPTY_PATH,
+            )
+        };
+        if rc != 0 || u64::try_from(mount_id).ok() != Some(parent_mount) {
+            return None;
+        }
+        let used = u32::from_ne_bytes([handle[0], handle[1], handle[2], handle[3]]) as usize;
+        handle.truncate(8 + used.min(MAX_HANDLE_BYTES));
+        Some(Reopen {
+            handle,
+            mount: parent.clone(),
+        })
+    }
+
+    /// Opens the file with `flags` (`O_CLOEXEC` added).
+    pub fn open(&self, flags: i32) -> io::Result<File> {
+        // SAFETY: `handle` is a complete `struct file_handle` from name_to_handle_at,
+        // `mount` an open fd on the same file system; the result is checked before it
+        // becomes an owned File.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_open_by_handle_at,
+                self.mount.as_raw_fd(),
+                self.handle.as_ptr(),
+                flags | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the kernel just returned this fd and nothing else owns it.
+        Ok(unsafe { File::from_raw_fd(fd as libc::c_int) })
+    }
+}
+
+/// The id of the mount `file` is on (statx `STATX_MNT_ID`, Linux 5.8).
+fn mount_id(file: &File) -> Option<u64> {
+    // SAFETY: an all-zero statx is a valid value of a plain C struct.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: `file` is an open fd, the path empty with AT_EMPTY_PATH, `stx` a valid
+    // out buffer; the result is checked.
+    let rc = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_MNT_ID,
+            &mut stx,
+        )
+    };
+    (rc == 0 && stx.stx_mask & libc::STATX_MNT_ID != 0).then_some(stx.stx_mnt_id)
 }

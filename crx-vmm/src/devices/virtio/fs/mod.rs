@@ -7,7 +7,9 @@
 //!   descriptor chain at a time; crx-vmm's device thread, the vhost-user-fs back end
 //!   (`crate::vhost_user::fs`) and the benchmark all go through it;
 //! - `held_inodes.rs`: the inodes the guest holds, so a LOOKUP of a file it already
-//!   holds costs one `fstatat` (see its doc for why that is safe);
+//!   holds costs one `fstatat`, and an OPEN of a held regular file reopens it by its
+//!   kernel file handle (see its doc for why both are safe);
+//! - `own_files.rs`: files opened through those handles, under FUSE handles of our own;
 //! - `confined.rs`: [`ConfinedFs`](confined::ConfinedFs), the checks that keep the
 //!   guest inside the share, on top of what `PassthroughFs` guarantees;
 //! - `device.rs` + `event_loop.rs`: the [`Fs`] [`VirtioDevice`](super::VirtioDevice)
@@ -87,6 +89,7 @@ use std::time::Duration;
 pub mod bench;
 mod confined;
 mod held_inodes;
+mod own_files;
 mod device;
 mod event_loop;
 mod server;

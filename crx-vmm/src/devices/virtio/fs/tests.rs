@@ -872,3 +872,98 @@ fn a_held_name_replaced_on_the_host_gives_the_new_file_or_the_link_itself() {
     assert!(d.open(link.nodeid, libc::O_RDONLY).is_err());
     share.assert_outside_untouched();
 }
+
+#[test]
+fn a_held_file_opens_by_its_handle_and_every_handle_op_works_on_it() {
+    let share = Share::new("fs-own-open");
+    std::fs::write(share.path("f"), b"0123456789").unwrap();
+    let mut d = share.driver();
+    let e = d.lookup(ROOT_ID, "f").unwrap();
+    let fh = d.open(e.nodeid, libc::O_RDWR).unwrap();
+    assert!(fh >> 63 == 1, "OPEN of a held file goes by its handle ({fh:#x})");
+    assert_eq!(d.read(e.nodeid, fh, 2, 4).unwrap(), b"2345");
+    assert_eq!(d.write(e.nodeid, fh, 10, b"AB").unwrap(), 2);
+    // Truncate through the open file (FATTR_SIZE | FATTR_FH).
+    let truncate = SetattrIn {
+        valid: 0x8 | 0x40,
+        fh,
+        size: 4,
+        ..Default::default()
+    };
+    assert_eq!(d.setattr(e.nodeid, truncate).unwrap().attr.size, 4);
+    assert_eq!(std::fs::read(share.path("f")).unwrap(), b"0123");
+    d.release(e.nodeid, fh).unwrap();
+    // A released or made-up handle of ours is EBADF, not a crash.
+    assert_eq!(d.read(e.nodeid, fh, 0, 4).unwrap_err(), libc::EBADF);
+    assert_eq!(d.release(e.nodeid, fh | 0x1234).unwrap_err(), libc::EBADF);
+
+    // The handle names the inode, not the name: a file renamed away and replaced by
+    // a symlink out is still the file the guest looked up; the link is never opened.
+    std::fs::rename(share.path("f"), share.path("f.moved")).unwrap();
+    std::os::unix::fs::symlink(share.outside().join("secret"), share.path("f")).unwrap();
+    let fh = d.open(e.nodeid, libc::O_RDONLY).unwrap();
+    assert_eq!(d.read(e.nodeid, fh, 0, 100).unwrap(), b"0123");
+    d.release(e.nodeid, fh).unwrap();
+    // Once forgotten and deleted, the inode is gone: OPEN fails instead of reaching
+    // whatever reuses the inode number.
+    d.forget(e.nodeid, 1);
+    std::fs::remove_file(share.path("f.moved")).unwrap();
+    assert!(d.open(e.nodeid, libc::O_RDONLY).is_err());
+    share.assert_outside_untouched();
+}
+
+fn mount(source: &Path, target: &Path, fstype: Option<&std::ffi::CStr>, flags: libc::c_ulong) -> Mounted {
+    let src = std::ffi::CString::new(source.as_os_str().as_encoded_bytes()).unwrap();
+    let dst = std::ffi::CString::new(target.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: all pointers are valid C strings (or null) for the call.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            fstype.map_or(std::ptr::null(), |t| t.as_ptr()),
+            flags,
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "mount {} on {}: {} (this test needs root)",
+        source.display(),
+        target.display(),
+        std::io::Error::last_os_error()
+    );
+    Mounted(target.to_path_buf())
+}
+
+#[test]
+fn a_file_bind_mounted_from_another_file_system_opens_through_passthrough() {
+    let share = Share::new("fs-own-bind");
+    std::fs::write(share.path("target"), b"").unwrap();
+    let other = share.top.0.join("other-fs");
+    std::fs::create_dir(&other).unwrap();
+    let _tmpfs = mount(Path::new("tmpfs"), &other, Some(c"tmpfs"), 0);
+    std::fs::write(other.join("file"), b"on tmpfs").unwrap();
+    let _bind = mount(&other.join("file"), &share.path("target"), None, libc::MS_BIND);
+    let mut d = share.driver();
+    let e = d.lookup(ROOT_ID, "target").unwrap();
+    let fh = d.open(e.nodeid, libc::O_RDONLY).unwrap();
+    assert!(fh >> 63 == 0, "another file system: PassthroughFs's own OPEN");
+    assert_eq!(d.read(e.nodeid, fh, 0, 100).unwrap(), b"on tmpfs");
+    d.release(e.nodeid, fh).unwrap();
+
+    // A read-only bind mount of a file from the share's own file system (a readOnly
+    // volume): the handle must not reopen it through the share's writable mount.
+    std::fs::write(share.path("src"), b"keep").unwrap();
+    std::fs::write(share.path("ro"), b"").unwrap();
+    let _ro = mount(&share.path("src"), &share.path("ro"), None, libc::MS_BIND);
+    let _remount = mount(
+        Path::new("none"),
+        &share.path("ro"),
+        None,
+        libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+    );
+    let ro = d.lookup(ROOT_ID, "ro").unwrap();
+    assert_eq!(d.open(ro.nodeid, libc::O_RDWR).unwrap_err(), libc::EROFS);
+    assert_eq!(std::fs::read(share.path("src")).unwrap(), b"keep");
+}
