@@ -93,6 +93,18 @@ pub fn attach_stream(uds: &Path, id: &str, exec_id: &str, kind: StreamKind) -> R
         hybrid_vsock::connect(uds, crx_protocols::STDIO_VSOCK_PORT, Duration::from_secs(20))
             .context("connecting to the agent's stdio port")?;
     conn.set_read_timeout(Some(Duration::from_secs(60)))?;
+    stream_handshake(&mut conn, id, exec_id, kind)?;
+    Ok(conn)
+}
+
+/// The `CRXS` handshake of stdio.proto on a fresh connection to the agent's stdio port
+/// (through the VMM, or a host-mode agent's `<socket>_1026`).
+pub fn stream_handshake(
+    conn: &mut UnixStream,
+    id: &str,
+    exec_id: &str,
+    kind: StreamKind,
+) -> Result<()> {
     let mut header = StreamHeader::new();
     header.container_id = id.to_owned();
     header.exec_id = exec_id.to_owned();
@@ -108,7 +120,7 @@ pub fn attach_stream(uds: &Path, id: &str, exec_id: &str, kind: StreamKind) -> R
     conn.read_exact(&mut body)?;
     let accept: StreamAccept = protobuf::Message::parse_from_bytes(&body)?;
     ensure!(accept.accepted, "stream refused: {}", accept.error);
-    Ok(conn)
+    Ok(())
 }
 
 /// Attaches a guest → host stream and collects it to EOF on a thread.

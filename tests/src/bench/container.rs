@@ -14,7 +14,7 @@
 //! container's storage; the per-run figures do not include that mount, as runc's do not
 //! include making the bundle.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -25,7 +25,7 @@ use anyhow::{bail, ensure, Context, Result};
 use crx_protocols::hybrid_vsock::{self, context_until, wait_for_agent, AgentAddress};
 use crx_protocols::v1::container::*;
 use crx_protocols::v1::container_ttrpc::ContainersClient;
-use crx_protocols::v1::stdio::{StreamAccept, StreamHeader, StreamKind};
+use crx_protocols::v1::stdio::StreamKind;
 use serde_json::json;
 
 use super::stats::Summary;
@@ -370,20 +370,7 @@ impl AgentSubject<'_> {
     fn attach(&self, id: &str, kind: StreamKind) -> Result<UnixStream> {
         let mut conn = (self.connect_stdio)()?;
         conn.set_read_timeout(Some(STEP_TIMEOUT))?;
-        let mut header = StreamHeader::new();
-        header.container_id = id.to_owned();
-        header.stream = kind.into();
-        let body = protobuf::Message::write_to_bytes(&header)?;
-        let mut frame = b"CRXS".to_vec();
-        frame.extend_from_slice(&u16::try_from(body.len())?.to_be_bytes());
-        frame.extend_from_slice(&body);
-        conn.write_all(&frame)?;
-        let mut len = [0u8; 2];
-        conn.read_exact(&mut len).context("no StreamAccept")?;
-        let mut body = vec![0u8; usize::from(u16::from_be_bytes(len))];
-        conn.read_exact(&mut body)?;
-        let accept: StreamAccept = protobuf::Message::parse_from_bytes(&body)?;
-        ensure!(accept.accepted, "stream refused: {}", accept.error);
+        crate::guest_pod::stream_handshake(&mut conn, id, "", kind)?;
         Ok(conn)
     }
 
