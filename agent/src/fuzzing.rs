@@ -257,7 +257,10 @@ fn exec_process(body: &[u8]) {
     };
     let _ = check_id(&req.container_id);
     if check_id(&req.exec_id) {
-        if let Ok(process) = crate::containers::spec::prepare_process(&req.process) {
+        if let Ok(process) = crate::containers::spec::prepare_process(
+            &req.process,
+            std::path::Path::new("/nonexistent"),
+        ) {
             check_process(&process);
         }
     }
@@ -349,7 +352,7 @@ pub fn oci_spec(scratch: &SpecScratch, data: &[u8]) {
     use crate::containers::spec;
     use libcontainer::oci_spec::runtime::Spec;
 
-    if let Ok(process) = spec::prepare_process(data) {
+    if let Ok(process) = spec::prepare_process(data, std::path::Path::new("/nonexistent")) {
         check_process(&process);
     }
     let Some(rootfs) = scratch.rootfs.to_str() else {

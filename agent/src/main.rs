@@ -16,11 +16,11 @@
 
 mod boot_marker;
 mod cmdline;
+#[cfg(feature = "containers")]
+mod containers;
 /// The fuzz targets' per-input checks (agent/fuzz compiles it itself; here for its tests).
 #[cfg(test)]
 mod fuzzing;
-#[cfg(feature = "containers")]
-mod containers;
 mod init;
 mod logging;
 mod power;
@@ -367,9 +367,14 @@ async fn serve_host(listen: ListenAddr, state_dir: &Path) -> anyhow::Result<()> 
     use tokio::signal::unix::{signal, SignalKind};
 
     // Orphans of the processes we start come back to us, as they would to PID 1.
+    // Without that a container's init (whose parent, the builder, is gone) would be
+    // reaped by someone else and its exit never reported: refuse to serve.
     // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes an integer flag, no pointers.
     if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
-        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot become a child subreaper");
+        return Err(std::io::Error::last_os_error()).context(
+            "cannot become a child subreaper (prctl PR_SET_CHILD_SUBREAPER); without it \
+             container exits would be lost, so the agent does not start",
+        );
     }
     let _reaper = reaper::Reaper::spawn()?;
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;

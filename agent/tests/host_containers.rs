@@ -244,4 +244,103 @@ mod tests {
         drop(stdin);
         rig.remove(&id, false).unwrap();
     }
+
+    #[test]
+    fn a_program_named_by_path_runs_without_path_in_its_environment() {
+        let rig = Rig::start();
+        let spec = spec(&["/bin/cat", "/proc/self/environ"], "")
+            .replace(r#""env":["PATH=/bin"]"#, r#""env":["GREETING=hi"]"#);
+        assert!(spec.contains("GREETING"), "the spec template changed");
+        let (exit, out, err) = rig.run(&spec);
+        assert_eq!(exit.exit_status, 0, "stderr: {err}");
+        let vars: Vec<&str> = out.split('\0').filter(|v| !v.is_empty()).collect();
+        assert!(vars.contains(&"GREETING=hi"), "{vars:?}");
+        assert!(!vars.iter().any(|v| v.starts_with("PATH=")), "{vars:?}");
+    }
+
+    /// Runs `call` with a ttrpc deadline `window` away; the reply must come before it.
+    fn answered_before_the_deadline<T: std::fmt::Debug>(
+        window: std::time::Duration,
+        call: impl FnOnce(ttrpc::context::Context) -> ttrpc::Result<T>,
+    ) -> (ttrpc::Result<T>, std::time::Duration) {
+        let start = std::time::Instant::now();
+        let deadline = start + window;
+        let result = call(crx_protocols::hybrid_vsock::context_until(deadline));
+        let answered = std::time::Instant::now();
+        assert!(
+            answered < deadline,
+            "answered {:?} after the deadline: {result:?}",
+            answered - deadline
+        );
+        (result, answered - start)
+    }
+
+    #[test]
+    fn long_polls_answer_before_the_callers_deadline() {
+        let rig = Rig::start();
+        let window = std::time::Duration::from_secs(2);
+
+        // Nothing ever happened in this agent: GetEvents answers empty.
+        let (events, took) = answered_before_the_deadline(window, |ctx| {
+            rig.rt
+                .block_on(rig.client.get_events(ctx, &GetEventsRequest::new()))
+        });
+        let events = events.unwrap();
+        assert!(events.events.is_empty(), "{events:?}");
+        assert!(took >= window / 2, "answered early, after {took:?}");
+
+        let id = unique("poll");
+        rig.create(
+            &id,
+            spec(&["sleep", "30"], "").as_bytes(),
+            (false, false, false),
+        )
+        .unwrap();
+        rig.start_init(&id).unwrap();
+        let mut req = WaitProcessRequest::new();
+        req.container_id = id.clone();
+        let (waited, took) = answered_before_the_deadline(window, |ctx| {
+            rig.rt.block_on(rig.client.wait_process(ctx, &req))
+        });
+        let (code, message) = code(waited);
+        assert_eq!(code, ttrpc::Code::DEADLINE_EXCEEDED, "{message}");
+        assert!(took >= window / 2, "answered early, after {took:?}");
+        rig.signal(&id, 9).unwrap();
+        rig.wait(&id, 10).unwrap();
+        rig.remove(&id, false).unwrap();
+    }
+
+    #[test]
+    fn a_uid_gets_its_image_groups_and_home() {
+        let rig = Rig::start();
+        let etc = rig.rootfs.join("etc");
+        std::fs::write(
+            etc.join("passwd"),
+            "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000:user:/home/user:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(
+            etc.join("group"),
+            "root:x:0:\nuser:x:1000:\nextra:x:2000:user\n",
+        )
+        .unwrap();
+        let spec = spec(
+            &["sh", "-c", "id -u; cat /proc/self/status; echo HOME=$HOME"],
+            "",
+        )
+        .replace(
+            r#""user":{"uid":0,"gid":0}"#,
+            r#""user":{"uid":1000,"gid":1000}"#,
+        );
+        assert!(spec.contains("1000"), "the spec template changed");
+        let (exit, out, err) = rig.run(&spec);
+        assert_eq!(exit.exit_status, 0, "stderr: {err}");
+        assert_eq!(out.lines().next(), Some("1000"), "{out}");
+        let groups = out
+            .lines()
+            .find(|l| l.starts_with("Groups:"))
+            .unwrap_or_default();
+        assert!(groups.split_whitespace().any(|g| g == "2000"), "{groups:?}");
+        assert!(out.lines().any(|l| l == "HOME=/home/user"), "{out}");
+    }
 }

@@ -276,7 +276,11 @@ mod tests {
                         assert!(!status.message().is_empty(), "{method}");
                     }
                     Err(ttrpc::Error::RpcStatus(status)) => {
-                        assert_eq!(status.code(), ttrpc::Code::UNIMPLEMENTED, "{method}: {status:?}");
+                        assert_eq!(
+                            status.code(),
+                            ttrpc::Code::UNIMPLEMENTED,
+                            "{method}: {status:?}"
+                        );
                         assert!(status.message().contains(method), "{method}: {status:?}");
                     }
                     Err(other) => panic!("{method}: expected an RPC status, got {other:?}"),
@@ -445,5 +449,81 @@ mod tests {
                 "{err}"
             );
         });
+    }
+
+    /// Installs (in the child about to exec the agent) a seccomp filter that makes
+    /// `prctl(PR_SET_CHILD_SUBREAPER, ..)` fail with EPERM and allows everything else.
+    fn deny_subreaper() -> std::io::Result<()> {
+        #[cfg(target_arch = "x86_64")]
+        const AUDIT_ARCH: u32 = 0xC000_003E;
+        #[cfg(target_arch = "aarch64")]
+        const AUDIT_ARCH: u32 = 0xC000_00B7;
+        const LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+        const JEQ_K: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+        const RET_K: u16 = 0x06; // BPF_RET | BPF_K
+        const RET_ALLOW: u32 = 0x7fff_0000;
+        const RET_EPERM: u32 = 0x0005_0000 | libc::EPERM as u32;
+        let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+        let filter = [
+            op(LD_W_ABS, 0, 0, 4), // seccomp_data.arch
+            op(JEQ_K, 0, 5, AUDIT_ARCH),
+            op(LD_W_ABS, 0, 0, 0), // seccomp_data.nr
+            op(JEQ_K, 0, 3, libc::SYS_prctl as u32),
+            op(LD_W_ABS, 0, 0, 16), // low half of seccomp_data.args[0]
+            op(JEQ_K, 0, 1, libc::PR_SET_CHILD_SUBREAPER as u32),
+            op(RET_K, 0, 0, RET_EPERM),
+            op(RET_K, 0, 0, RET_ALLOW),
+        ];
+        let program = libc::sock_fprog {
+            len: filter.len() as u16,
+            filter: filter.as_ptr() as *mut libc::sock_filter,
+        };
+        // SAFETY: plain prctl calls; `program` points at `filter`, alive for the call.
+        unsafe {
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &program as *const libc::sock_fprog,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn an_agent_that_cannot_become_a_subreaper_refuses_to_start() {
+        use std::os::unix::process::CommandExt;
+        let dir = std::env::temp_dir().join(format!("crx-agent-nosub-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut command = Command::new(AGENT);
+        command
+            .arg("--listen")
+            .arg(format!("unix://{}", dir.join("agent.sock").display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // SAFETY: the closure only makes async-signal-safe prctl calls.
+        unsafe { command.pre_exec(deny_subreaper) };
+        let child = command.spawn().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        let output = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the agent kept running without being a subreaper")
+            .unwrap();
+        let never_listened = !dir.join("agent.sock").exists();
+        let _ = std::fs::remove_dir_all(&dir);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "exit {:?}", output.status);
+        assert!(
+            stderr.contains("subreaper") && stderr.contains("Operation not permitted"),
+            "{stderr}"
+        );
+        assert!(never_listened, "the agent bound its socket before refusing");
     }
 }

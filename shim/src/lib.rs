@@ -3,4 +3,5 @@
 
 pub mod config;
 pub mod mounts;
+pub mod network;
 pub mod vm;

@@ -11,6 +11,7 @@ use crx_protocols::hybrid_vsock::{self, AgentAddress};
 use crx_protocols::v1::container_ttrpc::ContainersClient;
 use crx_protocols::v1::sandbox_ttrpc::SandboxClient;
 use crx_shim::config::ShimConfig;
+use crx_shim::network::PodNetwork;
 use crx_shim::vm::{
     select_confined_backend, BackendKind, Confinement, SerialOutput, SharedDir, Vm, VmConfig,
     VmDevices, VmError, VmExit,
@@ -40,8 +41,27 @@ pub enum PodError {
     },
     #[error("the pod VM ended before its agent answered: {0}")]
     DiedBooting(String),
+    #[error("the crx agent in the pod VM speaks protocol version {agent}, this shim needs version {needed} or newer: rebuild the guest initramfs{vm_state}")]
+    AgentTooOld {
+        agent: u32,
+        needed: u32,
+        vm_state: String,
+    },
     #[error("internal error: {0}")]
     Join(String),
+    #[error("could not give the pod VM its network")]
+    Network(#[source] crx_shim::network::NetworkError),
+}
+
+/// Whether an agent speaking `agent` can serve this shim: older agents lack
+/// requests the shim sends, so they are refused at connect, not mid-pod.
+pub fn protocol_supported(agent: u32) -> Result<(), (u32, u32)> {
+    let needed = crx_protocols::PROTOCOL_VERSION;
+    if agent < needed {
+        Err((agent, needed))
+    } else {
+        Ok(())
+    }
 }
 
 /// A running pod VM and its agent.
@@ -59,6 +79,8 @@ pub struct Pod {
     pids: Vec<(&'static str, u32)>,
     vm: Arc<Mutex<Box<dyn Vm>>>,
     stopping: Arc<AtomicBool>,
+    /// The pod's network, if its spec named a network namespace.
+    pub network: Option<PodNetwork>,
 }
 
 /// Called (once, on the watcher thread) when the VM ends without a stop request.
@@ -72,8 +94,20 @@ impl Pod {
         paths: &PodPaths,
         config: &ShimConfig,
         (vcpus, memory_mib): (u8, u32),
+        netns: Option<std::path::PathBuf>,
         on_death: DeathHandler,
     ) -> Result<Pod, PodError> {
+        // The pod's CNI network, mirrored onto a tap for the VM's NIC (dropped, and so
+        // undone, on any early return below).
+        let network = match netns {
+            Some(ns) => Some(
+                tokio::task::spawn_blocking(move || PodNetwork::attach(&ns))
+                    .await
+                    .map_err(|e| PodError::Join(e.to_string()))?
+                    .map_err(PodError::Network)?,
+            ),
+            None => None,
+        };
         let vm_config = VmConfig {
             name: sandbox_id.to_owned(),
             run_dir: paths.root.clone(),
@@ -94,6 +128,7 @@ impl Pod {
                     tag: SHARE_TAG.into(),
                     host_dir: paths.share(),
                 }],
+                net: network.as_ref().map(|n| n.nic.clone()),
                 ..Default::default()
             },
         };
@@ -141,6 +176,14 @@ impl Pod {
             }
         };
         let ready_after = started.elapsed();
+        if let Err((agent, needed)) = protocol_supported(ready.version.protocol_version) {
+            let vm_state = stop_vm(vm.clone()).await;
+            return Err(PodError::AgentTooOld {
+                agent,
+                needed,
+                vm_state,
+            });
+        }
         tracing::info!(
             ?ready_after,
             attempts = ready.attempts,
@@ -167,13 +210,18 @@ impl Pod {
             pids,
             vm,
             stopping,
+            network,
         })
     }
 
     /// Stops the VM (idempotent); the watcher reports nothing for a requested stop.
     pub async fn stop(&self) -> String {
         self.stopping.store(true, Ordering::SeqCst);
-        stop_vm(self.vm.clone()).await
+        let ended = stop_vm(self.vm.clone()).await;
+        if let Some(network) = &self.network {
+            network.detach();
+        }
+        ended
     }
 
     /// Process names and pids of the VM.
@@ -260,4 +308,29 @@ fn spawn_watcher(vm: Arc<Mutex<Box<dyn Vm>>>, stopping: Arc<AtomicBool>, on_deat
 
 fn describe(exit: &VmExit) -> String {
     format!("the pod VM ended: {exit}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agents_older_than_the_protocol_are_refused_with_both_versions() {
+        let current = crx_protocols::PROTOCOL_VERSION;
+        assert_eq!(protocol_supported(current), Ok(()));
+        assert_eq!(protocol_supported(current + 1), Ok(()));
+        let (agent, needed) = protocol_supported(current - 1).unwrap_err();
+        assert_eq!((agent, needed), (current - 1, current));
+        let message = PodError::AgentTooOld {
+            agent,
+            needed,
+            vm_state: String::new(),
+        }
+        .to_string();
+        assert!(
+            message.contains(&format!("version {}", current - 1))
+                && message.contains(&format!("version {current}")),
+            "{message}"
+        );
+    }
 }

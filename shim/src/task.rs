@@ -485,7 +485,8 @@ impl TaskService {
                 }
             });
             let size = translate::vm_size(spec, config.vcpus, config.memory_mib);
-            let pod = Pod::boot(sandbox_id, &paths, &config, size, on_death)
+            let netns = crx_shim::network::netns_of(spec);
+            let pod = Pod::boot(sandbox_id, &paths, &config, size, netns, on_death)
                 .await
                 .map_err(|e| rpc::status(Code::UNAVAILABLE, error_chain(&e)))?;
             tracing::info!(
@@ -509,6 +510,10 @@ impl TaskService {
             share.fstype = "virtiofs".into();
             share.mount_point = GUEST_SHARE.into();
             sreq.storages.push(share);
+            if let Some(network) = &pod.network {
+                sreq.interfaces = network.interfaces.clone();
+                sreq.routes = network.routes.clone();
+            }
             pod.sandbox
                 .create_sandbox(ctx(), &sreq)
                 .await

@@ -31,6 +31,8 @@ pub struct Containerd {
     socket: PathBuf,
     /// Files made for this containerd outside its directory, removed on drop.
     extra_files: Vec<PathBuf>,
+    /// containerd's environment, kept so that a restart starts the same daemon.
+    env: Vec<(OsString, OsString)>,
 }
 
 /// Output of one `ctr` call.
@@ -77,7 +79,7 @@ pub fn shim_dir() -> Result<PathBuf> {
 impl Containerd {
     /// Starts containerd with `env` added to its environment (and so to the shims it
     /// starts), and waits until it answers `ctr version`.
-    pub fn start(env: &[(&str, OsString)]) -> Result<Self> {
+    pub fn start(env_extra: &[(&str, OsString)]) -> Result<Self> {
         for tool in ["containerd", "ctr", "runc"] {
             ensure!(
                 which(tool).is_some(),
@@ -99,23 +101,20 @@ impl Containerd {
         path.push(
             std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into()),
         );
-        let log = std::fs::File::create(dir.join("containerd.log")).context("containerd.log")?;
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(&config)
-            .env("PATH", path)
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawning containerd")?;
+        let mut env: Vec<(OsString, OsString)> = vec![("PATH".into(), path)];
+        env.extend(
+            env_extra
+                .iter()
+                .map(|(k, v)| (OsString::from(k), v.clone())),
+        );
         let mut ctrd = Containerd {
             dir,
-            child: Some(child),
+            child: None,
             socket,
             extra_files: Vec::new(),
+            env,
         };
+        ctrd.child = Some(ctrd.spawn_daemon()?);
         ctrd.wait_ready(Duration::from_secs(30))?;
         Ok(ctrd)
     }
@@ -142,6 +141,36 @@ impl Containerd {
                 Err(e)
             }
         }
+    }
+
+    /// Starts containerd itself on this directory's config, appending to its log.
+    fn spawn_daemon(&self) -> Result<Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("containerd.log"))
+            .context("containerd.log")?;
+        Command::new("containerd")
+            .arg("--config")
+            .arg(self.dir.join("config.toml"))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning containerd")
+    }
+
+    /// Stops containerd (SIGTERM, as a service manager would) while its shims run on,
+    /// then starts it again with the same config, root, state, socket and environment,
+    /// and waits until it answers. Running tasks must be found again by containerd
+    /// itself (through each shim's address file in the state directory).
+    pub fn restart(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            terminate(&mut child, Duration::from_secs(10));
+        }
+        self.child = Some(self.spawn_daemon()?);
+        self.wait_ready(Duration::from_secs(30))
     }
 
     fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
@@ -360,6 +389,30 @@ pub fn wait_until_empty(timeout: Duration, mut check: impl FnMut() -> Vec<String
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Host cgroup directories (any hierarchy, up to five levels down) whose name
+/// starts with `prefix`.
+pub fn cgroups_named(prefix: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut level = vec![std::path::PathBuf::from("/sys/fs/cgroup")];
+    for _ in 0..5 {
+        let mut next = Vec::new();
+        for dir in &level {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
+                if !is_dir {
+                    continue;
+                }
+                if entry.file_name().to_string_lossy().starts_with(prefix) {
+                    found.push(entry.path().display().to_string());
+                }
+                next.push(entry.path());
+            }
+        }
+        level = next;
+    }
+    found
 }
 
 fn terminate(child: &mut Child, grace: Duration) {

@@ -30,6 +30,8 @@ mod tests {
     const ROUTED_IP: &str = "10.80.0.1";
     const PORT: u16 = 7707;
     const HOSTNAME: &str = "crx-sandbox-pod";
+    /// The pod cgroup's pids limit (`pod_resources`).
+    const POD_PIDS: u32 = 24;
 
     fn status_of<T: std::fmt::Debug>(r: ttrpc::Result<T>) -> Result<(ttrpc::Code, String)> {
         match r {
@@ -60,6 +62,7 @@ mod tests {
         req.sysctls
             .insert("net.ipv4.ip_unprivileged_port_start".into(), "123".into());
         req.sysctls.insert("kernel.msgmax".into(), "23456".into());
+        req.pod_resources = format!(r#"{{"pids":{{"limit":{POD_PIDS}}}}}"#).into_bytes();
         req
     }
 
@@ -156,6 +159,27 @@ mod tests {
             r.stdout
                 .contains(&format!("10.80.0.0/16 via {HOST_IP} dev pod0")),
             "route missing: {r:?}"
+        );
+
+        // Whatever cgroupsPath the host's spec names, the container lives in /crx/<id>,
+        // under the pod cgroup, whose pids limit stops it forking past POD_PIDS.
+        let forks = format!(
+            "cat /proc/self/cgroup; i=0; while [ $i -lt {} ]; do sleep 5 & i=$((i+1)); done; echo forked $i",
+            POD_PIDS + 8
+        );
+        let r = pod.run(oci_spec(
+            &["sh", "-c", &forks],
+            "",
+            r#","cgroupsPath":"/kubepods/besteffort/pod-x/ctr""#,
+        ))?;
+        ensure!(
+            r.stdout.contains("0::/crx/c") && !r.stdout.contains("kubepods"),
+            "the container is not in /crx/<id>: {r:?}"
+        );
+        ensure!(
+            r.stderr.contains("fork"),
+            "{} forks succeeded under a pod pids limit of {POD_PIDS}: {r:?}",
+            POD_PIDS + 8
         );
 
         // TCP both ways over the routed address.

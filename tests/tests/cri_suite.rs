@@ -91,6 +91,8 @@ mod tests {
         container_lifecycle_exit_code_and_logs,
         exec_sync_output_and_exit_code,
         pod_hostname_and_dns,
+        pod_network_reaches_the_pod_ip,
+        pods_of_both_handlers_reach_each_other,
     );
 
     /// One case's view: the containerd, the handler under test, the pods it ran.
@@ -533,5 +535,214 @@ mod tests {
             );
         }
         s.remove_pod(&pod_id)
+    }
+
+    /// What the pod's web server serves.
+    const GREETING: &str = "crx-pod-net says hello";
+    const LISTEN_PORT: u16 = 8080;
+
+    /// A TCP listener in a pod answers the host (root namespace, through the CNI test
+    /// bridge) on the pod IP PodSandboxStatus reports.
+    fn pod_network_reaches_the_pod_ip(s: &Suite) -> Result<()> {
+        let client = s.client()?;
+        let pod = pod_config("net", &s.node.pod_log_dir("net"));
+        let pod_id = s.run_pod(&pod)?;
+        let status = client
+            .pod_sandbox_status(&pod_id, false)?
+            .status
+            .context("PodSandboxStatus without a status")?;
+        let ip: std::net::IpAddr = status
+            .network
+            .as_ref()
+            .map(|n| n.ip.as_str())
+            .unwrap_or_default()
+            .parse()
+            .with_context(|| format!("pod IP in {status:?}"))?;
+        let subnet = config::conflist_subnet()?;
+        let prefix = subnet.rsplit_once('.').map(|(p, _)| p).unwrap_or(&subnet);
+        ensure!(
+            ip.to_string().starts_with(&format!("{prefix}.")),
+            "pod IP {ip} is not from the test network {subnet}"
+        );
+        let serve = format!(
+            "mkdir -p /www && echo '{GREETING}' > /www/index.html && \
+             exec httpd -f -p {LISTEN_PORT} -h /www"
+        );
+        let c = container_config(
+            "listener",
+            s.node.busybox(),
+            &["/bin/sh", "-c", &serve],
+            "listener.log",
+        );
+        let cid = client
+            .create_container(&pod_id, &c, &pod)
+            .context("CreateContainer")?;
+        client.start_container(&cid).context("StartContainer")?;
+        let _host_on_bridge = HostAddress::add(&format!("{prefix}.{HOST_OCTET}/24"))?;
+        let target = std::net::SocketAddr::new(ip, LISTEN_PORT);
+        let started = Instant::now();
+        let mut last_error = String::from("no attempt");
+        let first = poll(EXIT, || match fetch(target) {
+            Ok(got) => Some(got),
+            Err(e) => {
+                last_error = format!("{e:#}");
+                None
+            }
+        });
+        let (greeting, _) = first
+            .with_context(|| format!("no greeting from {target} within {EXIT:?}: {last_error}"))?;
+        ensure!(
+            greeting.contains(GREETING),
+            "{target} answered {greeting:?}, wanted {GREETING:?}"
+        );
+        let reachable_after = started.elapsed();
+        // A second connection, once the listener is known to be up, times the path.
+        let again = poll(Duration::from_secs(10), || fetch(target).ok());
+        let (greeting, connect) = again.with_context(|| format!("{target} stopped answering"))?;
+        ensure!(greeting.contains(GREETING), "second answer {greeting:?}");
+        eprintln!(
+            "[{}] pod {ip}: first answer {reachable_after:?} after StartContainer, \
+             TCP connect {connect:?}",
+            s.handler
+        );
+        s.remove_pod(&pod_id)
+    }
+
+    /// A pod of the handler under test and a runc pod, each serving `/` over HTTP,
+    /// fetch each other's page through the test bridge.
+    fn pods_of_both_handlers_reach_each_other(s: &Suite) -> Result<()> {
+        let client = s.client()?;
+        let mine = pod_config("web-a", &s.node.pod_log_dir("web-a"));
+        let mine_id = s.run_pod(&mine)?;
+        let peer = pod_config("web-b", &s.node.pod_log_dir("web-b"));
+        let peer_id = client
+            .run_pod_sandbox(&peer, "runc")
+            .context("RunPodSandbox on handler runc")?;
+        let (mine_cid, mine_ip) = web_server(s, &mine_id, &mine)?;
+        let (peer_cid, peer_ip) = web_server(s, &peer_id, &peer)?;
+        for (from, to, what) in [
+            (&peer_cid, mine_ip, format!("runc pod -> {} pod", s.handler)),
+            (&mine_cid, peer_ip, format!("{} pod -> runc pod", s.handler)),
+        ] {
+            let url = format!("http://{to}:{LISTEN_PORT}/");
+            // busybox's wget crashes in this image; its nc speaks the request instead.
+            let fetch = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {to} {LISTEN_PORT}");
+            let started = Instant::now();
+            let mut last = String::from("no attempt");
+            let got = poll(EXIT, || match s.exec(from, &["/bin/sh", "-c", &fetch]) {
+                Ok(r) if r.exit_code == 0 && text(&r.stdout).contains(GREETING) => Some(()),
+                Ok(r) => {
+                    last = format!("exit {}: {}", r.exit_code, text(&r.stderr));
+                    None
+                }
+                Err(e) => {
+                    last = format!("{e:#}");
+                    None
+                }
+            });
+            got.with_context(|| format!("{what}: no page from {url} within {EXIT:?}: {last}"))?;
+            eprintln!("[{}] {what}: page after {:?}", s.handler, started.elapsed());
+        }
+        s.remove_pod(&peer_id)?;
+        s.remove_pod(&mine_id)
+    }
+
+    /// Starts a busybox httpd serving [`GREETING`] in pod `pod_id`; returns the
+    /// container and the pod's IP.
+    fn web_server(
+        s: &Suite,
+        pod_id: &str,
+        pod: &cri::PodSandboxConfig,
+    ) -> Result<(String, std::net::IpAddr)> {
+        let client = s.client()?;
+        let serve = format!(
+            "mkdir -p /www && echo '{GREETING}' > /www/index.html && \
+             exec httpd -f -p {LISTEN_PORT} -h /www"
+        );
+        let c = container_config(
+            "web",
+            s.node.busybox(),
+            &["/bin/sh", "-c", &serve],
+            "web.log",
+        );
+        let cid = client
+            .create_container(pod_id, &c, pod)
+            .context("CreateContainer")?;
+        client.start_container(&cid).context("StartContainer")?;
+        let status = client
+            .pod_sandbox_status(pod_id, false)?
+            .status
+            .context("PodSandboxStatus without a status")?;
+        let ip = status
+            .network
+            .as_ref()
+            .map(|n| n.ip.as_str())
+            .unwrap_or_default()
+            .parse()
+            .with_context(|| format!("pod IP in {status:?}"))?;
+        Ok((cid, ip))
+    }
+
+    /// The host's address on the test bridge (below host-local's range): the shipped
+    /// CNI list gives the bridge none (`isGateway: false`), and without one the host
+    /// would send the pod's subnet down its default route, off the machine.
+    const HOST_OCTET: u8 = 5;
+
+    /// An address on the test bridge for the length of a case.
+    struct HostAddress(String);
+
+    impl HostAddress {
+        fn add(cidr: &str) -> Result<HostAddress> {
+            let bridge = crx_tests::cri::harness::TEST_BRIDGE;
+            let out = std::process::Command::new("ip")
+                .args(["addr", "add", cidr, "dev", bridge])
+                .output()
+                .context("running ip addr add")?;
+            ensure!(
+                out.status.success(),
+                "ip addr add {cidr} dev {bridge}: {}",
+                text(&out.stderr)
+            );
+            Ok(HostAddress(cidr.to_owned()))
+        }
+    }
+
+    impl Drop for HostAddress {
+        fn drop(&mut self) {
+            // The harness may already have removed the bridge: nothing left then.
+            let _ = std::process::Command::new("ip")
+                .args([
+                    "addr",
+                    "del",
+                    &self.0,
+                    "dev",
+                    crx_tests::cri::harness::TEST_BRIDGE,
+                ])
+                .output();
+        }
+    }
+
+    /// GETs `/` from the HTTP server at `target`; returns the whole answer and how long
+    /// the TCP connect took.
+    fn fetch(target: std::net::SocketAddr) -> Result<(String, Duration)> {
+        use std::io::{Read, Write};
+        let connecting = Instant::now();
+        let mut stream = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2))
+            .with_context(|| format!("connect {target}"))?;
+        let connect = connecting.elapsed();
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream
+            .write_all(b"GET / HTTP/1.0\r\n\r\n")
+            .context("send the request")?;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        while got.len() < 4096 {
+            match stream.read(&mut buf).context("read")? {
+                0 => break,
+                n => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        ensure!(!got.is_empty(), "{target} closed without a word");
+        Ok((text(&got), connect))
     }
 }

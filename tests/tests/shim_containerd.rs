@@ -507,4 +507,332 @@ mod tests {
         );
         Ok(())
     }
+
+    /// `ctr task ls` rows as (task id, status).
+    fn task_statuses(ctrd: &Containerd) -> Result<Vec<(String, String)>> {
+        let out = ctrd.ctr(&["tasks", "ls"])?;
+        ensure!(out.success(), "ctr tasks ls: {out:?}");
+        Ok(out
+            .stdout
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                Some((cols.first()?.to_string(), cols.last()?.to_string()))
+            })
+            .collect())
+    }
+
+    /// Polls `ctr task ls` until task `id` has `status`; returns how long that took.
+    fn wait_for_status(
+        ctrd: &Containerd,
+        id: &str,
+        status: &str,
+        timeout: Duration,
+    ) -> Result<Duration> {
+        let started = Instant::now();
+        loop {
+            let rows = task_statuses(ctrd)?;
+            if rows.iter().any(|(t, s)| t == id && s == status) {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > timeout {
+                bail!(
+                    "task {id} not {status} within {timeout:?}: {rows:?}\n{}",
+                    ctrd.log_tail(30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Starts `sleep 600` detached in a crx pod and waits until it is RUNNING.
+    fn run_detached(ctrd: &Containerd, image: &str, id: &str) -> Result<()> {
+        let out = ctrd.ctr(&[
+            "run",
+            "-d",
+            "--runtime",
+            CRX,
+            image,
+            id,
+            "/bin/sleep",
+            "600",
+        ])?;
+        ensure!(
+            out.success(),
+            "ctr run -d {id}: {out:?}\n{}",
+            ctrd.log_tail(30)
+        );
+        wait_for_status(ctrd, id, "RUNNING", Duration::from_secs(30))?;
+        Ok(())
+    }
+
+    /// Kills (if needed), deletes and removes a task and its container through ctr.
+    fn kill_and_delete(ctrd: &Containerd, id: &str) -> Result<()> {
+        if task_statuses(ctrd)?
+            .iter()
+            .any(|(t, s)| t == id && s == "RUNNING")
+        {
+            let out = ctrd.ctr(&["tasks", "kill", "-s", "SIGKILL", id])?;
+            ensure!(out.success(), "ctr tasks kill {id}: {out:?}");
+            wait_for_status(ctrd, id, "STOPPED", Duration::from_secs(30))?;
+        }
+        let out = ctrd.ctr(&["tasks", "delete", id])?;
+        ensure!(
+            out.success(),
+            "ctr tasks delete {id}: {out:?}\n{}",
+            ctrd.log_tail(30)
+        );
+        let out = ctrd.ctr(&["containers", "rm", id])?;
+        ensure!(out.success(), "ctr containers rm {id}: {out:?}");
+        Ok(())
+    }
+
+    /// A pty pair whose master the test keeps; the slave becomes a child's stdio.
+    fn open_pty(rows: u16, cols: u16) -> Result<(std::fs::File, std::fs::File)> {
+        use std::os::fd::FromRawFd;
+        let mut master: libc::c_int = -1;
+        let mut slave: libc::c_int = -1;
+        let size = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: openpty writes two descriptors into the ints we pass; name and
+        // termios may be null; the winsize outlives the call.
+        let rc = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                &size,
+            )
+        };
+        ensure!(rc == 0, "openpty: {}", std::io::Error::last_os_error());
+        // SAFETY: both descriptors were just opened by openpty and are owned only here.
+        Ok(unsafe {
+            (
+                std::fs::File::from_raw_fd(master),
+                std::fs::File::from_raw_fd(slave),
+            )
+        })
+    }
+
+    /// Sets a pty's window size (on the master: the kernel then sends SIGWINCH to
+    /// the slave's foreground process group, as a terminal emulator does).
+    fn set_pty_size(master: &std::fs::File, rows: u16, cols: u16) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        let size = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads a winsize from the pointer, which outlives the call.
+        let rc = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &size) };
+        ensure!(rc == 0, "TIOCSWINSZ: {}", std::io::Error::last_os_error());
+        Ok(())
+    }
+
+    /// `ctr run -t` on crx with ctr on a pty of the test's own (30x100, ctr's
+    /// controlling terminal): the shell in the pod sees that size (`stty size`),
+    /// sees the new size after the test resizes the pty (ctr forwards its SIGWINCH as
+    /// ResizePty), output comes back through the pty, and the shell's exit code 4
+    /// becomes ctr's.
+    #[test]
+    fn ctr_run_with_a_tty_follows_the_console_size_and_passes_the_exit_code() -> Result<()> {
+        use std::io::{Read, Write};
+        use std::os::unix::process::CommandExt;
+        use std::sync::{Arc, Mutex};
+        let ctrd = Containerd::start_crx("")?;
+        let image = ctrd.import_busybox()?;
+        let sockets = shim_sockets();
+        let id = "crx-tty";
+        let (master, slave) = open_pty(30, 100)?;
+        let mut cmd = Command::new("ctr");
+        cmd.arg("-a")
+            .arg(ctrd.socket())
+            .args([
+                "-n",
+                containerd::NAMESPACE,
+                "run",
+                "-t",
+                "--rm",
+                "--runtime",
+                CRX,
+            ])
+            .args([image, id, "/bin/sh"])
+            .stdin(slave.try_clone()?)
+            .stdout(slave.try_clone()?)
+            .stderr(slave.try_clone()?);
+        // SAFETY: only async-signal-safe calls (setsid, ioctl) between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().context("spawning ctr run -t")?;
+        drop(slave);
+        let output = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let mut from_pty = master.try_clone()?;
+        let sink = output.clone();
+        // Ends with EIO once ctr (the slave's last holder) is gone.
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = from_pty.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend_from_slice(&buf[..n]);
+            }
+        });
+        let text = || {
+            String::from_utf8_lossy(&output.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+        };
+        let has_line = |line: &str| text().lines().any(|l| l.trim() == line);
+        let mut to_pty = master.try_clone()?;
+        let mut wait_for = |what: &str, timeout: Duration, retype: &[u8]| -> Result<()> {
+            let deadline = Instant::now() + timeout;
+            let mut next_type = Instant::now();
+            loop {
+                let seen = if what == "# " {
+                    text().contains(what)
+                } else {
+                    has_line(what)
+                };
+                if seen {
+                    return Ok(());
+                }
+                if Instant::now() > deadline || child.try_wait()?.is_some() {
+                    let _ = child.kill();
+                    bail!(
+                        "no {what:?} from ctr run -t: {:?}\n{}",
+                        text(),
+                        ctrd.log_tail(30)
+                    );
+                }
+                if !retype.is_empty() && Instant::now() >= next_type {
+                    to_pty.write_all(retype)?;
+                    next_type = Instant::now() + Duration::from_millis(500);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        };
+        // The shell's prompt says the container runs on the tty: type only then.
+        wait_for("# ", Duration::from_secs(150), b"")?;
+        wait_for("30 100", Duration::from_secs(30), b"stty size\n")?;
+        set_pty_size(&master, 40, 120)?;
+        // The resize travels ctr -> containerd -> shim -> agent while the shell
+        // waits for input: ask again until the new size shows.
+        wait_for("40 120", Duration::from_secs(30), b"stty size\n")?;
+        wait_for("hi", Duration::from_secs(30), b"echo h''i; exit 4\n")?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("ctr run -t did not end after exit 4: {:?}", text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        drop(master);
+        let _ = reader.join();
+        ensure!(
+            status.code() == Some(4),
+            "ctr run -t exited {status}, not 4: {:?}",
+            text()
+        );
+        assert_nothing_left(&ctrd, id, &sockets)
+    }
+
+    /// containerd restarted while a crx pod runs: the new containerd finds the
+    /// running shim again (through the address file in its state directory), lists
+    /// the task RUNNING, and kill, delete and container removal then work and leave
+    /// nothing of the pod.
+    #[test]
+    fn a_pod_survives_a_containerd_restart_and_is_then_removed_cleanly() -> Result<()> {
+        let mut ctrd = Containerd::start_crx("")?;
+        let image = ctrd.import_busybox()?;
+        let sockets = shim_sockets();
+        let id = "crx-restart";
+        run_detached(&ctrd, image, id)?;
+        let cgroups = containerd::cgroups_named(id);
+        ensure!(
+            cgroups.is_empty(),
+            "host cgroups made for a running crx pod: {cgroups:?}"
+        );
+        let shims = ctrd.shim_pids();
+        ctrd.restart()?;
+        ensure!(
+            ctrd.shim_pids() == shims,
+            "the shim changed over the restart: {shims:?} -> {:?}",
+            ctrd.shim_pids()
+        );
+        let rows = task_statuses(&ctrd)?;
+        ensure!(
+            rows.contains(&(id.to_owned(), "RUNNING".to_owned())),
+            "after the restart ctr task ls shows {rows:?}\n{}",
+            ctrd.log_tail(30)
+        );
+        kill_and_delete(&ctrd, id)?;
+        assert_nothing_left(&ctrd, id, &sockets)
+    }
+
+    /// Fault: the pod's vsock back end (`crx-vmm vhost-user-vsock`) dies while two
+    /// containers of the pod run, so the agent becomes unreachable. The shim treats
+    /// the pod as dead within a bounded time: both tasks are STOPPED, the VM's
+    /// processes, mounts and `/run/crx/<pod>` are gone before anyone deletes, and
+    /// delete leaves nothing. (The agent is the guest's PID 1 with `panic=-1` and
+    /// QEMU runs with `-no-reboot`: an agent crash or a guest panic ends QEMU, which
+    /// is the dead-VMM path; the guest kernel has no SysRq to trigger one.)
+    #[test]
+    fn a_dead_vsock_back_end_stops_every_task_and_leaves_nothing() -> Result<()> {
+        let ctrd = Containerd::start_crx("")?;
+        let image = ctrd.import_busybox()?;
+        let sockets = shim_sockets();
+        let id = "crx-vsockkill";
+        let second = "crx-vsockkill-2";
+        run_detached(&ctrd, image, id)?;
+        let annotation = format!("io.kubernetes.cri.sandbox-id={id}");
+        let out = ctrd.ctr(&[
+            "run",
+            "-d",
+            "--runtime",
+            CRX,
+            "--annotation",
+            &annotation,
+            image,
+            second,
+            "/bin/sleep",
+            "600",
+        ])?;
+        ensure!(out.success(), "second container: {out:?}");
+        wait_for_status(&ctrd, second, "RUNNING", Duration::from_secs(30))?;
+        let needle = format!("/run/crx/{id}/");
+        let backend = processes_mentioning(&needle)
+            .into_iter()
+            .find(|(_, cmd)| cmd.contains("vhost-user-vsock") && !cmd.contains("qemu-system"))
+            .with_context(|| format!("no vhost-user-vsock back end for {id}"))?;
+        kill(backend.0);
+        let took = wait_for_status(&ctrd, id, "STOPPED", Duration::from_secs(30))?;
+        wait_for_status(&ctrd, second, "STOPPED", Duration::from_secs(5))?;
+        eprintln!("vsock back end killed -> both tasks STOPPED after {took:?}");
+        let left = wait_until_empty(RELEASE, || pod_leftovers(id));
+        ensure!(
+            left.is_empty(),
+            "the dead pod left, before delete: {left:?}"
+        );
+        kill_and_delete(&ctrd, second)?;
+        kill_and_delete(&ctrd, id)?;
+        assert_nothing_left(&ctrd, id, &sockets)
+    }
 }

@@ -31,8 +31,9 @@ use nix::sys::socket::{
 };
 use serde_json::{json, Value};
 
+use super::executor::AgentExecutor;
 use super::stdio::ChildStdio;
-use super::tty::{SizedTerminalExecutor, WindowSize};
+use super::tty::WindowSize;
 
 /// The hidden first argument that makes `crx-agent` a builder process.
 pub const BUILD_ARG: &str = "__build";
@@ -392,6 +393,7 @@ fn build(request: &Value, fds: Vec<OwnedFd>) -> Result<i32, String> {
         return Err("a request needs either stdio fds or a console socket".to_owned());
     }
     let builder = ContainerBuilder::new(id, SyscallType::default())
+        .with_executor(AgentExecutor::default())
         .with_root_path(&root)
         .map_err(|e| format!("libcontainer state root: {}", error_chain(&e)))?;
     let builder = match stdio {
@@ -434,11 +436,8 @@ fn build(request: &Value, fds: Vec<OwnedFd>) -> Result<i32, String> {
                 (Some(rows), Some(cols)) => WindowSize::new(rows, cols).ok(),
                 _ => None,
             };
-            let builder = if console.is_some() {
-                builder.with_executor(SizedTerminalExecutor { size })
-            } else {
-                builder
-            };
+            let size = if console.is_some() { size } else { None };
+            let builder = builder.with_executor(AgentExecutor { size });
             let pid = builder
                 .as_tenant()
                 .with_process(Some(process))

@@ -19,8 +19,8 @@ use tokio::time::Instant;
 
 /// Where the agent mounts cgroup2.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
-/// The pod cgroup under [`CGROUP_ROOT`]; `spec.rs` puts containers whose spec names no
-/// cgroupsPath under it (`/crx/<id>`).
+/// The pod cgroup under [`CGROUP_ROOT`]; `spec.rs` puts every container under it
+/// (`/crx/<id>`), whatever cgroupsPath the host's spec names.
 pub const POD_CGROUP_NAME: &str = "crx";
 /// Largest accepted LinuxResources JSON (container.proto, sandbox.proto).
 pub const MAX_RESOURCES_BYTES: usize = 64 << 10;
@@ -35,7 +35,6 @@ const MAX_DEPTH: usize = 16;
 /// What a cgroup file's "max" is reported as (metrics.proto).
 pub const UNLIMITED: u64 = u64::MAX;
 /// Controllers the pod cgroup hands down to its containers.
-#[allow(dead_code)]
 const POD_CONTROLLERS: &[&str] = &["cpuset", "cpu", "io", "memory", "pids"];
 
 /// Why a cgroup operation failed.
@@ -125,8 +124,6 @@ pub fn parse_resources(raw: &[u8]) -> Result<LinuxResources, CgroupError> {
 /// Creates the pod cgroup if needed, hands its controllers down to the containers'
 /// cgroups and applies the pod's limits (cpu, memory, pids) to it. Call before the
 /// pod's first container is created (CreateSandbox).
-// CreateSandbox (services/sandbox) calls it once wired; until then only tests do.
-#[allow(dead_code)]
 pub fn apply_pod_resources(resources: &LinuxResources) -> Result<(), CgroupError> {
     let root = Path::new(CGROUP_ROOT);
     check_v2(root)?;
@@ -164,7 +161,6 @@ fn set_up_pod_cgroup(pod: &Path, resources: &LinuxResources) -> Result<(), Cgrou
 
 /// [`apply_pod_resources`] from LinuxResources JSON (sandbox.proto's `pod_resources`);
 /// empty means no limits.
-#[allow(dead_code)]
 pub fn apply_pod_resources_json(raw: &[u8]) -> Result<(), CgroupError> {
     let resources = if raw.is_empty() {
         LinuxResources::default()

@@ -88,7 +88,11 @@ impl ExitTable {
             oom_killed: false,
         };
         let mut records = self.lock();
-        if let Some(oom) = self.observer.get().and_then(|o| o.exited(exit.pid, &record)) {
+        if let Some(oom) = self
+            .observer
+            .get()
+            .and_then(|o| o.exited(exit.pid, &record))
+        {
             record.oom_killed = oom;
         }
         if records.by_pid.insert(exit.pid, record).is_none() {

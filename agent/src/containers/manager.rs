@@ -76,6 +76,8 @@ struct Entry {
     init: Arc<Proc>,
     execs: Mutex<HashMap<String, Arc<Proc>>>,
     bundle: PathBuf,
+    /// The container's root (its image's /etc/passwd and /etc/group serve execs).
+    rootfs: PathBuf,
     /// The container's cgroup directory (from its spec's cgroupsPath).
     cgroup: PathBuf,
 }
@@ -303,6 +305,7 @@ impl ContainerManager {
             }),
             execs: Mutex::new(HashMap::new()),
             bundle,
+            rootfs: PathBuf::from(rootfs),
             cgroup,
         })
     }
@@ -388,8 +391,7 @@ impl ContainerManager {
             let built = build_process::start_init(&request)
                 .map_err(|e| build_err("libcontainer could not start the container", e))?;
             forget_builder(&exits, &built);
-            *c = Container::load(root.join(&cid))
-                .map_err(|e| runtime_err("load the started container", error_chain(&e)))?;
+            *c = load_started(&root.join(&cid))?;
             Ok(())
         })
         .await
@@ -407,9 +409,9 @@ impl ContainerManager {
         declared: Declared,
     ) -> Result<(), ManagerError> {
         spec::check_id("exec id", exec_id)?;
-        let process = spec::prepare_process(raw_process)?;
-        check_terminal(process.terminal(), declared)?;
         let entry = self.entry(id)?;
+        let process = spec::prepare_process(raw_process, &entry.rootfs)?;
+        check_terminal(process.terminal(), declared)?;
         let init = &entry.init;
         if !init.started.load(Ordering::Acquire) || self.exits.get(init.pid()).is_some() {
             return Err(ManagerError::Precondition(format!(
@@ -675,6 +677,25 @@ fn open_console(
 }
 
 /// A failed build: libcontainer's own error chain, or why the builder process failed.
+/// Reloads a container libcontainer just started. Loading reads the init's
+/// `/proc/<pid>/stat`; an init that exits at once can vanish between libcontainer's
+/// existence check and that read ("File not found"), so a failed load is retried: the
+/// next one sees the process gone and reports the container stopped.
+fn load_started(dir: &std::path::Path) -> Result<Container, ManagerError> {
+    const ATTEMPTS: usize = 3;
+    let mut last = None;
+    for _ in 0..ATTEMPTS {
+        match Container::load(dir.to_path_buf()) {
+            Ok(container) => return Ok(container),
+            Err(e) => last = Some(error_chain(&e)),
+        }
+    }
+    Err(runtime_err(
+        "load the started container",
+        last.unwrap_or_default(),
+    ))
+}
+
 fn build_err(what: &str, e: build_process::BuildError) -> ManagerError {
     match e {
         build_process::BuildError::Failed(chain) => runtime_err(what, chain),

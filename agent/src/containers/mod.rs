@@ -7,7 +7,9 @@
 pub mod build_process;
 pub mod cgroups;
 pub mod events;
+pub mod executor;
 pub mod exits;
+pub mod image_user;
 pub mod manager;
 pub mod spec;
 pub mod stdio;

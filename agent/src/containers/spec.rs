@@ -1,7 +1,7 @@
 //! Turns the OCI spec a CreateContainer request carries into the bundle libcontainer
 //! builds from: bounded, parsed, checked and normalised (rootfs from the request,
-//! libcontainer's `noNewPrivileges: false` quirk removed, a cgroup path under the
-//! pod's cgroup when the spec names none, and — once
+//! libcontainer's `noNewPrivileges: false` quirk removed, the cgroup path always
+//! `/crx/<id>` under the pod's cgroup, and — once
 //! CreateSandbox made the pod — the pod's UTS, IPC and network namespaces (and its PID
 //! namespace when shared) joined by path instead of the spec's hostname).
 
@@ -19,7 +19,7 @@ pub const MAX_SPEC_BYTES: usize = 1 << 20;
 pub const MAX_PROCESS_BYTES: usize = 256 << 10;
 /// Longest container or exec id.
 pub const MAX_ID_LEN: usize = 128;
-/// Parent of every container's cgroup when its spec names none.
+/// Parent of every container's cgroup (the pod cgroup).
 const POD_CGROUP: &str = "/crx";
 
 /// What is wrong with a request's spec or ids.
@@ -104,14 +104,16 @@ pub fn prepare(id: &str, raw: &[u8], rootfs: &str) -> Result<Spec, SpecError> {
     let Some(process) = spec.process().clone() else {
         return Err(SpecError::Unsupported("no process".into()));
     };
-    spec.set_process(Some(normalise_process(process)?));
+    let mut process = normalise_process(process)?;
+    super::image_user::complete(&mut process, root);
+    spec.set_process(Some(process));
 
     let Some(mut linux) = spec.linux().clone() else {
         return Err(SpecError::Unsupported("no linux section".into()));
     };
-    if linux.cgroups_path().is_none() {
-        linux.set_cgroups_path(Some(PathBuf::from(format!("{POD_CGROUP}/{id}"))));
-    }
+    // The host's cgroup paths mean nothing here; under the pod cgroup the pod's limits
+    // hold for every container.
+    linux.set_cgroups_path(Some(PathBuf::from(format!("{POD_CGROUP}/{id}"))));
     spec.set_linux(Some(linux));
     if let Some(pod) = crate::sandbox::current() {
         join_pod(&mut spec, &pod.namespaces)?;
@@ -170,13 +172,16 @@ fn normalise_process(mut process: Process) -> Result<Process, SpecError> {
     Ok(process)
 }
 
-/// Parses and normalises an exec's Process object.
-pub fn prepare_process(raw: &[u8]) -> Result<Process, SpecError> {
+/// Parses and normalises an exec's Process object for a container whose root is
+/// `rootfs` (HOME and groups come from its image as for the init).
+pub fn prepare_process(raw: &[u8], rootfs: &Path) -> Result<Process, SpecError> {
     if raw.len() > MAX_PROCESS_BYTES {
         return Err(SpecError::ProcessTooLarge(raw.len()));
     }
     let process: Process = serde_json::from_slice(raw).map_err(SpecError::ParseProcess)?;
-    normalise_process(process)
+    let mut process = normalise_process(process)?;
+    super::image_user::complete(&mut process, rootfs);
+    Ok(process)
 }
 
 /// Writes an exec's process as `path` (libcontainer's tenant builder reads it).
@@ -221,7 +226,14 @@ mod tests {
             spec.linux().as_ref().unwrap().cgroups_path().as_deref(),
             Some(Path::new("/crx/c1"))
         );
-        let spec = prepare("c1", minimal(r#","noNewPrivileges":true"#).as_bytes(), "/").unwrap();
+        let host_path = r#"{"ociVersion":"1.0.2","process":{"args":["true"],"cwd":"/","user":{"uid":0,"gid":0},"noNewPrivileges":true},
+            "linux":{"cgroupsPath":"/kubepods/pod1/c1"}}"#;
+        let spec = prepare("c1", host_path.as_bytes(), "/").unwrap();
+        assert_eq!(
+            spec.linux().as_ref().unwrap().cgroups_path().as_deref(),
+            Some(Path::new("/crx/c1")),
+            "the host's cgroupsPath is replaced"
+        );
         assert_eq!(
             spec.process().as_ref().unwrap().no_new_privileges(),
             Some(true)

@@ -1,16 +1,15 @@
 //! Terminals for container processes. libcontainer makes the pty inside the container
 //! (from the container's own devpts, with the slave as the process's controlling
 //! terminal and fds 0-2) and hands the master back over a "console socket"; this
-//! module is the agent's side of that: the socket, the master it receives, the window
-//! size (ResizeTty), and an executor that applies a size asked for before an exec
-//! started.
+//! module is the agent's side of that: the socket, the master it receives and the
+//! window size (ResizeTty; `executor.rs` applies a size asked for before an exec
+//! started).
 //!
 //! Why libcontainer's console socket and not a pty the agent opens itself: a pty from
 //! the agent's devpts could only be passed as plain fds 0-2; the process would have no
 //! controlling terminal (no ^C, no job control) and its `/dev/pts` would not know the
 //! slave.
 
-use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
@@ -19,11 +18,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use libcontainer::oci_spec::runtime::Spec;
-use libcontainer::workload::default::DefaultExecutor;
-use libcontainer::workload::{
-    Executor, ExecutorError, ExecutorSetEnvsError, ExecutorValidationError,
-};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
 
@@ -76,7 +70,7 @@ impl WindowSize {
         }
     }
 
-    fn apply(self, fd: RawFd) -> io::Result<()> {
+    pub fn apply(self, fd: RawFd) -> io::Result<()> {
         let size = libc::winsize {
             ws_row: self.rows,
             ws_col: self.cols,
@@ -286,33 +280,6 @@ pub fn send_eof(master: &OwnedFd) {
     let eof = attrs.control_chars[libc::VEOF];
     if let Err(e) = nix::unistd::write(master.as_fd(), &[eof]) {
         tracing::debug!(error = %e, "cannot write end-of-file to the terminal");
-    }
-}
-
-/// libcontainer's default executor, setting the window size on the process's terminal
-/// (fd 0, the pty slave) just before it execs: an exec's pty only exists once it runs,
-/// so a size asked for before StartContainer is applied by the process itself and the
-/// program never sees a 0x0 terminal.
-#[derive(Clone)]
-pub struct SizedTerminalExecutor {
-    pub size: Option<WindowSize>,
-}
-
-impl Executor for SizedTerminalExecutor {
-    fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
-        if let Some(size) = self.size {
-            // Best effort: the program can still learn a size from a later ResizeTty.
-            let _ = size.apply(0);
-        }
-        DefaultExecutor {}.exec(spec)
-    }
-
-    fn validate(&self, spec: &Spec) -> Result<(), ExecutorValidationError> {
-        DefaultExecutor {}.validate(spec)
-    }
-
-    fn setup_envs(&self, envs: HashMap<String, String>) -> Result<(), ExecutorSetEnvsError> {
-        DefaultExecutor {}.setup_envs(envs)
     }
 }
 

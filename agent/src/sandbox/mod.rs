@@ -71,6 +71,10 @@ pub enum SandboxError {
         #[source]
         source: std::io::Error,
     },
+    /// The pod cgroup could not be made or refused `pod_resources`.
+    #[cfg(feature = "containers")]
+    #[error("pod_resources: cannot set up the pod cgroup")]
+    PodCgroup(#[source] crate::containers::cgroups::CgroupError),
 }
 
 /// The pod's namespaces as paths a container's OCI spec can join.
@@ -92,9 +96,6 @@ pub struct SandboxInfo {
     /// Read by the container spec translation (feature `containers`).
     #[cfg_attr(not(feature = "containers"), allow(dead_code))]
     pub namespaces: PodNamespaces,
-    /// The pod cgroup's limits (OCI LinuxResources JSON; empty: none), for the cgroup
-    /// code to apply.
-    pub pod_resources: Vec<u8>,
     pub files: PodFiles,
 }
 
@@ -115,6 +116,7 @@ fn publish(info: Option<Arc<SandboxInfo>>) {
 }
 
 /// The pod, once CreateSandbox succeeded and until DestroySandbox.
+#[cfg_attr(not(feature = "containers"), allow(dead_code))]
 pub fn current() -> Option<Arc<SandboxInfo>> {
     CURRENT.read().unwrap_or_else(|p| p.into_inner()).clone()
 }
@@ -146,18 +148,17 @@ impl SandboxSlot {
         self.guest.store(false, Ordering::Relaxed);
     }
 
-    /// The pod, if created.
-    #[allow(dead_code)] // read by the pod-cgroup wiring (lead)
-    pub fn info(&self) -> Option<Arc<SandboxInfo>> {
-        current()
-    }
-
-    /// The pod cgroup's limits as the request gave them (empty: none, or no pod).
-    #[allow(dead_code)] // read by the pod-cgroup wiring (lead)
-    pub fn pod_resources(&self) -> Vec<u8> {
-        current()
-            .map(|i| i.pod_resources.clone())
-            .unwrap_or_default()
+    /// Creates the pod cgroup and applies the pod's limits to it, so every container
+    /// (all live in `/crx/<id>`, spec.rs) shares them. In a VM always (the cgroup
+    /// also hands its controllers down); on the host only when limits were asked
+    /// for, since a host-mode agent may have no cgroup2 to write to.
+    #[cfg(feature = "containers")]
+    fn apply_pod_cgroup(&self, pod_resources: &[u8]) -> Result<(), SandboxError> {
+        if pod_resources.is_empty() && !self.guest.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        crate::containers::cgroups::apply_pod_resources_json(pod_resources)
+            .map_err(SandboxError::PodCgroup)
     }
 
     /// The namespaces the holder must create.
@@ -186,6 +187,8 @@ impl SandboxSlot {
                 existing.info.sandbox_id.clone(),
             ));
         }
+        #[cfg(feature = "containers")]
+        self.apply_pod_cgroup(&pod.pod_resources)?;
         let storages = mount_storages(state, &pod, deadline).await?;
         let undo_storages = |storages: Vec<String>| async move {
             for mount_point in storages.iter().rev() {
@@ -216,7 +219,7 @@ impl SandboxSlot {
             pod.interfaces.clone(),
             pod.dns.clone(),
         );
-        let (pod_resources, id_for_log) = (pod.pod_resources.clone(), pod.sandbox_id.clone());
+        let id_for_log = pod.sandbox_id.clone();
         let result = async {
             let hostname = apply::apply_on_thread(target, pod).await?;
             let files = files::write(&self.dir, &hostname, &interfaces, &dns).map_err(|e| {
@@ -243,7 +246,6 @@ impl SandboxSlot {
             sandbox_id,
             hostname,
             namespaces,
-            pod_resources,
             files,
         });
         publish(Some(info.clone()));

@@ -97,6 +97,8 @@ pub struct PodConfig {
     /// `/proc/sys` relative path → value, in key order.
     pub sysctls: BTreeMap<String, String>,
     pub storages: Vec<Storage>,
+    /// Applied to the pod cgroup (feature `containers`).
+    #[cfg_attr(not(feature = "containers"), allow(dead_code))]
     pub pod_resources: Vec<u8>,
     pub share_pid_namespace: bool,
 }

@@ -2,7 +2,6 @@
 //! built yet answer UNIMPLEMENTED with their name.
 
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::time::Instant;
 
 use async_trait::async_trait;
@@ -18,10 +17,6 @@ use crate::containers::stdio::Declared;
 use crate::reaper::ChildStatus;
 use crate::server::error_chain;
 
-/// Time kept back from a request's deadline so the reply still reaches the host.
-const REPLY_MARGIN: Duration = Duration::from_millis(100);
-/// The deadline used when a request carries none (the protocol asks for one).
-const NO_DEADLINE: Duration = Duration::from_secs(60);
 /// Most storages per container (container.proto).
 const MAX_STORAGES: usize = 32;
 
@@ -47,11 +42,7 @@ impl ContainersService {
 }
 
 fn request_deadline(ctx: &TtrpcContext) -> Instant {
-    let budget = u64::try_from(ctx.timeout_nano)
-        .ok()
-        .filter(|n| *n > 0)
-        .map_or(NO_DEADLINE, Duration::from_nanos);
-    Instant::now() + budget.saturating_sub(REPLY_MARGIN)
+    super::reply_deadline(ctx.timeout_nano)
 }
 
 fn status_of(code: ttrpc::Code, message: impl Into<String>) -> ttrpc::Error {
@@ -245,7 +236,8 @@ impl Containers for ContainersService {
         req: UpdateContainerRequest,
     ) -> ttrpc::Result<UpdateContainerResponse> {
         let dir = self.cgroup_of(&req.container_id)?;
-        let resources = cgroups::parse_resources(&req.linux_resources).map_err(|e| cgroup_status(&e))?;
+        let resources =
+            cgroups::parse_resources(&req.linux_resources).map_err(|e| cgroup_status(&e))?;
         let container = req.container_id.clone();
         tokio::task::spawn_blocking(move || cgroups::apply(&dir, &resources))
             .await
@@ -351,7 +343,12 @@ impl ContainersService {
 }
 
 fn cgroup_status(e: &CgroupError) -> ttrpc::Error {
-    let code = match e {
+    status_of(cgroup_code(e), error_chain(e))
+}
+
+/// The ttrpc code of a cgroup failure (also CreateSandbox's, for `pod_resources`).
+pub(super) fn cgroup_code(e: &CgroupError) -> ttrpc::Code {
+    match e {
         CgroupError::NotV2(_) | CgroupError::MissingController { .. } => {
             ttrpc::Code::FAILED_PRECONDITION
         }
@@ -365,8 +362,7 @@ fn cgroup_status(e: &CgroupError) -> ttrpc::Error {
             ttrpc::Code::NOT_FOUND
         }
         CgroupError::Io { .. } => ttrpc::Code::INTERNAL,
-    };
-    status_of(code, error_chain(e))
+    }
 }
 
 impl ContainersService {

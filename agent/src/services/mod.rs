@@ -11,11 +11,36 @@ pub mod storage;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crx_protocols::v1::{agent_ttrpc, container_ttrpc, health_ttrpc, sandbox_ttrpc, storage_ttrpc};
 use tokio::sync::watch;
 
 use crate::storage::StorageManager;
+
+/// The least time kept back from a request's deadline for the reply to reach the
+/// host: a shim measured replies ~270 ms late with 100 ms kept back (vsock and an
+/// emulated guest are slow), so this covers that with room to spare.
+const REPLY_MARGIN: Duration = Duration::from_millis(300);
+/// The share of a request's window kept back when that is more than [`REPLY_MARGIN`].
+const REPLY_MARGIN_DIVISOR: u32 = 20;
+/// The deadline used when a request carries none (the protocol asks for one).
+const NO_DEADLINE: Duration = Duration::from_secs(60);
+
+/// When a handler must have its answer ready for a request whose ttrpc timeout is
+/// `timeout_nano` (0 or less: none): the larger of [`REPLY_MARGIN`] and 5 % of the
+/// window is kept back, but never more than half of it, so a long poll (WaitProcess,
+/// GetEvents) reaches the caller before the caller's own deadline.
+pub fn reply_deadline(timeout_nano: i64) -> tokio::time::Instant {
+    let window = u64::try_from(timeout_nano)
+        .ok()
+        .filter(|n| *n > 0)
+        .map_or(NO_DEADLINE, Duration::from_nanos);
+    let margin = REPLY_MARGIN
+        .max(window / REPLY_MARGIN_DIVISOR)
+        .min(window / 2);
+    tokio::time::Instant::now() + (window - margin)
+}
 
 /// State shared by the services and the main loop.
 pub struct AgentState {

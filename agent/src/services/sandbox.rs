@@ -3,7 +3,6 @@
 //! codes in one place.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use crx_protocols::v1::sandbox::{
@@ -18,11 +17,6 @@ use crate::sandbox::{validate, SandboxError};
 use crate::server::error_chain;
 use crate::storage::StorageError;
 
-/// Time kept back from a request's deadline so the reply still reaches the host.
-const REPLY_MARGIN: Duration = Duration::from_millis(100);
-/// The deadline used when a request carries none (the protocol asks for one).
-const NO_DEADLINE: Duration = Duration::from_secs(60);
-
 /// The Sandbox service.
 pub struct SandboxService {
     state: Arc<AgentState>,
@@ -36,11 +30,7 @@ impl SandboxService {
 }
 
 fn request_deadline(ctx: &TtrpcContext) -> Instant {
-    let budget = u64::try_from(ctx.timeout_nano)
-        .ok()
-        .filter(|n| *n > 0)
-        .map_or(NO_DEADLINE, Duration::from_nanos);
-    Instant::now() + budget.saturating_sub(REPLY_MARGIN)
+    super::reply_deadline(ctx.timeout_nano)
 }
 
 fn status(e: &SandboxError) -> ttrpc::Error {
@@ -67,6 +57,8 @@ fn status(e: &SandboxError) -> ttrpc::Error {
         {
             ttrpc::Code::INVALID_ARGUMENT
         }
+        #[cfg(feature = "containers")]
+        SandboxError::PodCgroup(source) => super::containers::cgroup_code(source),
         SandboxError::Holder(_)
         | SandboxError::Namespace { .. }
         | SandboxError::Network(_)

@@ -6,8 +6,8 @@
 //! shim and of every VM process (VMM, back ends, their clean-up helpers), the guest
 //! memory the guest touched, and runc's shim and container for scale.
 //!
-//! While the agent cannot run containers, the first crx run fails; the bench then
-//! fails with ctr's error, which names the agent call that is missing.
+//! With a guest agent older than protocol version 3 the first crx run fails; the
+//! bench then fails with ctr's error, which names both protocol versions.
 
 use std::time::{Duration, Instant};
 
