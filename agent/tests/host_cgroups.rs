@@ -8,33 +8,19 @@
 //! root and Debian's busybox-static (`/bin/busybox`).
 #![cfg(feature = "containers")]
 
+mod common;
+
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::symlink;
-    use std::os::unix::net::UnixStream;
     use std::path::PathBuf;
-    use std::process::{Child, Command, Stdio};
-    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::process::Child;
     use std::time::{Duration, Instant};
 
-    use crx_protocols::hybrid_vsock::{context_until, ttrpc_client, wait_for_agent, AgentAddress};
+    use crx_protocols::hybrid_vsock::context_until;
     use crx_protocols::v1::container::*;
     use crx_protocols::v1::container_ttrpc::ContainersClient;
 
-    const AGENT: &str = env!("CARGO_BIN_EXE_crx-agent");
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-
-    fn unique(prefix: &str) -> String {
-        format!(
-            "{prefix}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        )
-    }
-
-    fn secs(n: u64) -> ttrpc::context::Context {
-        context_until(Instant::now() + Duration::from_secs(n))
-    }
+    use crate::common::{code, launch, secs, unique};
 
     /// A host-mode agent whose /sys/fs/cgroup is what `cgroup_mount` mounts there.
     struct Rig {
@@ -47,57 +33,17 @@ mod tests {
 
     impl Rig {
         fn start(cgroup_mount: &str) -> Rig {
-            let dir = std::env::temp_dir().join(unique("crx-agent-cg"));
-            std::fs::create_dir_all(&dir).unwrap();
-            let rootfs = dir.join("rootfs");
-            let bin = rootfs.join("bin");
-            std::fs::create_dir_all(&bin).unwrap();
-            for sub in ["proc", "dev", "tmp"] {
-                std::fs::create_dir_all(rootfs.join(sub)).unwrap();
-            }
-            std::fs::copy("/bin/busybox", bin.join("busybox"))
-                .expect("copying /bin/busybox (apt-get install busybox-static)");
-            for applet in ["sh", "sleep"] {
-                symlink("busybox", bin.join(applet)).unwrap();
-            }
-            let socket = dir.join("agent.sock");
-            let script = format!(
-                "{cgroup_mount} && exec {AGENT} --listen unix://{} --state-dir {} --log warn",
-                socket.display(),
-                dir.join("state").display()
-            );
-            let child = Command::new("unshare")
-                .args([
-                    "--mount",
-                    "--propagation",
-                    "private",
-                    "--",
-                    "sh",
-                    "-c",
-                    &script,
-                ])
-                .stdin(Stdio::null())
-                .spawn()
-                .unwrap();
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let client = rt.block_on(async {
-                wait_for_agent(
-                    &AgentAddress::Unix(socket.clone()),
-                    Instant::now() + Duration::from_secs(20),
-                )
-                .await
-                .expect("agent did not come up");
-                ContainersClient::new(ttrpc_client(UnixStream::connect(&socket).unwrap()).unwrap())
-            });
+            let l = launch("crx-agent-cg", cgroup_mount);
+            let client = {
+                let _in_runtime = l.rt.enter();
+                ContainersClient::new(l.client)
+            };
             Rig {
-                dir,
-                rootfs,
-                child,
+                dir: l.dir,
+                rootfs: l.rootfs,
+                child: l.child,
                 client,
-                rt,
+                rt: l.rt,
             }
         }
 
@@ -186,13 +132,6 @@ mod tests {
             let _ = self.child.kill();
             let _ = self.child.wait();
             let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-
-    fn code(result: ttrpc::Result<impl std::fmt::Debug>) -> (ttrpc::Code, String) {
-        match result {
-            Err(ttrpc::Error::RpcStatus(s)) => (s.code(), s.message().to_owned()),
-            other => panic!("expected an RPC status, got {other:?}"),
         }
     }
 

@@ -5,18 +5,17 @@
 //! Debian's busybox-static (`/bin/busybox`).
 #![cfg(feature = "containers")]
 
+mod common;
+
 #[cfg(test)]
 mod tests {
     use std::io::{Read, Write};
-    use std::os::unix::fs::symlink;
     use std::os::unix::net::UnixStream;
     use std::path::{Path, PathBuf};
-    use std::process::{Child, Command, Stdio};
-    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::process::Child;
     use std::thread::JoinHandle;
     use std::time::{Duration, Instant};
 
-    use crx_protocols::hybrid_vsock::{context_until, ttrpc_client, wait_for_agent, AgentAddress};
     use crx_protocols::v1::container::*;
     use crx_protocols::v1::container_ttrpc::ContainersClient;
     use crx_protocols::v1::sandbox::*;
@@ -24,17 +23,7 @@ mod tests {
     use crx_protocols::v1::stdio::{StreamAccept, StreamHeader, StreamKind};
     use protobuf::Message as _;
 
-    const AGENT: &str = env!("CARGO_BIN_EXE_crx-agent");
-    const BUSYBOX: &str = "/bin/busybox";
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-
-    fn unique(prefix: &str) -> String {
-        format!(
-            "{prefix}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        )
-    }
+    use crate::common::{code, launch, secs, unique, CGROUP2_SETUP};
 
     /// A host-mode agent in its own mount namespace, with a busybox rootfs beside it.
     struct Rig {
@@ -49,57 +38,22 @@ mod tests {
 
     impl Rig {
         fn start() -> Rig {
-            assert!(
-                Path::new(BUSYBOX).exists(),
-                "{BUSYBOX} is missing (Debian's busybox-static)"
-            );
-            let dir = std::env::temp_dir().join(unique("crx-agent-sbx"));
-            std::fs::create_dir_all(&dir).unwrap();
-            let rootfs = dir.join("rootfs");
-            busybox_rootfs(&rootfs);
-            let socket = dir.join("agent.sock");
-            let script = format!(
-                "mount -t cgroup2 none /sys/fs/cgroup && exec {AGENT} --listen unix://{} --state-dir {} --log warn",
-                socket.display(),
-                dir.join("state").display()
-            );
-            let child = Command::new("unshare")
-                .args([
-                    "--mount",
-                    "--propagation",
-                    "private",
-                    "--",
-                    "sh",
-                    "-c",
-                    &script,
-                ])
-                .stdin(Stdio::null())
-                .spawn()
-                .unwrap();
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let addr = AgentAddress::Unix(socket.clone());
-            let (containers, sandbox) = rt.block_on(async {
-                wait_for_agent(&addr, Instant::now() + Duration::from_secs(20))
-                    .await
-                    .expect("agent did not come up");
-                let stream = UnixStream::connect(&socket).unwrap();
-                let client = ttrpc_client(stream).unwrap();
+            let l = launch("crx-agent-sbx", CGROUP2_SETUP);
+            let (containers, sandbox) = {
+                let _in_runtime = l.rt.enter();
                 (
-                    ContainersClient::new(client.clone()),
-                    SandboxClient::new(client),
+                    ContainersClient::new(l.client.clone()),
+                    SandboxClient::new(l.client),
                 )
-            });
+            };
             Rig {
-                dir,
-                socket,
-                rootfs,
-                child,
+                dir: l.dir,
+                socket: l.socket,
+                rootfs: l.rootfs,
+                child: l.child,
                 containers,
                 sandbox,
-                rt,
+                rt: l.rt,
             }
         }
 
@@ -188,24 +142,6 @@ mod tests {
         }
     }
 
-    fn secs(n: u64) -> ttrpc::context::Context {
-        context_until(Instant::now() + Duration::from_secs(n))
-    }
-
-    fn busybox_rootfs(root: &Path) {
-        let bin = root.join("bin");
-        std::fs::create_dir_all(&bin).unwrap();
-        for dir in ["proc", "dev", "sys", "tmp", "etc"] {
-            std::fs::create_dir_all(root.join(dir)).unwrap();
-        }
-        std::fs::copy(BUSYBOX, bin.join("busybox")).unwrap();
-        for applet in [
-            "sh", "echo", "sleep", "cat", "true", "hostname", "readlink", "ip", "pidof",
-        ] {
-            symlink("busybox", bin.join(applet)).unwrap();
-        }
-    }
-
     /// A minimal spec running `args` with its own PID, mount, IPC and UTS namespaces
     /// and a hostname of its own (which the pod's must override).
     fn spec(args: &[&str]) -> String {
@@ -256,13 +192,6 @@ mod tests {
         conn.set_read_timeout(Some(Duration::from_secs(60)))
             .unwrap();
         conn
-    }
-
-    fn code(result: ttrpc::Result<impl std::fmt::Debug>) -> (ttrpc::Code, String) {
-        match result {
-            Err(ttrpc::Error::RpcStatus(s)) => (s.code(), s.message().to_owned()),
-            other => panic!("expected an RPC status, got {other:?}"),
-        }
     }
 
     fn host_hostname() -> String {

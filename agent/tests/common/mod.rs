@@ -45,50 +45,78 @@ pub struct Rig {
     pub rt: tokio::runtime::Runtime,
 }
 
+/// A host-mode agent process, before any client is made.
+pub struct Launched {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub rootfs: PathBuf,
+    pub child: Child,
+    pub rt: tokio::runtime::Runtime,
+    /// One ttrpc connection to the agent, up and answering.
+    pub client: ttrpc::r#async::Client,
+}
+
+/// Starts an agent in a private mount namespace after the shell command `setup` (e.g.
+/// mounting a cgroup2), with a busybox rootfs in a fresh directory named after
+/// `prefix`, and waits until it answers.
+pub fn launch(prefix: &str, setup: &str) -> Launched {
+    assert!(
+        Path::new(BUSYBOX).exists(),
+        "{BUSYBOX} is missing (Debian's busybox-static)"
+    );
+    let dir = std::env::temp_dir().join(unique(prefix));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rootfs = dir.join("rootfs");
+    busybox_rootfs(&rootfs);
+    let socket = dir.join("agent.sock");
+    let script = format!(
+        "{setup} && exec {AGENT} --listen unix://{} --state-dir {} --log warn",
+        socket.display(),
+        dir.join("state").display()
+    );
+    let child = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let addr = AgentAddress::Unix(socket.clone());
+    let client = rt.block_on(async {
+        wait_for_agent(&addr, Instant::now() + Duration::from_secs(20))
+            .await
+            .expect("agent did not come up");
+        ttrpc_client(UnixStream::connect(&socket).unwrap()).unwrap()
+    });
+    Launched {
+        dir,
+        socket,
+        rootfs,
+        child,
+        rt,
+        client,
+    }
+}
+
+/// Mounts a controller-less cgroup2 for the agent (the host is cgroup v1).
+pub const CGROUP2_SETUP: &str = "mount -t cgroup2 none /sys/fs/cgroup";
+
 impl Rig {
     pub fn start() -> Rig {
-        let dir = std::env::temp_dir().join(unique("crx-agent-ctr"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let rootfs = dir.join("rootfs");
-        busybox_rootfs(&rootfs);
-        let socket = dir.join("agent.sock");
-        let script = format!(
-            "mount -t cgroup2 none /sys/fs/cgroup && exec {AGENT} --listen unix://{} --state-dir {} --log warn",
-            socket.display(),
-            dir.join("state").display()
-        );
-        let child = Command::new("unshare")
-            .args([
-                "--mount",
-                "--propagation",
-                "private",
-                "--",
-                "sh",
-                "-c",
-                &script,
-            ])
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let addr = AgentAddress::Unix(socket.clone());
-        let client = rt.block_on(async {
-            wait_for_agent(&addr, Instant::now() + Duration::from_secs(20))
-                .await
-                .expect("agent did not come up");
-            let stream = UnixStream::connect(&socket).unwrap();
-            ContainersClient::new(ttrpc_client(stream).unwrap())
-        });
+        let l = launch("crx-agent-ctr", CGROUP2_SETUP);
+        let client = {
+            let _in_runtime = l.rt.enter();
+            ContainersClient::new(l.client)
+        };
         Rig {
-            dir,
-            socket,
-            rootfs,
-            child,
+            dir: l.dir,
+            socket: l.socket,
+            rootfs: l.rootfs,
+            child: l.child,
             client,
-            rt,
+            rt: l.rt,
         }
     }
 
@@ -273,7 +301,7 @@ pub fn busybox_rootfs(root: &Path) {
     std::fs::copy(BUSYBOX, bin.join("busybox")).unwrap();
     for applet in [
         "sh", "echo", "sleep", "mkdir", "ls", "cat", "true", "id", "stty", "head", "tee", "dd",
-        "crc32", "tty",
+        "crc32", "tty", "hostname", "readlink", "ip", "pidof",
     ] {
         symlink("busybox", bin.join(applet)).unwrap();
     }
