@@ -15,7 +15,6 @@ use ttrpc::r#async::TtrpcContext;
 use super::AgentState;
 use crate::sandbox::{validate, SandboxError};
 use crate::server::error_chain;
-use crate::storage::StorageError;
 
 /// The Sandbox service.
 pub struct SandboxService {
@@ -38,14 +37,7 @@ fn status(e: &SandboxError) -> ttrpc::Error {
         SandboxError::Invalid(_) => ttrpc::Code::INVALID_ARGUMENT,
         SandboxError::AlreadyExists(_) => ttrpc::Code::ALREADY_EXISTS,
         SandboxError::Unavailable(_) => ttrpc::Code::UNAVAILABLE,
-        SandboxError::Storage { source, .. } => match source {
-            StorageError::Invalid(_) => ttrpc::Code::INVALID_ARGUMENT,
-            StorageError::NotFound(_) => ttrpc::Code::NOT_FOUND,
-            StorageError::AlreadyExists(_) => ttrpc::Code::ALREADY_EXISTS,
-            StorageError::Busy(_) => ttrpc::Code::FAILED_PRECONDITION,
-            StorageError::TimedOut(_) => ttrpc::Code::DEADLINE_EXCEEDED,
-            StorageError::Kernel { .. } | StorageError::Io { .. } => ttrpc::Code::INTERNAL,
-        },
+        SandboxError::Storage { source, .. } => super::storage::storage_code(source),
         // A MAC no NIC has is the request's mistake, not the agent's.
         SandboxError::Network(crate::sandbox::netlink::NetlinkError::NoSuchMac(_)) => {
             ttrpc::Code::INVALID_ARGUMENT

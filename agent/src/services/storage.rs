@@ -19,11 +19,6 @@ use crate::storage::{
     MountRecord, StorageError, StorageManager, DEFAULT_DEVICE_WAIT, MAX_DEVICE_WAIT,
 };
 
-/// Time kept back from a request's deadline so the reply still reaches the host.
-const REPLY_MARGIN: Duration = Duration::from_millis(100);
-/// The deadline used when a request carries none (the protocol asks for one).
-const NO_DEADLINE: Duration = Duration::from_secs(60);
-
 /// The Storage service.
 pub struct StorageService {
     state: Arc<AgentState>,
@@ -38,23 +33,23 @@ impl StorageService {
 
 /// The instant by which a reply must be ready.
 fn request_deadline(ctx: &TtrpcContext) -> Instant {
-    let budget = u64::try_from(ctx.timeout_nano)
-        .ok()
-        .filter(|n| *n > 0)
-        .map_or(NO_DEADLINE, Duration::from_nanos);
-    Instant::now() + budget.saturating_sub(REPLY_MARGIN)
+    super::reply_deadline(ctx.timeout_nano)
 }
 
-fn status(e: &StorageError) -> ttrpc::Error {
-    let code = match e {
+/// The status code of a storage error (also inside a sandbox error).
+pub(super) fn storage_code(e: &StorageError) -> ttrpc::Code {
+    match e {
         StorageError::Invalid(_) => ttrpc::Code::INVALID_ARGUMENT,
         StorageError::NotFound(_) => ttrpc::Code::NOT_FOUND,
         StorageError::AlreadyExists(_) => ttrpc::Code::ALREADY_EXISTS,
         StorageError::Busy(_) => ttrpc::Code::FAILED_PRECONDITION,
         StorageError::TimedOut(_) => ttrpc::Code::DEADLINE_EXCEEDED,
         StorageError::Kernel { .. } | StorageError::Io { .. } => ttrpc::Code::INTERNAL,
-    };
-    ttrpc::Error::RpcStatus(ttrpc::get_status(code, error_chain(e)))
+    }
+}
+
+fn status(e: &StorageError) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(storage_code(e), error_chain(e)))
 }
 
 /// The replies' view of `records`. Off the async runtime: statvfs on a virtio-fs mount
