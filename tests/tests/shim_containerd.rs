@@ -677,6 +677,9 @@ mod tests {
             });
         }
         let mut child = cmd.spawn().context("spawning ctr run -t")?;
+        // The Command holds copies of the slave: the reader sees EIO only once ctr's
+        // are the last ones.
+        drop(cmd);
         drop(slave);
         let output = Arc::new(Mutex::new(Vec::<u8>::new()));
         let mut from_pty = master.try_clone()?;
