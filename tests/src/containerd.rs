@@ -9,6 +9,7 @@
 //! (`/bin/busybox` plus applet links, `Cmd` `/bin/sh`), imported with `ctr images
 //! import` under [`BUSYBOX_IMAGE`].
 
+use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -415,7 +416,8 @@ pub fn cgroups_named(prefix: &str) -> Vec<String> {
     found
 }
 
-fn terminate(child: &mut Child, grace: Duration) {
+/// SIGTERM to `child`, SIGKILL after `grace`, reaped either way.
+pub fn terminate(child: &mut Child, grace: Duration) {
     // SAFETY: kill(2) on our own child, which we have not reaped yet.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
     let deadline = Instant::now() + grace;
@@ -577,4 +579,46 @@ pub fn build_busybox_image(work: &Path) -> Result<PathBuf> {
         .arg(&tar)
         .args(["oci-layout", "index.json", "blobs"]))?;
     Ok(tar)
+}
+
+/// How long a pod's host resources may take to go once its last task is gone.
+pub const POD_RELEASE: Duration = Duration::from_secs(30);
+
+/// Shim sockets containerd-shim creates (`/run/containerd/s/<hash>`).
+pub fn shim_sockets() -> BTreeSet<String> {
+    std::fs::read_dir("/run/containerd/s")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+impl Containerd {
+    /// Nothing of pod `id` is left (processes, mounts, run dir, shims, shim sockets
+    /// beyond `sockets_before`, tasks) within [`POD_RELEASE`].
+    pub fn assert_pod_released(&self, id: &str, sockets_before: &BTreeSet<String>) -> Result<()> {
+        let left = wait_until_empty(POD_RELEASE, || {
+            let mut l = pod_leftovers(id);
+            l.extend(
+                self.shim_pids()
+                    .into_iter()
+                    .map(|p| format!("shim process {p}")),
+            );
+            l.extend(
+                shim_sockets()
+                    .difference(sockets_before)
+                    .map(|s| format!("shim socket /run/containerd/s/{s}")),
+            );
+            l
+        });
+        ensure!(
+            left.is_empty(),
+            "pod {id} left: {left:#?}\n{}",
+            self.log_tail(30)
+        );
+        let tasks = self.task_ids()?;
+        ensure!(tasks.is_empty(), "ctr task ls still lists {tasks:?}");
+        Ok(())
+    }
 }

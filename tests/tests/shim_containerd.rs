@@ -11,58 +11,17 @@
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeSet;
     use std::path::Path;
     use std::process::{Command, Stdio};
     use std::time::{Duration, Instant};
 
     use anyhow::{bail, ensure, Context, Result};
-    use crx_tests::containerd::{self, pod_leftovers, wait_until_empty, Containerd, CtrOutput};
+    use crx_tests::containerd::{
+        self, pod_leftovers, shim_sockets, wait_until_empty, Containerd, CtrOutput, POD_RELEASE,
+    };
     use crx_tests::vm_harness::processes_mentioning;
 
     const CRX: &str = "io.containerd.crx.v2";
-    /// How long the host may take to release a pod after its last task went.
-    const RELEASE: Duration = Duration::from_secs(30);
-
-    /// Shim sockets containerd-shim creates (`/run/containerd/s/<hash>`).
-    fn shim_sockets() -> BTreeSet<String> {
-        std::fs::read_dir("/run/containerd/s")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect()
-    }
-
-    /// Nothing of pod `id` is left: processes, mounts, run dir, shims, sockets, tasks.
-    fn assert_nothing_left(
-        ctrd: &Containerd,
-        id: &str,
-        sockets_before: &BTreeSet<String>,
-    ) -> Result<()> {
-        let left = wait_until_empty(RELEASE, || {
-            let mut l = pod_leftovers(id);
-            l.extend(
-                ctrd.shim_pids()
-                    .into_iter()
-                    .map(|p| format!("shim process {p}")),
-            );
-            l.extend(
-                shim_sockets()
-                    .difference(sockets_before)
-                    .map(|s| format!("shim socket /run/containerd/s/{s}")),
-            );
-            l
-        });
-        ensure!(
-            left.is_empty(),
-            "pod {id} left: {left:#?}\n{}",
-            ctrd.log_tail(30)
-        );
-        let tasks = ctrd.task_ids()?;
-        ensure!(tasks.is_empty(), "ctr task ls still lists {tasks:?}");
-        Ok(())
-    }
 
     /// The harness itself, with runc: the image runs, output and exit code come back,
     /// and nothing of the private containerd is left after drop.
@@ -131,7 +90,7 @@ mod tests {
                 );
             }
             eprintln!("{id}: ctr run took {took:?}: {}", out.stderr.trim());
-            assert_nothing_left(&ctrd, id, &sockets)?;
+            ctrd.assert_pod_released(id, &sockets)?;
             ensure!(
                 ctrd.container_ids()?.is_empty(),
                 "containers left after --rm"
@@ -183,7 +142,7 @@ mod tests {
             out.stderr.contains("/nonexistent/crx/vmlinux"),
             "the error does not name the kernel: {out:?}"
         );
-        assert_nothing_left(&ctrd, "crx-badk", &sockets)
+        ctrd.assert_pod_released("crx-badk", &sockets)
     }
 
     /// Starts `ctr run` of a pod in the background, waits until its QEMU runs, and
@@ -260,7 +219,7 @@ mod tests {
             "ctr took {:?} to report the dead VM",
             killed_at.elapsed()
         );
-        assert_nothing_left(&ctrd, "crx-vmmkill", &sockets)
+        ctrd.assert_pod_released("crx-vmmkill", &sockets)
     }
 
     /// Fault: the shim is killed while its pod boots. The VM dies with it, containerd
@@ -281,7 +240,7 @@ mod tests {
             !out.success(),
             "ctr run succeeded without its shim: {out:?}"
         );
-        assert_nothing_left(&ctrd, "crx-shimkill", &sockets)
+        ctrd.assert_pod_released("crx-shimkill", &sockets)
     }
 
     /// The `delete` action after a shim died: it kills the VM processes the shim left,
@@ -449,7 +408,7 @@ mod tests {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        assert_nothing_left(&ctrd, "crx-group-pod", &sockets)
+        ctrd.assert_pod_released("crx-group-pod", &sockets)
     }
 
     /// Sequential pods leave nothing behind: each boots a real VM and goes (runs, or
@@ -477,7 +436,7 @@ mod tests {
             );
         }
         for i in 0..runs {
-            assert_nothing_left(&ctrd, &format!("crx-seq-{i}"), &sockets)?;
+            ctrd.assert_pod_released(&format!("crx-seq-{i}"), &sockets)?;
         }
         let entries: Vec<_> = std::fs::read_dir("/run/crx")
             .into_iter()
@@ -754,7 +713,7 @@ mod tests {
             "ctr run -t exited {status}, not 4: {:?}",
             text()
         );
-        assert_nothing_left(&ctrd, id, &sockets)
+        ctrd.assert_pod_released(id, &sockets)
     }
 
     /// containerd restarted while a crx pod runs: the new containerd finds the
@@ -787,7 +746,7 @@ mod tests {
             ctrd.log_tail(30)
         );
         kill_and_delete(&ctrd, id)?;
-        assert_nothing_left(&ctrd, id, &sockets)
+        ctrd.assert_pod_released(id, &sockets)
     }
 
     /// Fault: the pod's vsock back end (`crx-vmm vhost-user-vsock`) dies while two
@@ -829,13 +788,13 @@ mod tests {
         let took = wait_for_status(&ctrd, id, "STOPPED", Duration::from_secs(30))?;
         wait_for_status(&ctrd, second, "STOPPED", Duration::from_secs(5))?;
         eprintln!("vsock back end killed -> both tasks STOPPED after {took:?}");
-        let left = wait_until_empty(RELEASE, || pod_leftovers(id));
+        let left = wait_until_empty(POD_RELEASE, || pod_leftovers(id));
         ensure!(
             left.is_empty(),
             "the dead pod left, before delete: {left:?}"
         );
         kill_and_delete(&ctrd, second)?;
         kill_and_delete(&ctrd, id)?;
-        assert_nothing_left(&ctrd, id, &sockets)
+        ctrd.assert_pod_released(id, &sockets)
     }
 }

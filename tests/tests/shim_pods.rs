@@ -20,14 +20,14 @@ mod tests {
     use crx_protocols::hybrid_vsock::context_until;
     use crx_protocols::v1::storage::{MountStorageRequest, Storage, StorageDriver};
     use crx_shim::vm::{Confinement, QemuAccel, QemuBackend, SharedDir};
-    use crx_tests::containerd::{self, pod_leftovers, wait_until_empty, Containerd, CtrOutput};
+    use crx_tests::containerd::{
+        self, pod_leftovers, shim_sockets, wait_until_empty, Containerd, CtrOutput, POD_RELEASE,
+    };
     use crx_tests::vm_harness::{self, boot, processes_mentioning, vm_config, RunDir};
 
     const CRX: &str = "io.containerd.crx.v2";
     /// The annotation that puts a container into another container's pod.
     const SANDBOX_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
-    /// How long the host may take to release a pod after its last task went.
-    const RELEASE: Duration = Duration::from_secs(30);
     /// Sequential pods in the leak check: the soak (each is a TCG boot; the
     /// whole file took 3 min 39 s here with 50, at load 7 on 2 cores).
     const SEQUENTIAL_RUNS: usize = 50;
@@ -182,10 +182,6 @@ mod tests {
 
     // ---- containerd ----
 
-    fn shim_sockets() -> BTreeSet<String> {
-        names_in(Path::new("/run/containerd/s"))
-    }
-
     fn names_in(dir: &Path) -> BTreeSet<String> {
         std::fs::read_dir(dir)
             .into_iter()
@@ -198,32 +194,6 @@ mod tests {
     /// Network interfaces (a pod's tap would show here).
     fn links() -> BTreeSet<String> {
         names_in(Path::new("/sys/class/net"))
-    }
-
-    /// Nothing of pod `id` is left: processes, mounts, run dir, shims, sockets, tasks.
-    fn assert_nothing_left(ctrd: &Containerd, id: &str, before: &BTreeSet<String>) -> Result<()> {
-        let left = wait_until_empty(RELEASE, || {
-            let mut l = pod_leftovers(id);
-            l.extend(
-                ctrd.shim_pids()
-                    .into_iter()
-                    .map(|p| format!("shim process {p}")),
-            );
-            l.extend(
-                shim_sockets()
-                    .difference(before)
-                    .map(|s| format!("shim socket /run/containerd/s/{s}")),
-            );
-            l
-        });
-        ensure!(
-            left.is_empty(),
-            "pod {id} left: {left:#?}\n{}",
-            ctrd.log_tail(30)
-        );
-        let tasks = ctrd.task_ids()?;
-        ensure!(tasks.is_empty(), "ctr task ls still lists {tasks:?}");
-        Ok(())
     }
 
     /// `ctr run --runtime crx` with `args` after the image and id.
@@ -332,7 +302,7 @@ mod tests {
             "ctr run: {out:?}\n{}",
             ctrd.log_tail(30)
         );
-        assert_nothing_left(&ctrd, "pod-run", &sockets)?;
+        ctrd.assert_pod_released("pod-run", &sockets)?;
 
         let id = "pod-life";
         let out = crx_run(&ctrd, &["-d"], image, id, &["/bin/sleep", "1000"])?;
@@ -377,7 +347,7 @@ mod tests {
         );
         let out = ctrd.ctr(&["containers", "rm", id])?;
         ensure!(out.success(), "containers rm: {out:?}");
-        assert_nothing_left(&ctrd, id, &sockets)
+        ctrd.assert_pod_released(id, &sockets)
     }
 
     /// Two containers in one pod share one VM: the second names the first's pod in the
@@ -432,7 +402,7 @@ mod tests {
         wait_status(&ctrd, pod, "STOPPED", Duration::from_secs(30))?;
         let _ = ctrd.ctr(&["task", "delete", pod])?;
         ensure!(ctrd.ctr(&["containers", "rm", pod])?.success());
-        assert_nothing_left(&ctrd, pod, &sockets)
+        ctrd.assert_pod_released(pod, &sockets)
     }
 
     /// Fault: the VMM dies under a running pod. Every task of the pod (the container
@@ -461,11 +431,11 @@ mod tests {
             "the exec did not fail with its VM: {out:?}"
         );
         wait_status(&ctrd, id, "STOPPED", Duration::from_secs(30))?;
-        let left = wait_until_empty(RELEASE, || pod_leftovers(id));
+        let left = wait_until_empty(POD_RELEASE, || pod_leftovers(id));
         ensure!(left.is_empty(), "the dead pod's host side stayed: {left:?}");
         let _ = ctrd.ctr(&["task", "delete", id])?;
         ensure!(ctrd.ctr(&["containers", "rm", id])?.success());
-        assert_nothing_left(&ctrd, id, &sockets)
+        ctrd.assert_pod_released(id, &sockets)
     }
 
     /// Fault: the shim dies under a running pod. Its VM dies with it; containerd's
@@ -485,7 +455,7 @@ mod tests {
         let _ = ctrd.ctr(&["task", "delete", "-f", id])?;
         let out = ctrd.ctr(&["containers", "rm", id])?;
         ensure!(out.success(), "containers rm: {out:?}");
-        assert_nothing_left(&ctrd, id, &sockets)
+        ctrd.assert_pod_released(id, &sockets)
     }
 
     /// Sequential pods: each `ctr run --rm` boots a VM, runs, and goes; afterwards no
@@ -511,7 +481,7 @@ mod tests {
             );
         }
         for i in 0..SEQUENTIAL_RUNS {
-            assert_nothing_left(&ctrd, &format!("pod-seq-{i}"), &sockets)?;
+            ctrd.assert_pod_released(&format!("pod-seq-{i}"), &sockets)?;
         }
         let new_links: Vec<String> = links().difference(&links_before).cloned().collect();
         ensure!(new_links.is_empty(), "interfaces left: {new_links:?}");

@@ -354,7 +354,7 @@ impl Drop for CriContainerd {
         let shims = self.shim_pids();
         self.client = None;
         if let Some(mut child) = self.child.take() {
-            terminate(&mut child, Duration::from_secs(10));
+            crate::containerd::terminate(&mut child, Duration::from_secs(10));
         }
         for pid in shims {
             // SAFETY: kill(2) on a pid we just found running a shim of this containerd.
@@ -413,18 +413,4 @@ fn check_tools() -> Result<(), HarnessError> {
         }
     }
     Ok(())
-}
-
-fn terminate(child: &mut Child, grace: Duration) {
-    // SAFETY: kill(2) on our own child, which we have not reaped yet.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
 }
