@@ -89,8 +89,10 @@ const fn ioc(dir: u64, kind: u64, nr: u64, size: usize) -> u64 {
 const KVMIO: u64 = 0xAE;
 /// `KVM_RUN`: the one ioctl a vCPU thread makes in its loop.
 pub const KVM_RUN: u64 = ioc(IOC_NONE, KVMIO, 0x80, 0);
-/// `KVM_GET_REGS`: read once to log where an internal error happened.
+/// `KVM_GET_REGS` / `KVM_GET_SREGS`: read once to log where an internal error or a
+/// triple fault happened.
 pub const KVM_GET_REGS: u64 = ioc(IOC_READ, KVMIO, 0x81, size_of::<kvm_bindings::kvm_regs>());
+pub const KVM_GET_SREGS: u64 = ioc(IOC_READ, KVMIO, 0x83, size_of::<kvm_bindings::kvm_sregs>());
 /// `BLKGETSIZE64`: the size of a block device backing a drive.
 const BLKGETSIZE64: u64 = ioc(IOC_READ, 0x12, 114, size_of::<u64>());
 /// `TUNGETVNETHDRSZ` / `TUNSETVNETHDRSZ` / `TUNSETOFFLOAD`: what a net device may ask
@@ -381,7 +383,7 @@ pub fn for_role(role: ThreadRole) -> Result<Rules, SeccompError> {
             ]);
         }
         ThreadRole::Vcpu => {
-            r.allow_if(libc::SYS_ioctl, arg_in(1, &[KVM_RUN, KVM_GET_REGS])?);
+            r.allow_if(libc::SYS_ioctl, arg_in(1, &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS])?);
             // MMIO handlers run here: a device's activation creates its eventfds and
             // hands its thread to the launcher; a reset stops it (eventfd write,
             // join) and closes its connections; the boot marker reads the exit count
@@ -454,6 +456,7 @@ mod tests {
         // From <linux/kvm.h> and <linux/fs.h> on x86_64.
         assert_eq!(KVM_RUN, 0xae80);
         assert_eq!(KVM_GET_REGS, 0x8090_ae81);
+        assert_eq!(KVM_GET_SREGS, 0x8138_ae83);
         assert_eq!(BLKGETSIZE64, 0x8008_1272);
         assert_eq!(TUNSETOFFLOAD, 0x4004_54d0);
         // The casts matter on musl, whose libc types these as c_int.

@@ -254,10 +254,43 @@ impl Vcpu {
                     return;
                 }
                 Step::End(end) => {
+                    if let VmEnd::Shutdown { .. } = end {
+                        self.log_fault_state();
+                    }
                     let _ = ctx.events.send(end);
                     return;
                 }
             }
+        }
+    }
+
+    /// Logs where the guest was at KVM_EXIT_SHUTDOWN (a triple fault, unless the guest
+    /// announced its shutdown first): without a console, the instruction pointer and the
+    /// paging/interrupt state are all there is to go on.
+    fn log_fault_state(&self) {
+        let regs = self.fd.get_regs();
+        let sregs = self.fd.get_sregs();
+        match (regs, sregs) {
+            (Ok(r), Ok(s)) => tracing::warn!(
+                vcpu = self.index,
+                rip = format_args!("{:#x}", r.rip),
+                rsp = format_args!("{:#x}", r.rsp),
+                rflags = format_args!("{:#x}", r.rflags),
+                cr0 = format_args!("{:#x}", s.cr0),
+                cr2 = format_args!("{:#x}", s.cr2),
+                cr3 = format_args!("{:#x}", s.cr3),
+                cr4 = format_args!("{:#x}", s.cr4),
+                efer = format_args!("{:#x}", s.efer),
+                idt = format_args!("{:#x}/{:#x}", s.idt.base, s.idt.limit),
+                cs = format_args!("{:#x}", s.cs.selector),
+                "guest state at KVM_EXIT_SHUTDOWN"
+            ),
+            (r, s) => tracing::warn!(
+                vcpu = self.index,
+                regs = ?r.err(),
+                sregs = ?s.err(),
+                "could not read the guest state at KVM_EXIT_SHUTDOWN"
+            ),
         }
     }
 }

@@ -79,11 +79,25 @@ start() { # start WITH_SHARE WITH_NET
     # Bad input is refused before the guest runs; a crx-vmm alive after 5 s took it.
     ! within 5 gone
 }
-dropped=""
+dropped="" guest_deaths="" deaths=0
 with_share=1 with_net=1
 until start $with_share $with_net; do
-    wait "$vmm"
-    why="rc $? $(tail -n 2 /tmp/vmm.log | esc)"
+    wait "$vmm"; vrc=$?
+    why="rc $vrc $(tail -n 3 /tmp/vmm.log | esc)"
+    case "$vrc" in
+    10 | 11 | 12)
+        # The guest died (reset, triple fault, KVM failure) rather than crx-vmm refusing
+        # an option. Under two levels of emulation that has been seen once in ~40 boots
+        # of the same guest; boot again (at most twice) and report every death with the
+        # vCPU state crx-vmm logged and the console tail, so a pattern stays visible.
+        deaths=$((deaths + 1))
+        guest_deaths="$guest_deaths [$why; console: $(tail -n 5 "$CONSOLE" 2>/dev/null | esc)]"
+        echo "crx-vmm: guest died at boot (share=$with_share net=$with_net): $why"
+        if [ "$deaths" -le 2 ]; then continue; fi
+        echo "CRX-L1-RESULT {\"check\":\"boot\",\"ok\":false,\"why\":\"$(echo "$guest_deaths" | esc)\"}"
+        exit 1
+        ;;
+    esac
     echo "crx-vmm refused share=$with_share net=$with_net: $why"
     if [ "$with_net" = 1 ]; then
         with_net=0; dropped="$dropped net($why)"
@@ -94,7 +108,7 @@ until start $with_share $with_net; do
         exit 1
     fi
 done
-echo "CRX-L1-RESULT {\"check\":\"boot\",\"ok\":true,\"share\":$with_share,\"net\":$with_net,\"dropped\":\"$(echo "$dropped" | esc)\"}"
+echo "CRX-L1-RESULT {\"check\":\"boot\",\"ok\":true,\"share\":$with_share,\"net\":$with_net,\"dropped\":\"$(echo "$dropped" | esc)\",\"guest_deaths\":$deaths,\"deaths\":\"$(echo "$guest_deaths" | esc)\"}"
 
 if [ "$with_net" = 1 ]; then
     inns ip addr add 10.0.2.1/24 dev tap0
