@@ -3,6 +3,7 @@
 //! read end of a pipe; crx-vmm tells it each path it creates. When the pipe closes —
 //! crx-vmm exited, crashed or was killed — the child unlinks those paths and exits.
 
+use crate::syscall::cvt;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{Read, Write};
@@ -17,14 +18,6 @@ const MAX_RECORDS_BYTES: usize = 64 * 1024;
 pub struct Cleaner {
     pipe: File,
     pid: libc::pid_t,
-}
-
-fn cvt(ret: libc::c_int) -> std::io::Result<libc::c_int> {
-    if ret < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
 }
 
 impl Cleaner {

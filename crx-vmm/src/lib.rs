@@ -22,5 +22,6 @@ pub mod host;
 pub mod jail;
 pub mod kernel_map;
 pub mod seccomp;
+pub mod syscall;
 pub mod vhost_user;
 pub mod vstate;

@@ -4,6 +4,7 @@
 //! keeps no capability at all (its files are open or bound, `/dev/kvm` is an open
 //! fd); the FUSE passthrough server keeps what it needs to act for the guest's users.
 
+use crate::syscall::cvt;
 use std::io;
 
 /// Capabilities the FUSE passthrough server uses to act for the guest's users (the
@@ -54,14 +55,6 @@ fn err(step: &'static str) -> impl FnOnce(io::Error) -> super::JailError {
     move |source| super::JailError::Privileges { step, source }
 }
 
-fn check(ret: libc::c_long) -> io::Result<()> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
 /// Sets the calling thread's effective, permitted and inheritable sets to `keep`
 /// (inheritable empty).
 fn set_caps(keep: &[u32]) -> io::Result<()> {
@@ -76,13 +69,14 @@ fn set_caps(keep: &[u32]) -> io::Result<()> {
         pid: 0,
     };
     // SAFETY: capset reads a v3 header and two data words, which we pass.
-    check(unsafe {
+    cvt(unsafe {
         libc::syscall(
             libc::SYS_capset,
             &mut header as *mut CapHeader,
             data.as_ptr(),
         )
     })
+    .map(drop)
 }
 
 /// Drops every capability but `FS_CAPS` (if `keep_fs_caps`) or all of them, takes
@@ -109,7 +103,7 @@ pub fn drop_privileges(
             return Err(err("drop a capability from the bounding set")(e));
         }
     }
-    check(
+    cvt(
         // SAFETY: prctl with integer arguments only.
         unsafe {
             libc::prctl(
@@ -119,34 +113,31 @@ pub fn drop_privileges(
                 0,
                 0,
             )
-        }
-        .into(),
+        },
     )
     .map_err(err("clear the ambient capabilities"))?;
     if let Some(gid) = gid {
         // SAFETY: an empty list; setgroups reads nothing.
-        check(unsafe { libc::setgroups(0, std::ptr::null()) }.into())
+        cvt(unsafe { libc::setgroups(0, std::ptr::null()) })
             .map_err(err("drop the supplementary groups"))?;
         // SAFETY: plain id arguments.
-        check(unsafe { libc::setresgid(gid, gid, gid) }.into())
-            .map_err(err("switch to --jail-gid"))?;
+        cvt(unsafe { libc::setresgid(gid, gid, gid) }).map_err(err("switch to --jail-gid"))?;
     }
     if let Some(uid) = uid {
         // Keep the permitted set across the uid change; set_caps below restores the
         // effective set from it.
         // SAFETY: prctl with integer arguments only.
-        check(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) }.into())
+        cvt(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) })
             .map_err(err("keep capabilities across the uid change"))?;
         // SAFETY: plain id arguments.
-        check(unsafe { libc::setresuid(uid, uid, uid) }.into())
-            .map_err(err("switch to --jail-uid"))?;
+        cvt(unsafe { libc::setresuid(uid, uid, uid) }).map_err(err("switch to --jail-uid"))?;
         // SAFETY: prctl with integer arguments only.
-        check(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) }.into())
+        cvt(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) })
             .map_err(err("reset keep-capabilities"))?;
     }
     set_caps(keep).map_err(err("drop capabilities"))?;
     // SAFETY: prctl with integer arguments only.
-    check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }.into())
+    cvt(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })
         .map_err(err("set no_new_privs"))?;
     Ok(())
 }

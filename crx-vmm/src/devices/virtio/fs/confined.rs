@@ -20,6 +20,7 @@
 //!   or DAX, whatever the guest offers; it adds the options Linux guests need for
 //!   big requests and for seeing host-side changes (`AUTO_INVAL_DATA`).
 
+use crate::syscall::cvt;
 use std::ffi::CStr;
 use std::fs::File;
 use std::io;
@@ -135,14 +136,6 @@ fn borrowed(file: &File) -> ManuallyDrop<File> {
     ManuallyDrop::new(unsafe { File::from_raw_fd(file.as_raw_fd()) })
 }
 
-fn check(rc: libc::c_int) -> io::Result<()> {
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
 impl FileSystem for ConfinedFs {
     type Inode = Inode;
     type Handle = Handle;
@@ -229,7 +222,7 @@ impl FileSystem for ConfinedFs {
                     // does with its handles.
                     let file = self.own.get(h)?;
                     // SAFETY: ftruncate on an open fd with a size from the request.
-                    check(unsafe { libc::ftruncate64(file.as_raw_fd(), attr.st_size) })?;
+                    cvt(unsafe { libc::ftruncate64(file.as_raw_fd(), attr.st_size) })?;
                     valid.remove(SetattrValid::SIZE);
                 }
                 None
@@ -252,7 +245,11 @@ impl FileSystem for ConfinedFs {
     ) -> io::Result<Entry> {
         // The target is only text stored in the link: the server never follows it.
         plain_name(name)?;
-        self.track(parent, name, self.inner.symlink(ctx, linkname, parent, name))
+        self.track(
+            parent,
+            name,
+            self.inner.symlink(ctx, linkname, parent, name),
+        )
     }
 
     fn mknod(
@@ -270,7 +267,11 @@ impl FileSystem for ConfinedFs {
             libc::S_IFREG | libc::S_IFIFO | libc::S_IFSOCK => {}
             _ => return Err(errno(libc::EINVAL)),
         }
-        self.track(parent, name, self.inner.mknod(ctx, parent, name, mode, rdev, umask))
+        self.track(
+            parent,
+            name,
+            self.inner.mknod(ctx, parent, name, mode, rdev, umask),
+        )
     }
 
     fn mkdir(
@@ -282,7 +283,11 @@ impl FileSystem for ConfinedFs {
         umask: u32,
     ) -> io::Result<Entry> {
         plain_name(name)?;
-        self.track(parent, name, self.inner.mkdir(ctx, parent, name, mode, umask))
+        self.track(
+            parent,
+            name,
+            self.inner.mkdir(ctx, parent, name, mode, umask),
+        )
     }
 
     fn unlink(&self, ctx: &Context, parent: Inode, name: &CStr) -> io::Result<()> {
@@ -318,7 +323,11 @@ impl FileSystem for ConfinedFs {
         newname: &CStr,
     ) -> io::Result<Entry> {
         plain_name(newname)?;
-        self.track(newparent, newname, self.inner.link(ctx, inode, newparent, newname))
+        self.track(
+            newparent,
+            newname,
+            self.inner.link(ctx, inode, newparent, newname),
+        )
     }
 
     fn open(
@@ -344,7 +353,8 @@ impl FileSystem for ConfinedFs {
     ) -> io::Result<(Entry, Option<Handle>, OpenOptions, Option<u32>)> {
         plain_name(name)?;
         let created = self.inner.create(ctx, parent, name, args)?;
-        self.held.handed_out(parent, name, created.0.inode, &created.0.attr);
+        self.held
+            .handed_out(parent, name, created.0.inode, &created.0.attr);
         Ok(created)
     }
 
@@ -411,9 +421,9 @@ impl FileSystem for ConfinedFs {
             let file = self.own.get(handle)?;
             // SAFETY: dup of an open fd; the copy is closed at once.
             let copy = unsafe { libc::dup(file.as_raw_fd()) };
-            check(copy)?;
+            cvt(copy)?;
             // SAFETY: `copy` was just created and nothing else owns it.
-            return check(unsafe { libc::close(copy) });
+            return cvt(unsafe { libc::close(copy) }).map(drop);
         }
         self.inner.flush(ctx, inode, handle, lock_owner)
     }
@@ -447,9 +457,10 @@ impl FileSystem for ConfinedFs {
             );
             // SAFETY: fallocate on an open fd with values from the request; the kernel
             // checks them.
-            return check(unsafe {
+            return cvt(unsafe {
                 libc::fallocate64(file.as_raw_fd(), mode as libc::c_int, offset, length)
-            });
+            })
+            .map(drop);
         }
         self.inner
             .fallocate(ctx, inode, handle, mode, offset, length)
