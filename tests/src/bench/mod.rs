@@ -7,6 +7,7 @@ pub mod container;
 pub mod ctr;
 pub mod fs;
 pub mod net;
+pub mod pod;
 pub mod stats;
 pub mod vmm;
 pub mod vsock;

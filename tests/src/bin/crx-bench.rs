@@ -110,6 +110,27 @@ enum Command {
         #[arg(long, default_value = "auto")]
         hypervisor: String,
     },
+    /// Through containerd's CRI, runc and crx alternated: RunPodSandbox and pod-ready
+    /// latency (median, p90), host PSS of an idle pod of each.
+    Pod {
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+    },
+    /// Through containerd's CRI: ExecSync of /bin/true in a running container, runc
+    /// and crx alternated (median, p90).
+    Exec {
+        #[arg(long, default_value_t = 50)]
+        runs: usize,
+    },
+    /// Through containerd's CRI: N pods started at once per handler (pods/s), the host
+    /// memory they hold, and how many idle pods fit in a memory budget.
+    Density {
+        #[arg(long, default_value_t = 20)]
+        pods: usize,
+        /// The host memory set aside for pods (MiB).
+        #[arg(long, default_value_t = 16384)]
+        budget_mib: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -172,6 +193,9 @@ fn main() -> Result<()> {
         Command::Ctr { runs, hypervisor } => {
             bench::ctr::run(&bench::ctr::CtrOptions { runs, hypervisor })?
         }
+        Command::Pod { runs } => bench::pod::run_pod(runs)?,
+        Command::Exec { runs } => bench::pod::run_exec(runs)?,
+        Command::Density { pods, budget_mib } => bench::pod::run_density(pods, budget_mib)?,
     };
     println!("{result}");
     Ok(())
