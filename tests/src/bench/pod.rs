@@ -28,6 +28,18 @@ pub const HANDLERS: [&str; 2] = ["runc", "crx"];
 /// Quiet time before idle pods are measured: boot-time allocations settle.
 const IDLE_SETTLE: Duration = Duration::from_secs(3);
 const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long idle pods' CPU use is measured.
+const IDLE_CPU_WINDOW: Duration = Duration::from_secs(10);
+
+fn clock_ticks_per_s() -> f64 {
+    // SAFETY: sysconf only reads a configuration value.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 {
+        ticks as f64
+    } else {
+        100.0
+    }
+}
 
 /// A pod with one `sleep` container, as the benchmarks start it.
 struct BenchPod {
@@ -251,9 +263,25 @@ pub fn run_density(pods: usize, budget_mib: u64) -> Result<serde_json::Value> {
         std::thread::sleep(IDLE_SETTLE);
         let available_after = mem_available_kib()?;
         let mut pss = 0;
+        let mut pids = Vec::new();
         for pod in &running {
             pss += pod_memory(&node, &pod.pod)?.total_kib;
+            let (shim, others) = pod_processes(&node, &pod.pod)?;
+            pids.push(shim);
+            pids.extend(others);
         }
+        // CPU the idle pods burn: ticks of all their host processes over a window.
+        let ticks_before: u64 = pids.iter().map(|&p| cpu_ticks(p)).sum();
+        let window_started = Instant::now();
+        std::thread::sleep(IDLE_CPU_WINDOW);
+        let ticks = pids
+            .iter()
+            .map(|&p| cpu_ticks(p))
+            .sum::<u64>()
+            .saturating_sub(ticks_before);
+        let idle_millicores = ticks as f64 * 1000.0
+            / (clock_ticks_per_s() * window_started.elapsed().as_secs_f64())
+            / pods as f64;
         let client = node.client()?;
         for pod in &running {
             remove_pod(client, pod)?;
@@ -269,7 +297,7 @@ pub fn run_density(pods: usize, budget_mib: u64) -> Result<serde_json::Value> {
         let fit = budget_mib * 1024 / cost_kib;
         let rate = pods as f64 / wall.as_secs_f64();
         println!(
-            "{handler:>4}: {pods} pods in {:.1} s = {rate:.2} pods/s; per pod PSS {per_pod_kib} KiB, MemAvailable fall {fall_per_pod_kib} KiB; {fit} idle pods fit in {budget_mib} MiB",
+            "{handler:>4}: {pods} pods in {:.1} s = {rate:.2} pods/s; per pod PSS {per_pod_kib} KiB, MemAvailable fall {fall_per_pod_kib} KiB, idle CPU {idle_millicores:.1} millicores; {fit} idle pods fit in {budget_mib} MiB",
             wall.as_secs_f64()
         );
         results.insert(
@@ -280,6 +308,7 @@ pub fn run_density(pods: usize, budget_mib: u64) -> Result<serde_json::Value> {
                 "pss_per_pod_kib": per_pod_kib,
                 "mem_available_fall_per_pod_kib": fall_per_pod_kib,
                 "idle_pods_in_budget": fit,
+                "idle_cpu_millicores_per_pod": idle_millicores,
             }),
         );
     }
@@ -320,7 +349,9 @@ impl PodMemory {
     }
 }
 
-fn pod_memory(node: &CriContainerd, pod: &str) -> Result<PodMemory> {
+/// The shim of `pod` and every other host process of it: its VM processes (crx) or
+/// the shim's children (runc: pause and the containers).
+fn pod_processes(node: &CriContainerd, pod: &str) -> Result<(u32, BTreeSet<u32>)> {
     let shims = node.shim_pids();
     let shim = processes_mentioning(&format!("-id {pod} "))
         .into_iter()
@@ -334,6 +365,11 @@ fn pod_memory(node: &CriContainerd, pod: &str) -> Result<PodMemory> {
             .map(|(pid, _)| pid),
     );
     members.remove(&shim);
+    Ok((shim, members))
+}
+
+fn pod_memory(node: &CriContainerd, pod: &str) -> Result<PodMemory> {
+    let (shim, members) = pod_processes(node, pod)?;
     let shim_kib = pss_kib(shim)?;
     let mut processes = vec![("shim".to_owned(), shim_kib)];
     let mut rest_kib = 0;
@@ -379,6 +415,19 @@ fn parent_of(pid: u32) -> Option<u32> {
     // The command name is in parentheses and may hold spaces; fields follow the last ')'.
     let rest = &stat[stat.rfind(')')? + 1..];
     rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// utime + stime of `pid` in clock ticks; 0 for a process that is gone.
+fn cpu_ticks(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let rest = stat[stat.rfind(')')? + 1..].to_owned();
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            // After the name: state(0) ppid(1) ... utime(11) stime(12).
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
 }
 
 fn comm(pid: u32) -> String {
@@ -430,5 +479,10 @@ mod tests {
         let _ = child.kill();
         let _ = child.wait();
         assert!(mem_available_kib().unwrap() > 0);
+        let busy = Instant::now();
+        while busy.elapsed() < Duration::from_millis(300) {
+            std::hint::black_box(0u64);
+        }
+        assert!(cpu_ticks(me) > 0, "300 ms of spinning shows in utime");
     }
 }
