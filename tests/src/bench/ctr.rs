@@ -131,7 +131,13 @@ fn timed_run(ctrd: &Containerd, image: &str, id: &str, runtime: Option<&str>) ->
 
 /// The backend the shim logged for its last pod (`pod VM ready backend=...`).
 fn backend_of(ctrd: &Containerd) -> Option<String> {
-    let log = std::fs::read_to_string(ctrd.dir().join("containerd.log")).ok()?;
+    backend_in_log(&ctrd.dir().join("containerd.log"))
+}
+
+/// The backend named by the last `pod VM ready backend=...` line of a containerd log
+/// (the shim logs through containerd).
+pub fn backend_in_log(log: &std::path::Path) -> Option<String> {
+    let log = std::fs::read_to_string(log).ok()?;
     log.lines()
         .rev()
         .find(|l| l.contains("pod VM ready"))?

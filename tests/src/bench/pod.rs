@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use serde_json::json;
 
-use super::ctr::pss_kib;
+use super::ctr::{backend_in_log, pss_kib};
 use super::stats::Summary;
 use crate::cri::specs::{container_config, pod_config};
 use crate::cri::{CriClient, CriContainerd};
@@ -445,21 +445,9 @@ fn mem_available_kib() -> Result<u64> {
         .context("no MemAvailable in /proc/meminfo")
 }
 
-/// The VM backend the crx shim logged for its last pod (`backend=...`), if any.
+/// The VM backend the crx shim logged for its last pod, if any.
 fn backend_of(node: &CriContainerd) -> String {
-    std::fs::read_to_string(node.dir().join("containerd.log"))
-        .ok()
-        .and_then(|log| {
-            log.lines()
-                .rev()
-                .find(|l| l.contains("pod VM ready"))?
-                .split("backend=")
-                .nth(1)?
-                .split_whitespace()
-                .next()
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| "unknown".into())
+    backend_in_log(&node.dir().join("containerd.log")).unwrap_or_else(|| "unknown".into())
 }
 
 #[cfg(test)]
