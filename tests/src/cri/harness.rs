@@ -75,6 +75,14 @@ impl CriContainerd {
     /// the built shim is on containerd's `PATH`; without it the handler is installed
     /// as shipped but cannot run pods on this host.
     pub fn start(with_crx: bool) -> Result<Self, HarnessError> {
+        // Tests pin the backend: on this kind of host `auto` means QEMU anyway, and a
+        // test must not change what it runs on when the host changes.
+        Self::start_on(with_crx.then_some("qemu"))
+    }
+
+    /// Like [`Self::start`], with crx's handler on the shim's `hypervisor` setting
+    /// `hypervisor` (`auto`, `qemu`, `crx-vmm`), or without crx for None.
+    pub fn start_on(hypervisor: Option<&str>) -> Result<Self, HarnessError> {
         check_tools()?;
         let dir = tempfile::Builder::new()
             .prefix("crx-cri-")
@@ -89,16 +97,16 @@ impl CriContainerd {
             busybox: "",
             shim_config: None,
         };
-        node.spawn(with_crx)?;
+        node.spawn(hypervisor)?;
         Ok(node)
     }
 
-    fn spawn(&mut self, with_crx: bool) -> Result<(), HarnessError> {
+    fn spawn(&mut self, hypervisor: Option<&str>) -> Result<(), HarnessError> {
         let mut path = OsString::new();
-        if with_crx {
+        if let Some(hypervisor) = hypervisor {
             let shim_dir =
                 crate::containerd::shim_dir().map_err(|e| HarnessError::Shim(e.into()))?;
-            let shim_config = crate::containerd::write_crx_config_on("qemu", "")
+            let shim_config = crate::containerd::write_crx_config_on(hypervisor, "")
                 .map_err(|e| HarnessError::Shim(e.into()))?;
             self.shim_config = Some(shim_config);
             path.push(shim_dir);
