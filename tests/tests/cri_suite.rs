@@ -16,74 +16,14 @@
 #[cfg(test)]
 mod tests {
     use std::path::Path;
-    use std::sync::Mutex;
     use std::time::{Duration, Instant};
 
     use anyhow::{bail, ensure, Context, Result};
-    use crx_tests::containerd::wait_until_empty;
     use crx_tests::cri::specs::{container_config, pod_config};
-    use crx_tests::cri::{config, CriContainerd, PAUSE_IMAGE};
+    use crx_tests::cri::suite::{poll, text, Suite, EXEC, EXIT};
+    use crx_tests::cri::{config, PAUSE_IMAGE};
+    use crx_tests::for_each_handler;
     use k8s_cri::v1 as cri;
-
-    /// One test at a time: every containerd of this file puts its pods on the same
-    /// host bridge and subnet.
-    static SERIAL: Mutex<()> = Mutex::new(());
-    /// How long a pod may take to be fully released after RemovePodSandbox.
-    const RELEASE: Duration = Duration::from_secs(30);
-    /// How long a short-lived container may take to run and exit (a crx pod's first
-    /// container under TCG included).
-    const EXIT: Duration = Duration::from_secs(120);
-    const EXEC: Duration = Duration::from_secs(60);
-
-    /// Runs `case` for `handler` on a fresh containerd; panics with the case's error,
-    /// the list of leftovers and the tail of containerd's log.
-    fn run_case(handler: &str, case: fn(&Suite) -> Result<()>) {
-        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-        let node = match CriContainerd::start(handler == "crx") {
-            Ok(node) => node,
-            Err(e) => panic!("[{handler}] starting containerd with CRI: {e:#}"),
-        };
-        let suite = Suite {
-            node,
-            handler: handler.to_owned(),
-            crx_pods: Mutex::new(Vec::new()),
-        };
-        let outcome = case(&suite);
-        let pods = suite.crx_pods.lock().map(|p| p.clone()).unwrap_or_default();
-        let pod_refs: Vec<&str> = pods.iter().map(String::as_str).collect();
-        let left = if outcome.is_ok() {
-            wait_until_empty(RELEASE, || suite.node.leftovers(&pod_refs))
-        } else {
-            Vec::new()
-        };
-        if let Err(e) = outcome {
-            panic!(
-                "[{handler}] {e:#}\n--- containerd log (tail) ---\n{}",
-                suite.node.log_tail(25)
-            );
-        }
-        assert!(
-            left.is_empty(),
-            "[{handler}] the case passed but left: {left:#?}\n--- containerd log (tail) ---\n{}",
-            suite.node.log_tail(25)
-        );
-    }
-
-    /// Declares `<case>::runc` and `<case>::crx`.
-    macro_rules! for_each_handler {
-        ($($case:ident),* $(,)?) => {$(
-            mod $case {
-                #[test]
-                fn runc() {
-                    super::run_case("runc", super::$case)
-                }
-                #[test]
-                fn crx() {
-                    super::run_case("crx", super::$case)
-                }
-            }
-        )*};
-    }
 
     for_each_handler!(
         runtime_status_and_version,
@@ -94,86 +34,6 @@ mod tests {
         pod_network_reaches_the_pod_ip,
         pods_of_both_handlers_reach_each_other,
     );
-
-    /// One case's view: the containerd, the handler under test, the pods it ran.
-    struct Suite {
-        node: CriContainerd,
-        handler: String,
-        crx_pods: Mutex<Vec<String>>,
-    }
-
-    impl Suite {
-        fn client(&self) -> Result<&crx_tests::cri::CriClient> {
-            Ok(self.node.client()?)
-        }
-
-        /// RunPodSandbox with the handler under test; checks it is READY on it.
-        fn run_pod(&self, config: &cri::PodSandboxConfig) -> Result<String> {
-            let id = self
-                .client()?
-                .run_pod_sandbox(config, &self.handler)
-                .with_context(|| format!("RunPodSandbox on handler {}", self.handler))?;
-            if self.handler == "crx" {
-                if let Ok(mut pods) = self.crx_pods.lock() {
-                    pods.push(id.clone());
-                }
-            }
-            Ok(id)
-        }
-
-        /// Stops and removes pod `id`; the pod is gone from CRI afterwards.
-        fn remove_pod(&self, id: &str) -> Result<()> {
-            let client = self.client()?;
-            client.stop_pod_sandbox(id).context("StopPodSandbox")?;
-            client.remove_pod_sandbox(id).context("RemovePodSandbox")?;
-            Ok(())
-        }
-
-        /// A pod with one running container (`sleep`), for cases that exec into it.
-        fn pod_with_sleeper(&self, pod: &cri::PodSandboxConfig) -> Result<(String, String)> {
-            let pod_id = self.run_pod(pod)?;
-            let client = self.client()?;
-            let c = container_config(
-                "sleeper",
-                self.node.busybox(),
-                &["/bin/sleep", "3600"],
-                "sleeper.log",
-            );
-            let cid = client
-                .create_container(&pod_id, &c, pod)
-                .context("CreateContainer")?;
-            client.start_container(&cid).context("StartContainer")?;
-            let status = client.container_status(&cid)?;
-            ensure!(
-                status.state == cri::ContainerState::ContainerRunning as i32,
-                "the sleeper is not running after StartContainer: {status:?}"
-            );
-            Ok((pod_id, cid))
-        }
-
-        fn exec(&self, cid: &str, cmd: &[&str]) -> Result<cri::ExecSyncResponse> {
-            self.client()?
-                .exec_sync(cid, cmd, EXEC)
-                .with_context(|| format!("ExecSync {cmd:?}"))
-        }
-    }
-
-    fn text(bytes: &[u8]) -> String {
-        String::from_utf8_lossy(bytes).into_owned()
-    }
-
-    fn poll<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(v) = f() {
-                return Some(v);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
 
     /// Looks a key up in a JSON object under either of two spellings (containerd's
     /// config JSON mixes Go field names and json tags).
