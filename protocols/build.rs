@@ -18,6 +18,7 @@ const PROTOS: &[&str] = &[
     "crx/agent/v1/sandbox.proto",
     "crx/agent/v1/container.proto",
     "crx/agent/v1/stdio.proto",
+    "crx/agent/v1/portforward.proto",
 ];
 
 fn main() -> io::Result<()> {

@@ -23,6 +23,7 @@ mod containers;
 mod fuzzing;
 mod init;
 mod logging;
+mod port_forward;
 mod power;
 mod reaper;
 mod sandbox;
@@ -217,6 +218,9 @@ async fn serve_guest(listen: ListenAddr, marker: Option<&BootMarker>, state_dir:
         state_dir,
         containers::stdio::StdioAddr::Vsock(crx_protocols::STDIO_VSOCK_PORT),
     );
+    start_port_forward(port_forward::ForwardAddr(
+        crx_protocols::PORT_FORWARD_VSOCK_PORT,
+    ));
     let listener = server::bind_with_retry(&listen).await;
     if let Some(marker) = marker {
         marker.write(crx_protocols::boot_marker::AGENT_READY);
@@ -276,6 +280,14 @@ fn start_containers(
         return;
     }
     state.set_containers(manager);
+}
+
+/// Starts the listener of forwarded TCP connections; without it the pod has no port
+/// forwarding (the log says why), everything else still works.
+fn start_port_forward(addr: port_forward::ForwardAddr) {
+    if let Err(e) = port_forward::spawn_listener(&addr) {
+        tracing::error!(error = %server::error_chain(&e), "port forwarding disabled");
+    }
 }
 
 fn install_panic_hook() {

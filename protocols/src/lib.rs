@@ -8,6 +8,7 @@
 
 pub mod boot_marker;
 pub mod hybrid_vsock;
+pub mod port_forward;
 
 /// The protocol version this crate implements, reported by `Health.Version`. It grows
 /// by one with every additive change to package `crx.agent.v1` (see `health.proto`,
@@ -20,6 +21,10 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// The vsock port of the agent's process stdio streams (one connection per stream,
 /// see `stdio.proto`; draft for protocol version 3).
 pub const STDIO_VSOCK_PORT: u32 = 1026;
+
+/// The vsock port of the agent's forwarded TCP connections (one vsock connection per
+/// TCP connection, see `portforward.proto` and [`port_forward`]).
+pub const PORT_FORWARD_VSOCK_PORT: u32 = 1027;
 
 /// Code generated from the `.proto` files by ttrpc-codegen and protobuf-codegen. The
 /// lint exceptions stay on this module: the generated code is not ours to restyle.
@@ -54,6 +59,10 @@ pub mod v1 {
     /// Messages of `metrics.proto`: cgroup v2 figures, wire-compatible with containerd's
     /// `io.containerd.cgroups.v2.Metrics`.
     pub use crate::generated::metrics;
+    /// Messages of `portforward.proto` (draft on top of protocol version 3).
+    pub use crate::generated::portforward;
+    /// `PortForward` service: the guest's listening TCP ports.
+    pub use crate::generated::portforward_ttrpc;
     /// Messages of `sandbox.proto` (draft for protocol version 3).
     pub use crate::generated::sandbox;
     /// `Sandbox` service (draft for protocol version 3): pod set-up and tear-down.
@@ -79,4 +88,6 @@ pub mod service_names {
     pub const SANDBOX: &str = "crx.agent.v1.Sandbox";
     /// The `Containers` service (draft for protocol version 3).
     pub const CONTAINERS: &str = "crx.agent.v1.Containers";
+    /// The `PortForward` service (draft on top of protocol version 3).
+    pub const PORT_FORWARD: &str = "crx.agent.v1.PortForward";
 }

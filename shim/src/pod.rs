@@ -9,8 +9,10 @@ use std::time::{Duration, Instant};
 
 use crx_protocols::hybrid_vsock::{self, AgentAddress};
 use crx_protocols::v1::container_ttrpc::ContainersClient;
+use crx_protocols::v1::portforward_ttrpc::PortForwardClient;
 use crx_protocols::v1::sandbox_ttrpc::SandboxClient;
 use crx_shim::config::ShimConfig;
+use crx_shim::network::port_forward::PortForwarder;
 use crx_shim::network::PodNetwork;
 use crx_shim::vm::{
     select_confined_backend, BackendKind, Confinement, SerialOutput, SharedDir, Vm, VmConfig,
@@ -81,6 +83,8 @@ pub struct Pod {
     stopping: Arc<AtomicBool>,
     /// The pod's network, if its spec named a network namespace.
     pub network: Option<PodNetwork>,
+    /// CRI port forwarding into the VM (pods with a network namespace only).
+    port_forward: Option<PortForwarder>,
 }
 
 /// Called (once, on the watcher thread) when the VM ends without a stop request.
@@ -99,6 +103,7 @@ impl Pod {
     ) -> Result<Pod, PodError> {
         // The pod's CNI network, mirrored onto a tap for the VM's NIC (dropped, and so
         // undone, on any early return below).
+        let forward_netns = netns.clone();
         let network = match netns {
             Some(ns) => Some(
                 tokio::task::spawn_blocking(move || PodNetwork::attach(&ns))
@@ -200,6 +205,13 @@ impl Pod {
         let pids = lock(&vm).pids();
         let stopping = Arc::new(AtomicBool::new(false));
         spawn_watcher(vm.clone(), stopping.clone(), on_death);
+        let port_forward = forward_netns.map(|ns| {
+            PortForwarder::start(
+                ns,
+                agent_socket.clone(),
+                PortForwardClient::new(client.clone()),
+            )
+        });
         Ok(Pod {
             backend,
             sandbox: SandboxClient::new(client.clone()),
@@ -211,12 +223,16 @@ impl Pod {
             vm,
             stopping,
             network,
+            port_forward,
         })
     }
 
     /// Stops the VM (idempotent); the watcher reports nothing for a requested stop.
     pub async fn stop(&self) -> String {
         self.stopping.store(true, Ordering::SeqCst);
+        if let Some(forwarder) = &self.port_forward {
+            forwarder.stop();
+        }
         let ended = stop_vm(self.vm.clone()).await;
         if let Some(network) = &self.network {
             network.detach();

@@ -6,6 +6,7 @@ pub mod containers;
 pub mod drafts;
 pub mod health;
 pub mod lifecycle;
+pub mod port_forward;
 pub mod sandbox;
 pub mod storage;
 
@@ -13,7 +14,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crx_protocols::v1::{agent_ttrpc, container_ttrpc, health_ttrpc, sandbox_ttrpc, storage_ttrpc};
+use crx_protocols::v1::{
+    agent_ttrpc, container_ttrpc, health_ttrpc, portforward_ttrpc, sandbox_ttrpc, storage_ttrpc,
+};
 use tokio::sync::watch;
 
 use crate::storage::StorageManager;
@@ -147,6 +150,9 @@ pub fn all(state: &Arc<AgentState>) -> HashMap<String, ttrpc::r#async::Service> 
     )));
     services.extend(storage_ttrpc::create_storage(Arc::new(
         storage::StorageService::new(state.clone()),
+    )));
+    services.extend(portforward_ttrpc::create_port_forward(Arc::new(
+        port_forward::PortForwardService,
     )));
     services.extend(sandbox_ttrpc::create_sandbox(Arc::new(
         sandbox::SandboxService::new(state.clone()),

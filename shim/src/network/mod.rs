@@ -17,6 +17,7 @@
 mod inspect;
 mod mirror;
 mod netns;
+pub mod port_forward;
 mod tap;
 
 use std::path::{Path, PathBuf};

@@ -325,4 +325,17 @@ impl CriClient {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+
+    /// PortForward for `ports` of pod `pod_id`; returns the streaming server's URL.
+    pub fn port_forward(&self, pod_id: &str, ports: &[i32]) -> Result<String, CriError> {
+        let mut c = self.runtime.clone();
+        let req = cri::PortForwardRequest {
+            pod_sandbox_id: pod_id.into(),
+            port: ports.to_vec(),
+        };
+        let reply = self.call("PortForward", QUICK_CALL, async move {
+            c.port_forward(req).await
+        })?;
+        Ok(reply.url)
+    }
 }
