@@ -622,3 +622,173 @@ impl Containerd {
         Ok(())
     }
 }
+
+/// One line of `ctr events`: the event's topic, namespace and payload (as JSON).
+#[derive(Clone, Debug)]
+pub struct CtrEvent {
+    pub topic: String,
+    pub namespace: String,
+    pub payload: serde_json::Value,
+}
+
+impl CtrEvent {
+    /// Parses ctr 1.6's `TIMESTAMP NAMESPACE TOPIC JSON` (the timestamp itself has
+    /// spaces, so the topic is the first word starting with `/`, the namespace the
+    /// word before it, and the payload the rest of the line from its first `{`).
+    pub fn parse(line: &str) -> Option<Self> {
+        let json_at = line.find('{');
+        let head = &line[..json_at.unwrap_or(line.len())];
+        let words: Vec<&str> = head.split_whitespace().collect();
+        let topic_at = words.iter().position(|w| w.starts_with('/'))?;
+        let namespace = topic_at
+            .checked_sub(1)
+            .and_then(|i| words.get(i))
+            .map(|w| (*w).to_owned())
+            .unwrap_or_default();
+        let payload = match json_at {
+            Some(at) => serde_json::from_str(&line[at..]).ok()?,
+            None => serde_json::Value::Null,
+        };
+        Some(CtrEvent {
+            topic: words[topic_at].to_owned(),
+            namespace,
+            payload,
+        })
+    }
+
+    /// A string field of the payload (`""` when absent: Go omits empty fields).
+    pub fn str_field(&self, name: &str) -> &str {
+        self.payload
+            .get(name)
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("")
+    }
+
+    /// A number field of the payload (0 when absent: Go omits zero fields).
+    pub fn u64_field(&self, name: &str) -> u64 {
+        self.payload
+            .get(name)
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0)
+    }
+}
+
+/// containerd's event stream (`ctr events`, which subscribes to every namespace),
+/// read line by line in the background from the moment it is known to be live;
+/// stopped on drop.
+pub struct EventStream {
+    child: Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Most lines an [`EventStream`] keeps (a test sees far fewer).
+const EVENT_LINES_MAX: usize = 100_000;
+
+impl Containerd {
+    /// Starts `ctr events` against this containerd and returns once it has seen an
+    /// event published after it started (a label set on the test namespace), so no
+    /// later event can be missed.
+    pub fn event_stream(&self) -> Result<EventStream> {
+        use std::io::BufRead;
+        // Under `timeout` so that a test killed half-way cannot leave it running;
+        // SIGTERM (as on drop) reaches ctr through `timeout`.
+        let mut child = Command::new("timeout")
+            .args(["1800", "ctr", "-a"])
+            .arg(&self.socket)
+            .arg("events")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawning ctr events")?;
+        let stdout = child.stdout.take().context("ctr events has no stdout")?;
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let mut all = sink.lock().unwrap_or_else(|e| e.into_inner());
+                if all.len() < EVENT_LINES_MAX {
+                    all.push(line);
+                }
+            }
+        });
+        let stream = EventStream {
+            child,
+            lines,
+            reader: Some(reader),
+        };
+        // Fails harmlessly when the namespace exists already.
+        let _ = self.ctr(&["namespaces", "create", NAMESPACE]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for probe in 0u32.. {
+            let label = format!("crx-test.events-probe={probe}");
+            let out = self.ctr(&["namespaces", "label", NAMESPACE, &label])?;
+            ensure!(out.success(), "ctr namespaces label: {}", out.stderr.trim());
+            let seen = stream.wait_for(Duration::from_secs(2), |events| {
+                events.iter().any(|e| {
+                    e.topic == "/namespaces/update"
+                        && e.payload.pointer("/labels/crx-test.events-probe")
+                            == Some(&serde_json::Value::String(probe.to_string()))
+                })
+            });
+            if seen.is_ok() {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "ctr events showed no event within 60 s: {:?}",
+                stream.lines()
+            );
+        }
+        Ok(stream)
+    }
+}
+
+impl EventStream {
+    /// Every line read so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Every event read so far, in containerd's order (lines that do not parse are
+    /// left out).
+    pub fn events(&self) -> Vec<CtrEvent> {
+        self.lines()
+            .iter()
+            .filter_map(|l| CtrEvent::parse(l))
+            .collect()
+    }
+
+    /// Polls until `done` holds for the events read so far, or `timeout` passes;
+    /// returns those events.
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        mut done: impl FnMut(&[CtrEvent]) -> bool,
+    ) -> Result<Vec<CtrEvent>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let events = self.events();
+            if done(&events) {
+                return Ok(events);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the awaited events did not come within {timeout:?}; ctr events printed: {:#?}",
+                self.lines()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        terminate(&mut self.child, Duration::from_secs(5));
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+    }
+}
