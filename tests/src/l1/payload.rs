@@ -329,6 +329,23 @@ fn run_tool(what: &str, cmd: &mut Command) -> Result<(), PayloadError> {
     Ok(())
 }
 
+impl PayloadBuilder {
+    /// Bundles dynamically linked host `binaries` under `dest` (tests/l1/bundle-bin.sh):
+    /// each as `<dest>/bin/<name>`, their libraries and loader under `<dest>/sysroot` at
+    /// their host paths. In L1, `cp -a <dest>/sysroot/. /` first; then they run as they are.
+    pub fn bundle(&mut self, dest: &str, binaries: &[&Path]) -> Result<&mut Self, PayloadError> {
+        let to = self.dest(dest)?;
+        run_tool(
+            "tests/l1/bundle-bin.sh",
+            Command::new("bash")
+                .arg(scripts_dir().join("bundle-bin.sh"))
+                .arg(&to)
+                .args(binaries),
+        )?;
+        Ok(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
