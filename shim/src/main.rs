@@ -10,6 +10,7 @@ mod cleanup;
 mod lifecycle;
 mod logging;
 mod pod;
+mod pod_spec;
 mod process;
 mod rootfs;
 mod rpc;

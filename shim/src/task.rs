@@ -41,6 +41,7 @@ use ttrpc::Code;
 
 use crate::bundle;
 use crate::pod::Pod;
+use crate::pod_spec;
 use crate::process::{self, Exit, Process, StdioPaths, KILLED_WITH_VM};
 use crate::rootfs::{self, PodPaths, GUEST_SHARE, SHARE_TAG};
 use crate::rpc::{self, agent_error};
@@ -57,6 +58,10 @@ const WAIT_POLL: Duration = Duration::from_secs(60);
 /// How long output may take to drain after a process exits, before the exit is
 /// published anyway.
 const DRAIN: Duration = Duration::from_secs(5);
+/// How long an OOM-killed process's exit waits for the event watcher to publish
+/// TaskOOM and the exit (whose output may take [`DRAIN`]) before it is published
+/// anyway (an agent without an event stream, or one that dropped the event).
+const OOM_EVENT_GRACE: Duration = Duration::from_secs(7);
 
 /// The task service of one pod's shim.
 pub struct TaskService {
@@ -278,6 +283,14 @@ impl Inner {
             {
                 Ok(resp) => {
                     let exit = resp.exit.into_option().unwrap_or_default();
+                    if exit.oom_killed {
+                        // The agent logs the OOM kill before this exit on its event
+                        // stream: the event watcher publishes TaskOOM, then the exit.
+                        // Reporting the exit from here first would let containerd (and
+                        // CRI's OOMKilled reason) learn of the OOM only after the exit.
+                        self.wait_exit_recorded(&container_id, &exec_id, OOM_EVENT_GRACE)
+                            .await;
+                    }
                     // The host's clock, not the guest's: a TCG guest's clock drifts,
                     // and nothing the guest says is trusted further than needed.
                     let at = SystemTime::now();
@@ -309,6 +322,25 @@ impl Inner {
 }
 
 impl Inner {
+    /// Waits until the process's exit is recorded (or the process is gone), at most
+    /// `grace`.
+    async fn wait_exit_recorded(&self, container_id: &str, exec_id: &str, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            {
+                let state = self.state.lock().await;
+                let recorded = state
+                    .container(container_id)
+                    .and_then(|c| c.process(exec_id))
+                    .map_or(true, |p| p.process.exit().is_some());
+                if recorded {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// True while `pod` is this shim's live pod (a watcher of a released pod stops).
     async fn is_current(&self, pod: &Arc<Pod>) -> bool {
         let state = self.state.lock().await;
@@ -457,6 +489,11 @@ impl TaskService {
         sandbox_id: &str,
     ) -> Result<(u32, Option<Streams>), ttrpc::Error> {
         let paths = PodPaths::new(sandbox_id);
+        // Before anything is set up: a device the pod VM cannot give is refused.
+        translate::check_devices(spec)
+            .map_err(|e| rpc::status(Code::INVALID_ARGUMENT, e.to_string()))?;
+        pod_spec::refuse_host_namespaces(spec)
+            .map_err(|e| rpc::status(Code::INVALID_ARGUMENT, e.to_string()))?;
         let first = state.pod.is_none() && state.pod_gone.is_none();
         let bundle_dir = PathBuf::from(&req.bundle);
         let mounts = req.rootfs.clone();
@@ -510,6 +547,7 @@ impl TaskService {
             share.fstype = "virtiofs".into();
             share.mount_point = GUEST_SHARE.into();
             sreq.storages.push(share);
+            sreq.sysctls = pod_spec::pod_sysctls(spec);
             if let Some(network) = &pod.network {
                 sreq.interfaces = network.interfaces.clone();
                 sreq.routes = network.routes.clone();
@@ -541,7 +579,8 @@ impl TaskService {
             .await
             .map_err(internal("bind mounts"))?
             .map_err(|e| rpc::status(Code::INVALID_ARGUMENT, e.to_string()))?;
-        let guest_spec = translate::guest_spec(spec, &rootfs::guest_rootfs(&req.id), &binds);
+        let mut guest_spec = translate::guest_spec(spec, &rootfs::guest_rootfs(&req.id), &binds);
+        pod_spec::drop_network_sysctls(&mut guest_spec);
         let mut creq = agent_api::CreateContainerRequest::new();
         creq.container_id = req.id.clone();
         creq.oci_spec = serde_json::to_vec(&guest_spec).map_err(internal("spec"))?;

@@ -40,6 +40,172 @@ pub fn host_binds(spec: &Value) -> Vec<HostBind> {
         .collect()
 }
 
+/// Character devices the pod's kernel has under the same numbers as the host's
+/// (numbers the kernel fixes): null, zero, full, random, urandom, kmsg, tty, ptmx,
+/// net/tun, fuse. A container asking for one gets the pod's own.
+const SAME_IN_GUEST: [(u64, u64); 10] = [
+    (1, 3),
+    (1, 5),
+    (1, 7),
+    (1, 8),
+    (1, 9),
+    (1, 11),
+    (5, 0),
+    (5, 2),
+    (10, 200),
+    (10, 229),
+];
+
+/// Why a container's `linux.devices` cannot be honoured in its pod VM.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error(
+        "device {path} (block {major}:{minor} on the host) cannot be given to a crx pod: \
+         raw block devices reach a pod VM only through virtio-blk slots, which crx does \
+         not fill for containers yet"
+    )]
+    Block {
+        path: String,
+        major: u64,
+        minor: u64,
+    },
+    #[error(
+        "device {path} (char {major}:{minor} on the host) cannot be given to a crx pod: \
+         its pod VM has its own kernel, and only devices it has under the same numbers \
+         (null, zero, full, random, urandom, kmsg, tty, ptmx, net/tun, fuse) are passed"
+    )]
+    Char {
+        path: String,
+        major: u64,
+        minor: u64,
+    },
+    #[error("linux.devices[{index}] is malformed: {reason}")]
+    Malformed { index: usize, reason: &'static str },
+}
+
+/// One `linux.devices` entry, as far as the guest cares.
+struct SpecDevice<'a> {
+    path: &'a str,
+    kind: &'a str,
+    major: u64,
+    minor: u64,
+}
+
+fn spec_device(index: usize, d: &Value) -> Result<SpecDevice<'_>, DeviceError> {
+    let malformed = |reason| DeviceError::Malformed { index, reason };
+    let path = d
+        .get("path")
+        .and_then(Value::as_str)
+        .ok_or(malformed("no path"))?;
+    let kind = d
+        .get("type")
+        .and_then(Value::as_str)
+        .ok_or(malformed("no type"))?;
+    let number = |k: &str| d.get(k).map_or(Some(0), Value::as_u64);
+    let major = number("major").ok_or(malformed("major is not a number"))?;
+    let minor = number("minor").ok_or(malformed("minor is not a number"))?;
+    Ok(SpecDevice {
+        path,
+        kind,
+        major,
+        minor,
+    })
+}
+
+impl SpecDevice<'_> {
+    /// Whether the guest's node with these numbers is the device asked for (a FIFO
+    /// names no device at all).
+    fn same_in_guest(&self) -> bool {
+        match self.kind {
+            "p" => true,
+            "c" | "u" => SAME_IN_GUEST.contains(&(self.major, self.minor)),
+            _ => false,
+        }
+    }
+}
+
+/// Whether the spec allows every device in its cgroup rules: a privileged container
+/// (`ctr run --privileged`, or CRI without `privileged_without_host_devices`), whose
+/// runtime listed all of the host's devices wholesale rather than by request.
+fn all_devices_allowed(spec: &Value) -> bool {
+    spec.pointer("/linux/resources/devices")
+        .and_then(Value::as_array)
+        .is_some_and(|rules| {
+            rules.iter().any(|r| {
+                r.get("allow").and_then(Value::as_bool) == Some(true)
+                    && matches!(r.get("type").and_then(Value::as_str), None | Some("a"))
+                    && r.get("major").is_none_or(Value::is_null)
+                    && r.get("minor").is_none_or(Value::is_null)
+            })
+        })
+}
+
+/// Refuses a spec that asks for a host device the pod VM cannot give: the numbers
+/// in `linux.devices` name host devices, and the same numbers in the guest are
+/// another device or none, so passing them on would hand the container the wrong
+/// one silently. A privileged container's wholesale list is not a request: it gets
+/// the pod's own devices ([`guest_spec`] drops the rest).
+pub fn check_devices(spec: &Value) -> Result<(), DeviceError> {
+    let Some(devices) = spec.pointer("/linux/devices").and_then(Value::as_array) else {
+        return Ok(());
+    };
+    let wholesale = all_devices_allowed(spec);
+    for (index, d) in devices.iter().enumerate() {
+        let device = spec_device(index, d)?;
+        if device.same_in_guest() || wholesale {
+            continue;
+        }
+        let (path, major, minor) = (device.path.to_owned(), device.major, device.minor);
+        return Err(match device.kind {
+            "b" => DeviceError::Block { path, major, minor },
+            _ => DeviceError::Char { path, major, minor },
+        });
+    }
+    Ok(())
+}
+
+/// Keeps the `linux.devices` entries whose numbers mean the same in the guest.
+fn retain_guest_devices(spec: &mut Value) {
+    let Some(devices) = spec
+        .pointer_mut("/linux/devices")
+        .and_then(Value::as_array_mut)
+    else {
+        return;
+    };
+    let before = devices.len();
+    let mut index = 0;
+    devices.retain(|d| {
+        let keep = spec_device(index, d).is_ok_and(|d| d.same_in_guest());
+        index += 1;
+        keep
+    });
+    if devices.len() < before {
+        tracing::info!(
+            dropped = before - devices.len(),
+            "host devices left out of the container: its pod VM has its own"
+        );
+    }
+}
+
+/// Spells `linux.rootfsPropagation` the way the guest's libcontainer reads it.
+/// containerd writes `rslave` (a HostToContainer volume) or `rshared` (a
+/// Bidirectional one), as runc reads them; libcontainer knows only the plain names,
+/// refuses the `r` ones ("failed to prepare rootfs") and always applies the
+/// propagation recursively, so the plain name means the same there.
+fn plain_rootfs_propagation(spec: &mut Value) {
+    let Some(propagation) = spec.pointer_mut("/linux/rootfsPropagation") else {
+        return;
+    };
+    let plain = match propagation.as_str() {
+        Some("rslave") => "slave",
+        Some("rshared") => "shared",
+        Some("rprivate") => "private",
+        Some("runbindable") => "unbindable",
+        _ => return,
+    };
+    *propagation = Value::String(plain.to_owned());
+}
+
 /// The spec the agent gets for a container whose rootfs is `guest_rootfs`; `binds`
 /// gives the guest path of each host bind mount (by index in `mounts`).
 pub fn guest_spec(spec: &Value, guest_rootfs: &str, binds: &[(usize, String)]) -> Value {
@@ -63,6 +229,8 @@ pub fn guest_spec(spec: &Value, guest_rootfs: &str, binds: &[(usize, String)]) -
         // Hooks are host programs; the guest has none of them.
         obj.remove("hooks");
     }
+    retain_guest_devices(&mut spec);
+    plain_rootfs_propagation(&mut spec);
     if let Some(namespaces) = spec
         .pointer_mut("/linux/namespaces")
         .and_then(Value::as_array_mut)
@@ -220,6 +388,78 @@ mod tests {
         );
         assert_eq!(g["mounts"][2]["source"], "/g/2");
         assert_eq!(g["mounts"][0]["source"], "proc");
+    }
+
+    #[test]
+    fn devices_the_guest_cannot_give_are_refused_by_name() {
+        let dev_null =
+            serde_json::json!({"path": "/dev/null", "type": "c", "major": 1, "minor": 3});
+        let fifo = serde_json::json!({"path": "/dev/pipe", "type": "p"});
+        let disk = serde_json::json!({"path": "/dev/xvdb", "type": "b", "major": 7, "minor": 4});
+        let gpu =
+            serde_json::json!({"path": "/dev/nvidia0", "type": "c", "major": 195, "minor": 0});
+        let spec = |devices: Vec<Value>| serde_json::json!({"linux": {"devices": devices}});
+
+        let fine = spec(vec![dev_null.clone(), fifo.clone()]);
+        check_devices(&fine).unwrap();
+        assert_eq!(
+            guest_spec(&fine, "/r", &[])["linux"]["devices"],
+            serde_json::json!([dev_null, fifo])
+        );
+        let err = check_devices(&spec(vec![dev_null.clone(), disk.clone()])).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, DeviceError::Block { .. }), "{msg}");
+        assert!(msg.contains("/dev/xvdb (block 7:4"), "{msg}");
+        let err = check_devices(&spec(vec![gpu.clone()])).unwrap_err();
+        assert!(matches!(err, DeviceError::Char { major: 195, .. }), "{err}");
+        let err = check_devices(&spec(vec![serde_json::json!({"type": "b"})])).unwrap_err();
+        assert!(
+            matches!(err, DeviceError::Malformed { index: 0, .. }),
+            "{err}"
+        );
+        assert!(check_devices(&serde_json::json!({})).is_ok());
+    }
+
+    #[test]
+    fn a_privileged_containers_host_devices_are_left_out_not_refused() {
+        let privileged = serde_json::json!({"linux": {
+            "devices": [
+                {"path": "/dev/sda", "type": "b", "major": 8, "minor": 0},
+                {"path": "/dev/zero", "type": "c", "major": 1, "minor": 5},
+                {"path": "/dev/kvm", "type": "c", "major": 10, "minor": 232}
+            ],
+            "resources": {"devices": [{"allow": true, "access": "rwm"}]}
+        }});
+        check_devices(&privileged).unwrap();
+        let g = guest_spec(&privileged, "/r", &[]);
+        assert_eq!(
+            g["linux"]["devices"],
+            serde_json::json!([{"path": "/dev/zero", "type": "c", "major": 1, "minor": 5}])
+        );
+        // A rule for one device type is not "everything".
+        let mut scoped = privileged.clone();
+        scoped["linux"]["resources"]["devices"] = serde_json::json!([{"allow": true, "type": "b", "major": 8, "minor": 0, "access": "rw"}]);
+        assert!(matches!(
+            check_devices(&scoped),
+            Err(DeviceError::Block { major: 8, .. })
+        ));
+    }
+
+    #[test]
+    fn recursive_rootfs_propagation_is_spelled_for_libcontainer() {
+        for (given, want) in [
+            ("rslave", "slave"),
+            ("rshared", "shared"),
+            ("rprivate", "private"),
+            ("runbindable", "unbindable"),
+            ("slave", "slave"),
+        ] {
+            let spec = serde_json::json!({"linux": {"rootfsPropagation": given}});
+            let g = guest_spec(&spec, "/r", &[]);
+            assert_eq!(g["linux"]["rootfsPropagation"], want, "{given}");
+        }
+        let none = guest_spec(&serde_json::json!({"linux": {}}), "/r", &[]);
+        assert!(none["linux"].get("rootfsPropagation").is_none());
     }
 
     #[test]
