@@ -351,6 +351,26 @@ impl L1Rig {
     }
 }
 
+/// What every lane test does once for all of its tests: prepares the rig, runs the
+/// assembled `payload` in L1 (900 s at most, `append` added to L1's command line) and
+/// prints the lane's results; errors are strings for a `OnceLock` to keep.
+pub fn run_lane(lane: &str, payload: &Path, append: Option<&str>) -> Result<L1Run, String> {
+    let rig = L1Rig::prepare().map_err(|e| format!("preparing the L1 rig: {e}"))?;
+    let opts = RunOptions {
+        timeout: Duration::from_secs(900),
+        append: append.map(str::to_owned),
+        ..RunOptions::default()
+    };
+    let run = rig.run(payload, &opts).map_err(|e| format!("{e}"))?;
+    eprintln!(
+        "{lane} lane: rc {} in {:.1} s; results {}",
+        run.rc,
+        run.wall.as_secs_f64(),
+        serde_json::Value::from(run.results.clone())
+    );
+    Ok(run)
+}
+
 /// Turns what run.sh printed and its exit status into the caller's answer.
 fn interpret(
     console: Console,

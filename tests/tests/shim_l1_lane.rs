@@ -9,11 +9,10 @@
 mod tests {
     use std::path::{Path, PathBuf};
     use std::sync::OnceLock;
-    use std::time::Duration;
 
     use crx_tests::artifacts::workspace_root;
     use crx_tests::containerd::{build_busybox_image, BUSYBOX_IMAGE};
-    use crx_tests::l1::{payload_script, L1Rig, L1Run, RunOptions, VmmLane};
+    use crx_tests::l1::{payload_script, run_lane, L1Run, VmmLane};
     use serde_json::Value;
 
     /// The release shim (`cargo build --release -p containerd-shim-crx-v2`), or the one
@@ -50,7 +49,6 @@ mod tests {
     fn lane_run() -> &'static L1Run {
         static RUN: OnceLock<Result<L1Run, String>> = OnceLock::new();
         let run = RUN.get_or_init(|| {
-            let rig = L1Rig::prepare().map_err(|e| format!("preparing the L1 rig: {e}"))?;
             let lane = VmmLane::from_artifacts().map_err(|e| format!("{e}"))?;
             let shim = shim_binary()?;
             let [containerd, ctr] = containerd_binaries()?;
@@ -68,18 +66,7 @@ mod tests {
             let payload = builder
                 .build()
                 .map_err(|e| format!("assembling the shim payload: {e}"))?;
-            let opts = RunOptions {
-                timeout: Duration::from_secs(900),
-                ..RunOptions::default()
-            };
-            let run = rig.run(payload.path(), &opts).map_err(|e| format!("{e}"))?;
-            eprintln!(
-                "shim lane: rc {} in {:.1} s; results {}",
-                run.rc,
-                run.wall.as_secs_f64(),
-                Value::from(run.results.clone())
-            );
-            Ok(run)
+            run_lane("shim", payload.path(), None)
         });
         run.as_ref().unwrap_or_else(|e| panic!("{e}"))
     }

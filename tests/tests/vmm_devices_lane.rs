@@ -11,10 +11,9 @@ mod tests {
     use std::path::{Path, PathBuf};
     use std::process::Command;
     use std::sync::OnceLock;
-    use std::time::Duration;
 
     use crx_tests::artifacts::workspace_root;
-    use crx_tests::l1::{payload_script, L1Rig, L1Run, RunOptions, VmmLane};
+    use crx_tests::l1::{payload_script, run_lane, L1Run, VmmLane};
     use serde_json::Value;
 
     fn payload_dir() -> PathBuf {
@@ -40,7 +39,6 @@ mod tests {
     fn lane_run() -> &'static L1Run {
         static RUN: OnceLock<Result<L1Run, String>> = OnceLock::new();
         let run = RUN.get_or_init(|| {
-            let rig = L1Rig::prepare().map_err(|e| format!("preparing the L1 rig: {e}"))?;
             let lane = VmmLane::from_artifacts().map_err(|e| format!("{e}"))?;
             let guest_script = std::fs::read_to_string(payload_dir().join("guest-init.sh"))
                 .map_err(|e| format!("reading guest-init.sh: {e}"))?;
@@ -58,20 +56,7 @@ mod tests {
             let payload = builder
                 .build()
                 .map_err(|e| format!("assembling the devices payload: {e}"))?;
-            let opts = RunOptions {
-                timeout: Duration::from_secs(900),
-                // So L1's kernel logs a call that a seccomp filter kills crx-vmm for.
-                append: Some("audit=1".into()),
-                ..RunOptions::default()
-            };
-            let run = rig.run(payload.path(), &opts).map_err(|e| format!("{e}"))?;
-            eprintln!(
-                "devices lane: rc {} in {:.1} s; results {}",
-                run.rc,
-                run.wall.as_secs_f64(),
-                Value::from(run.results.clone())
-            );
-            Ok(run)
+            run_lane("devices", payload.path(), Some("audit=1"))
         });
         run.as_ref().unwrap_or_else(|e| panic!("{e}"))
     }

@@ -6,33 +6,20 @@
 #[cfg(test)]
 mod tests {
     use std::sync::OnceLock;
-    use std::time::Duration;
 
-    use crx_tests::l1::{payload_script, L1Rig, L1Run, RunOptions, VmmLane};
+    use crx_tests::l1::{payload_script, run_lane, L1Run, VmmLane};
     use serde_json::Value;
 
     fn lane_run() -> &'static L1Run {
         static RUN: OnceLock<Result<L1Run, String>> = OnceLock::new();
         let run = RUN.get_or_init(|| {
-            let rig = L1Rig::prepare().map_err(|e| format!("preparing the L1 rig: {e}"))?;
             let lane = VmmLane::from_artifacts().map_err(|e| format!("{e}"))?;
             let script = payload_script("vmm-lane").map_err(|e| format!("{e}"))?;
             let payload = lane
                 .payload(&script)
                 .and_then(|b| b.build())
                 .map_err(|e| format!("assembling the vmm-lane payload: {e}"))?;
-            let opts = RunOptions {
-                timeout: Duration::from_secs(900),
-                ..RunOptions::default()
-            };
-            let run = rig.run(payload.path(), &opts).map_err(|e| format!("{e}"))?;
-            eprintln!(
-                "vmm lane: rc {} in {:.1} s; results {}",
-                run.rc,
-                run.wall.as_secs_f64(),
-                Value::from(run.results.clone())
-            );
-            Ok(run)
+            run_lane("vmm", payload.path(), None)
         });
         run.as_ref().unwrap_or_else(|e| panic!("{e}"))
     }
