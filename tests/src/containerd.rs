@@ -60,6 +60,9 @@ impl From<Output> for CtrOutput {
     }
 }
 
+/// containerd's runtime type for crx.
+pub const CRX_RUNTIME: &str = "io.containerd.crx.v2";
+
 /// The directory holding the built `containerd-shim-crx-v2`: `$CRX_SHIM_DIR`, else
 /// the workspace's `target/debug`. Build it first: `cargo build -p
 /// containerd-shim-crx-v2`.
@@ -243,6 +246,15 @@ impl Containerd {
             out.stderr.trim()
         );
         Ok(out)
+    }
+
+    /// `ctr run --runtime io.containerd.crx.v2 FLAGS IMAGE ID CMD...`.
+    pub fn crx_run(&self, flags: &[&str], image: &str, id: &str, cmd: &[&str]) -> Result<CtrOutput> {
+        let mut args = vec!["run", "--runtime", CRX_RUNTIME];
+        args.extend(flags);
+        args.extend([image, id]);
+        args.extend(cmd);
+        self.ctr(&args)
     }
 
     /// Builds the busybox image and imports it; returns its reference.

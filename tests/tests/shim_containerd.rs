@@ -21,7 +21,7 @@ mod tests {
     };
     use crx_tests::vm_harness::processes_mentioning;
 
-    const CRX: &str = "io.containerd.crx.v2";
+    use crx_tests::containerd::CRX_RUNTIME as CRX;
 
     /// The harness itself, with runc: the image runs, output and exit code come back,
     /// and nothing of the private containerd is left after drop.

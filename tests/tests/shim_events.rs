@@ -17,7 +17,7 @@ mod tests {
     use anyhow::{ensure, Context, Result};
     use crx_tests::containerd::{shim_sockets, Containerd, CtrEvent, CtrOutput, EventStream};
 
-    const CRX: &str = "io.containerd.crx.v2";
+    use crx_tests::containerd::CRX_RUNTIME as CRX;
     /// How long an awaited event may take (it may follow a VM boot under TCG).
     const EVENT_WAIT: Duration = Duration::from_secs(120);
     /// The memory limit of the OOM case; the guest sizes its cgroup from it.
@@ -26,20 +26,6 @@ mod tests {
     /// One case at a time: pods leave host state that another case's leak check
     /// would count.
     static SERIAL: Mutex<()> = Mutex::new(());
-
-    fn crx_run(
-        ctrd: &Containerd,
-        flags: &[&str],
-        image: &str,
-        id: &str,
-        cmd: &[&str],
-    ) -> Result<CtrOutput> {
-        let mut args = vec!["run", "--runtime", CRX];
-        args.extend(flags);
-        args.extend([image, id]);
-        args.extend(cmd);
-        ctrd.ctr(&args)
-    }
 
     /// `ctr ARGS` for a run whose own exit status may be 137, which
     /// [`Containerd::ctr`] takes for its deadline's SIGKILL: here only `timeout`'s own
@@ -109,13 +95,7 @@ mod tests {
         let sockets = shim_sockets();
         let stream = ctrd.event_stream()?;
         let id = "ev-exit";
-        let out = crx_run(
-            &ctrd,
-            &["--rm"],
-            image,
-            id,
-            &["/bin/sh", "-c", "echo out; exit 3"],
-        )?;
+        let out = ctrd.crx_run(&["--rm"], image, id, &["/bin/sh", "-c", "echo out; exit 3"])?;
         ensure!(
             out.code == Some(3) && out.stdout == "out\n",
             "ctr run: {out:?}\n{}",
@@ -140,7 +120,7 @@ mod tests {
         let sockets = shim_sockets();
         let stream = ctrd.event_stream()?;
         let id = "ev-exec";
-        let out = crx_run(&ctrd, &["-d"], image, id, &["/bin/sleep", "1000"])?;
+        let out = ctrd.crx_run(&["-d"], image, id, &["/bin/sleep", "1000"])?;
         ensure!(out.success(), "ctr run -d: {out:?}\n{}", ctrd.log_tail(30));
         wait_event(&stream, id, "start")?;
 

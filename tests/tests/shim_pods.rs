@@ -25,7 +25,6 @@ mod tests {
     };
     use crx_tests::vm_harness::{self, boot, processes_mentioning, vm_config, RunDir};
 
-    const CRX: &str = "io.containerd.crx.v2";
     /// The annotation that puts a container into another container's pod.
     const SANDBOX_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
     /// Sequential pods in the leak check: the soak (each is a TCG boot; the
@@ -196,21 +195,6 @@ mod tests {
         names_in(Path::new("/sys/class/net"))
     }
 
-    /// `ctr run --runtime crx` with `args` after the image and id.
-    fn crx_run(
-        ctrd: &Containerd,
-        flags: &[&str],
-        image: &str,
-        id: &str,
-        cmd: &[&str],
-    ) -> Result<CtrOutput> {
-        let mut args = vec!["run", "--runtime", CRX];
-        args.extend(flags);
-        args.extend([image, id]);
-        args.extend(cmd);
-        ctrd.ctr(&args)
-    }
-
     /// A `ctr` command in the background (for runs that end by a signal).
     fn ctr_background(ctrd: &Containerd, args: &[&str]) -> Result<Child> {
         Command::new("timeout")
@@ -289,8 +273,7 @@ mod tests {
         let sockets = shim_sockets();
 
         let started = Instant::now();
-        let out = crx_run(
-            &ctrd,
+        let out = ctrd.crx_run(
             &["--rm"],
             image,
             "pod-run",
@@ -305,7 +288,7 @@ mod tests {
         ctrd.assert_pod_released("pod-run", &sockets)?;
 
         let id = "pod-life";
-        let out = crx_run(&ctrd, &["-d"], image, id, &["/bin/sleep", "1000"])?;
+        let out = ctrd.crx_run(&["-d"], image, id, &["/bin/sleep", "1000"])?;
         ensure!(out.success(), "ctr run -d: {out:?}\n{}", ctrd.log_tail(30));
         wait_status(&ctrd, id, "RUNNING", Duration::from_secs(60))?;
 
@@ -360,7 +343,7 @@ mod tests {
         let image = ctrd.import_busybox()?;
         let sockets = shim_sockets();
         let pod = "pod-two";
-        let out = crx_run(&ctrd, &["-d"], image, pod, &["/bin/sleep", "1000"])?;
+        let out = ctrd.crx_run(&["-d"], image, pod, &["/bin/sleep", "1000"])?;
         ensure!(out.success(), "first: {out:?}\n{}", ctrd.log_tail(30));
         wait_status(&ctrd, pod, "RUNNING", Duration::from_secs(60))?;
         let vmm = vmm_pids(pod);
@@ -368,8 +351,7 @@ mod tests {
         let shims = ctrd.shim_pids();
 
         let annotation = format!("{SANDBOX_ANNOTATION}={pod}");
-        let out = crx_run(
-            &ctrd,
+        let out = ctrd.crx_run(
             &["--rm", "--annotation", &annotation],
             image,
             "pod-two-c2",
@@ -414,7 +396,7 @@ mod tests {
         let image = ctrd.import_busybox()?;
         let sockets = shim_sockets();
         let id = "pod-vmmkill";
-        let out = crx_run(&ctrd, &["-d"], image, id, &["/bin/sleep", "1000"])?;
+        let out = ctrd.crx_run(&["-d"], image, id, &["/bin/sleep", "1000"])?;
         ensure!(out.success(), "ctr run -d: {out:?}\n{}", ctrd.log_tail(30));
         wait_status(&ctrd, id, "RUNNING", Duration::from_secs(60))?;
         let exec = ctr_background(
@@ -446,7 +428,7 @@ mod tests {
         let image = ctrd.import_busybox()?;
         let sockets = shim_sockets();
         let id = "pod-shimkill";
-        let out = crx_run(&ctrd, &["-d"], image, id, &["/bin/sleep", "1000"])?;
+        let out = ctrd.crx_run(&["-d"], image, id, &["/bin/sleep", "1000"])?;
         ensure!(out.success(), "ctr run -d: {out:?}\n{}", ctrd.log_tail(30));
         wait_status(&ctrd, id, "RUNNING", Duration::from_secs(60))?;
         let shims = ctrd.shim_pids();
@@ -472,7 +454,7 @@ mod tests {
         for i in 0..SEQUENTIAL_RUNS {
             let id = format!("pod-seq-{i}");
             let started = Instant::now();
-            let out = crx_run(&ctrd, &["--rm"], image, &id, &["/bin/echo", &id])?;
+            let out = ctrd.crx_run(&["--rm"], image, &id, &["/bin/echo", &id])?;
             times.push(started.elapsed());
             ensure!(
                 out.success() && out.stdout == format!("{id}\n"),
