@@ -148,6 +148,24 @@ pub fn backend_in_log(log: &std::path::Path) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// The `ready_ms` (VM spawn → agent answering) of every `pod VM ready` line of a
+/// containerd log, in order.
+pub fn vm_ready_ms_in_log(log: &std::path::Path) -> Vec<f64> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("pod VM ready"))
+        .filter_map(|l| {
+            l.split("ready_ms=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
 /// `ctr run -d` of `sleep`, until `ctr task ls` lists it RUNNING.
 fn start_idle(ctrd: &Containerd, image: &str, id: &str, runtime: Option<&str>) -> Result<()> {
     let mut args = vec!["run", "-d"];
@@ -284,6 +302,21 @@ pub fn pss_kib(pid: u32) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vm_ready_figures_and_the_backend_are_read_from_the_shim_log_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("containerd.log");
+        std::fs::write(
+            &log,
+            "x INFO pod VM ready backend=qemu/tcg ready_ms=1292 vm=[]\nother\n\
+             y INFO pod VM ready backend=crx-vmm ready_ms=87 vm=[]\n",
+        )
+        .unwrap();
+        assert_eq!(vm_ready_ms_in_log(&log), vec![1292.0, 87.0]);
+        assert_eq!(backend_in_log(&log).as_deref(), Some("crx-vmm"));
+        assert!(vm_ready_ms_in_log(&dir.path().join("none")).is_empty());
+    }
 
     #[test]
     fn own_pss_is_read_and_process_names_are_short() {
