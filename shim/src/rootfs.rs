@@ -171,20 +171,111 @@ pub fn bind_into_share(
                 source,
             })?;
         }
-        mount(
-            Some(&b.source),
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None::<&str>,
-        )
-        .map_err(|e| mount_err(&format!("host path {:?}", b.source), &target, e))?;
+        if b.read_only {
+            bind_read_only(paths, container_id, b, &target)?;
+        } else {
+            mount(
+                Some(&b.source),
+                &target,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .map_err(|e| mount_err(&format!("host path {:?}", b.source), &target, e))?;
+        }
         out.push((
             b.index,
             format!("{GUEST_SHARE}/{container_id}/mounts/{}", b.index),
         ));
     }
     Ok(out)
+}
+
+/// Binds `b.source` on `target` read-only. The bind is made read-only before it
+/// enters the share: the share propagates into the VMM's jail when the bind is
+/// made, and a later remount would not follow it there, leaving the copy the
+/// virtio-fs server uses writable. So: bind into a staging spot outside the share,
+/// remount that (and every mount under it) read-only, bind it into the share (a
+/// bind copies the read-only flag), drop the staging mount.
+fn bind_read_only(
+    paths: &PodPaths,
+    container_id: &str,
+    b: &crate::translate::HostBind,
+    target: &Path,
+) -> Result<(), RootfsError> {
+    let staging_dir = paths.root.join("staging");
+    mkdir(&staging_dir)?;
+    let staging = staging_dir.join(format!("{container_id}-{}", b.index));
+    if b.source.is_dir() {
+        mkdir(&staging)?;
+    } else {
+        std::fs::File::create(&staging).map_err(|source| RootfsError::Mkdir {
+            path: staging.clone(),
+            source,
+        })?;
+    }
+    let staged = stage_read_only(&b.source, &staging).and_then(|()| {
+        mount(
+            Some(&staging),
+            target,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|e| mount_err(&format!("read-only host path {:?}", b.source), target, e))
+    });
+    let left = unmount_tree(&staging);
+    if left.is_empty() {
+        let _ = std::fs::remove_dir(&staging).or_else(|_| std::fs::remove_file(&staging));
+    } else {
+        tracing::warn!(?left, "staging mounts left (removed with the pod)");
+    }
+    staged
+}
+
+/// Binds `source` on `staging` and makes it and every mount under it read-only.
+fn stage_read_only(source: &Path, staging: &Path) -> Result<(), RootfsError> {
+    let what = format!("host path {source:?}");
+    mount(
+        Some(source),
+        staging,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| mount_err(&what, staging, e))?;
+    for m in mounts_under(staging) {
+        mount(
+            None::<&str>,
+            &m,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | kept_flags(&m),
+            None::<&str>,
+        )
+        .map_err(|e| mount_err(&format!("{what} (read-only remount)"), &m, e))?;
+    }
+    Ok(())
+}
+
+/// The per-mount flags of `m` a bind remount must repeat, or it would clear them
+/// (a read-only copy of a `nosuid,nodev,noexec` mount stays so).
+fn kept_flags(m: &Path) -> MsFlags {
+    use nix::sys::statvfs::{statvfs, FsFlags};
+    let Ok(stat) = statvfs(m) else {
+        return MsFlags::empty();
+    };
+    let have = stat.flags();
+    [
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ]
+    .into_iter()
+    .filter(|(st, _)| have.contains(*st))
+    .fold(MsFlags::empty(), |acc, (_, ms)| acc | ms)
 }
 
 /// Unmounts everything under `dir`, then removes it; refuses to remove anything while
@@ -251,10 +342,12 @@ mod tests {
             crate::translate::HostBind {
                 index: 3,
                 source: src.path().join("hosts"),
+                read_only: false,
             },
             crate::translate::HostBind {
                 index: 5,
                 source: src.path().join("vol"),
+                read_only: false,
             },
         ];
         let guest = bind_into_share(&paths, "c1", &binds).unwrap();
@@ -271,6 +364,7 @@ mod tests {
         let missing = [crate::translate::HostBind {
             index: 0,
             source: "/nonexistent/x".into(),
+            read_only: false,
         }];
         let err = bind_into_share(&paths, "c2", &missing).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/x"), "{err}");
@@ -279,6 +373,47 @@ mod tests {
         assert_eq!(
             std::fs::read_to_string(src.path().join("vol/data")).unwrap(),
             "v"
+        );
+    }
+
+    #[test]
+    fn read_only_binds_are_read_only_on_the_host_and_leave_no_staging() {
+        let src = tempfile::tempdir().unwrap();
+        std::fs::create_dir(src.path().join("vol")).unwrap();
+        std::fs::write(src.path().join("vol/data"), "v").unwrap();
+        std::fs::write(src.path().join("token"), "t").unwrap();
+        let paths = PodPaths::new(&format!("crx-unit-robind-{}", std::process::id()));
+        let binds = [
+            crate::translate::HostBind {
+                index: 0,
+                source: src.path().join("vol"),
+                read_only: true,
+            },
+            crate::translate::HostBind {
+                index: 1,
+                source: src.path().join("token"),
+                read_only: true,
+            },
+        ];
+        bind_into_share(&paths, "c1", &binds).unwrap();
+        let mounts = paths.container_dir("c1").join("mounts");
+        assert_eq!(std::fs::read_to_string(mounts.join("0/data")).unwrap(), "v");
+        let erofs = |r: std::io::Result<()>| r.unwrap_err().raw_os_error();
+        assert_eq!(
+            erofs(std::fs::write(mounts.join("0/new"), "x")),
+            Some(libc::EROFS)
+        );
+        assert_eq!(
+            erofs(std::fs::write(mounts.join("1"), "x")),
+            Some(libc::EROFS)
+        );
+        // Only the share's copy is read-only; the host's own path is not.
+        std::fs::write(src.path().join("vol/new"), "x").unwrap();
+        assert!(mounts_under(&paths.root.join("staging")).is_empty());
+        remove_tree(&paths.root).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(src.path().join("token")).unwrap(),
+            "t"
         );
     }
 

@@ -13,6 +13,9 @@ pub struct HostBind {
     /// Index in the spec's `mounts`.
     pub index: usize,
     pub source: std::path::PathBuf,
+    /// The mount is read-only (`ro` in its options): its copy in the share is made
+    /// read-only on the host too, so the guest cannot write it whatever it runs.
+    pub read_only: bool,
 }
 
 /// The spec's bind mounts of host paths.
@@ -35,7 +38,23 @@ pub fn host_binds(spec: &Value) -> Vec<HostBind> {
         .filter_map(|(index, m)| {
             let source = m.get("source").and_then(Value::as_str)?;
             let source = std::path::PathBuf::from(source);
-            source.is_absolute().then_some(HostBind { index, source })
+            // The last of `ro`/`rw` wins, as in mount(8).
+            let read_only = m
+                .get("options")
+                .and_then(Value::as_array)
+                .and_then(|o| {
+                    o.iter().rev().find_map(|v| match v.as_str() {
+                        Some("ro") => Some(true),
+                        Some("rw") => Some(false),
+                        _ => None,
+                    })
+                })
+                .unwrap_or(false);
+            source.is_absolute().then_some(HostBind {
+                index,
+                source,
+                read_only,
+            })
         })
         .collect()
 }
@@ -372,11 +391,13 @@ mod tests {
             vec![
                 HostBind {
                     index: 1,
-                    source: "/var/lib/x/hosts".into()
+                    source: "/var/lib/x/hosts".into(),
+                    read_only: true,
                 },
                 HostBind {
                     index: 2,
-                    source: "/srv/data".into()
+                    source: "/srv/data".into(),
+                    read_only: false,
                 },
             ]
         );
