@@ -18,20 +18,15 @@
 
 #[cfg(test)]
 mod tests {
-    use std::io::ErrorKind;
-    use std::net::TcpStream;
     use std::sync::Mutex;
     use std::time::{Duration, Instant};
 
     use anyhow::{bail, ensure, Context, Result};
     use crx_tests::containerd::wait_until_empty;
     use crx_tests::cri::specs::{container_config, pod_config};
+    use crx_tests::cri::streaming::{ChannelSocket, Received};
     use crx_tests::cri::CriContainerd;
     use k8s_cri::v1 as cri;
-    use tungstenite::client::IntoClientRequest;
-    use tungstenite::http::HeaderValue;
-    use tungstenite::stream::MaybeTlsStream;
-    use tungstenite::{Message, WebSocket};
 
     /// One test at a time: every containerd puts its pods on the same test bridge.
     static SERIAL: Mutex<()> = Mutex::new(());
@@ -48,8 +43,6 @@ mod tests {
     const ECHO_PORT: u16 = 8081;
     /// What the greeter writes to every connection.
     const GREETING: &str = "hello from the pod";
-    /// The websocket subprotocol of port forwarding, binary channels.
-    const SUBPROTOCOL: &str = "v4.channel.k8s.io";
     const DATA_CHANNEL: u8 = 0;
     const ERROR_CHANNEL: u8 = 1;
 
@@ -230,12 +223,11 @@ mod tests {
         let url = client
             .port_forward(pod_id, &[i32::from(port)])
             .context("PortForward")?;
-        let mut socket = open_websocket(&url, port)?;
+        let mut socket = ChannelSocket::connect(&url, Some(&format!("port={port}")))
+            .context("port-forward websocket")?;
         if let Some(bytes) = send {
-            let mut frame = vec![DATA_CHANNEL];
-            frame.extend_from_slice(bytes);
             socket
-                .send(Message::binary(frame))
+                .send(DATA_CHANNEL, bytes)
                 .context("writing to the port-forward websocket")?;
         }
         let deadline = Instant::now() + ONE_TRY;
@@ -249,28 +241,15 @@ mod tests {
                     String::from_utf8_lossy(&data)
                 );
             }
-            let message = match socket.read() {
-                Ok(m) => m,
-                Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
-                    break
-                }
-                Err(tungstenite::Error::Io(e))
-                    if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
-                {
-                    continue
-                }
-                // containerd may drop the TCP connection without a close frame.
-                Err(tungstenite::Error::Protocol(_)) => break,
-                Err(e) => return Err(e).context("reading the port-forward websocket"),
+            let (channel, payload) = match socket
+                .recv()
+                .context("reading the port-forward websocket")?
+            {
+                Received::Frame(channel, payload) => (channel, payload),
+                Received::Idle => continue,
+                Received::Closed => break,
             };
-            let payload = match message {
-                Message::Binary(b) => b,
-                Message::Close(_) => break,
-                _ => continue,
-            };
-            let Some((&channel, rest)) = payload.split_first() else {
-                continue;
-            };
+            let rest = payload.as_slice();
             let (index, sink) = match channel {
                 DATA_CHANNEL => (0, &mut data),
                 ERROR_CHANNEL => (1, &mut errors),
@@ -294,8 +273,7 @@ mod tests {
                 wanted_after = Some(begun.elapsed());
             }
         }
-        // Best effort: the session may already be closed.
-        let _ = socket.close(None);
+        socket.close();
         ensure!(
             errors.is_empty(),
             "port-forward error: {}",
@@ -312,37 +290,5 @@ mod tests {
     struct Forwarded {
         text: String,
         wanted_after: Option<Duration>,
-    }
-
-    /// Opens the websocket at containerd's streaming URL (`http://…/portforward/TOKEN`)
-    /// for `port` with the v4 binary channel subprotocol.
-    fn open_websocket(url: &str, port: u16) -> Result<WebSocket<MaybeTlsStream<TcpStream>>> {
-        let ws_url = match url.strip_prefix("http://") {
-            Some(rest) => format!("ws://{rest}?port={port}"),
-            None => bail!("unexpected streaming URL {url:?} (expected http://)"),
-        };
-        let mut request = ws_url
-            .as_str()
-            .into_client_request()
-            .with_context(|| format!("websocket request for {ws_url}"))?;
-        request.headers_mut().insert(
-            "Sec-WebSocket-Protocol",
-            HeaderValue::from_static(SUBPROTOCOL),
-        );
-        let (socket, response) =
-            tungstenite::connect(request).with_context(|| format!("websocket to {ws_url}"))?;
-        let chosen = response
-            .headers()
-            .get("Sec-WebSocket-Protocol")
-            .and_then(|v| v.to_str().ok());
-        ensure!(
-            chosen == Some(SUBPROTOCOL),
-            "the streaming server chose subprotocol {chosen:?}"
-        );
-        if let MaybeTlsStream::Plain(tcp) = socket.get_ref() {
-            tcp.set_read_timeout(Some(Duration::from_secs(1)))
-                .context("read timeout on the websocket")?;
-        }
-        Ok(socket)
     }
 }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod harness;
 pub mod images;
 pub mod specs;
+pub mod streaming;
 pub mod suite;
 
 pub use client::{CriClient, CriError};
