@@ -338,4 +338,121 @@ impl CriClient {
         })?;
         Ok(reply.url)
     }
+
+    // Streaming calls (tests/tests/cri_streaming.rs): each returns the streaming
+    // server's URL, to open with `crate::cri::streaming`.
+
+    /// Exec of `cmd` in the container `id` with the streams `streams` asks for.
+    pub fn exec(
+        &self,
+        id: &str,
+        cmd: &[&str],
+        streams: super::streaming::StreamFlags,
+    ) -> Result<String, CriError> {
+        let mut c = self.runtime.clone();
+        let req = cri::ExecRequest {
+            container_id: id.into(),
+            cmd: cmd.iter().map(|s| (*s).to_owned()).collect(),
+            tty: streams.tty,
+            stdin: streams.stdin,
+            stdout: streams.stdout,
+            stderr: streams.stderr,
+        };
+        let reply = self.call("Exec", QUICK_CALL, async move { c.exec(req).await })?;
+        Ok(reply.url)
+    }
+
+    /// Attach to the container `id`'s stdio with the streams `streams` asks for.
+    pub fn attach(
+        &self,
+        id: &str,
+        streams: super::streaming::StreamFlags,
+    ) -> Result<String, CriError> {
+        let mut c = self.runtime.clone();
+        let req = cri::AttachRequest {
+            container_id: id.into(),
+            stdin: streams.stdin,
+            tty: streams.tty,
+            stdout: streams.stdout,
+            stderr: streams.stderr,
+        };
+        let reply = self.call("Attach", QUICK_CALL, async move { c.attach(req).await })?;
+        Ok(reply.url)
+    }
+
+    /// ReopenContainerLog: the runtime reopens the container's log file (after the
+    /// kubelet rotated it away).
+    pub fn reopen_container_log(&self, id: &str) -> Result<(), CriError> {
+        let mut c = self.runtime.clone();
+        let req = cri::ReopenContainerLogRequest {
+            container_id: id.into(),
+        };
+        self.call("ReopenContainerLog", QUICK_CALL, async move {
+            c.reopen_container_log(req).await
+        })?;
+        Ok(())
+    }
+
+    // Resources and stats (tests/tests/cri_resources.rs).
+
+    /// UpdateContainerResources of the container `id` to `linux`.
+    pub fn update_container_resources(
+        &self,
+        id: &str,
+        linux: &cri::LinuxContainerResources,
+    ) -> Result<(), CriError> {
+        let mut c = self.runtime.clone();
+        let req = cri::UpdateContainerResourcesRequest {
+            container_id: id.into(),
+            linux: Some(linux.clone()),
+            ..Default::default()
+        };
+        self.call("UpdateContainerResources", QUICK_CALL, async move {
+            c.update_container_resources(req).await
+        })?;
+        Ok(())
+    }
+
+    pub fn container_stats(&self, id: &str) -> Result<cri::ContainerStats, CriError> {
+        let mut c = self.runtime.clone();
+        let req = cri::ContainerStatsRequest {
+            container_id: id.into(),
+        };
+        let reply = self.call("ContainerStats", QUICK_CALL, async move {
+            c.container_stats(req).await
+        })?;
+        reply.stats.ok_or(CriError::Missing {
+            method: "ContainerStats",
+            what: "stats",
+        })
+    }
+
+    /// ListContainerStats of the containers of pod `pod_id`.
+    pub fn list_container_stats(&self, pod_id: &str) -> Result<Vec<cri::ContainerStats>, CriError> {
+        let mut c = self.runtime.clone();
+        let req = cri::ListContainerStatsRequest {
+            filter: Some(cri::ContainerStatsFilter {
+                pod_sandbox_id: pod_id.into(),
+                ..Default::default()
+            }),
+        };
+        let reply = self.call("ListContainerStats", QUICK_CALL, async move {
+            c.list_container_stats(req).await
+        })?;
+        Ok(reply.stats)
+    }
+
+    pub fn pod_sandbox_stats(&self, pod_id: &str) -> Result<cri::PodSandboxStats, CriError> {
+        let mut c = self.runtime.clone();
+        let req = cri::PodSandboxStatsRequest {
+            pod_sandbox_id: pod_id.into(),
+        };
+        let reply = self.call("PodSandboxStats", QUICK_CALL, async move {
+            c.pod_sandbox_stats(req).await
+        })?;
+        reply.stats.ok_or(CriError::Missing {
+            method: "PodSandboxStats",
+            what: "stats",
+        })
+    }
 }
