@@ -33,6 +33,7 @@ mod tests {
         pod_hostname_and_dns,
         pod_network_reaches_the_pod_ip,
         pods_of_both_handlers_reach_each_other,
+        two_pods_of_the_handler_reach_each_other,
     );
 
     /// Looks a key up in a JSON object under either of two spellings (containerd's
@@ -471,18 +472,31 @@ mod tests {
     /// A pod of the handler under test and a runc pod, each serving `/` over HTTP,
     /// fetch each other's page through the test bridge.
     fn pods_of_both_handlers_reach_each_other(s: &Suite) -> Result<()> {
-        let client = s.client()?;
+        two_pods_reach_each_other(s, "runc")
+    }
+
+    /// Two pods of the handler under test (two crx VMs, or two runc pods) fetch each
+    /// other's page through the test bridge.
+    fn two_pods_of_the_handler_reach_each_other(s: &Suite) -> Result<()> {
+        two_pods_reach_each_other(s, &s.handler)
+    }
+
+    fn two_pods_reach_each_other(s: &Suite, peer_handler: &str) -> Result<()> {
         let mine = pod_config("web-a", &s.node.pod_log_dir("web-a"));
         let mine_id = s.run_pod(&mine)?;
         let peer = pod_config("web-b", &s.node.pod_log_dir("web-b"));
-        let peer_id = client
-            .run_pod_sandbox(&peer, "runc")
-            .context("RunPodSandbox on handler runc")?;
+        let peer_id = if peer_handler == s.handler {
+            s.run_pod(&peer)?
+        } else {
+            s.client()?
+                .run_pod_sandbox(&peer, peer_handler)
+                .with_context(|| format!("RunPodSandbox on handler {peer_handler}"))?
+        };
         let (mine_cid, mine_ip) = web_server(s, &mine_id, &mine)?;
         let (peer_cid, peer_ip) = web_server(s, &peer_id, &peer)?;
         for (from, to, what) in [
-            (&peer_cid, mine_ip, format!("runc pod -> {} pod", s.handler)),
-            (&mine_cid, peer_ip, format!("{} pod -> runc pod", s.handler)),
+            (&peer_cid, mine_ip, format!("{peer_handler} pod -> {} pod", s.handler)),
+            (&mine_cid, peer_ip, format!("{} pod -> {peer_handler} pod", s.handler)),
         ] {
             let url = format!("http://{to}:{LISTEN_PORT}/");
             // busybox's wget crashes in this image; its nc speaks the request instead.
