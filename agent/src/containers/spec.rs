@@ -8,7 +8,8 @@
 use std::path::{Path, PathBuf};
 
 use libcontainer::oci_spec::runtime::{
-    LinuxNamespace, LinuxNamespaceBuilder, LinuxNamespaceType, Process, RootBuilder, Spec,
+    Linux, LinuxNamespace, LinuxNamespaceBuilder, LinuxNamespaceType, Process, RootBuilder,
+    Spec,
 };
 
 use crate::sandbox::PodNamespaces;
@@ -114,11 +115,35 @@ pub fn prepare(id: &str, raw: &[u8], rootfs: &str) -> Result<Spec, SpecError> {
     // The host's cgroup paths mean nothing here; under the pod cgroup the pod's limits
     // hold for every container.
     linux.set_cgroups_path(Some(PathBuf::from(format!("{POD_CGROUP}/{id}"))));
+    own_cgroup_namespace(&mut linux)?;
     spec.set_linux(Some(linux));
     if let Some(pod) = crate::sandbox::current() {
         join_pod(&mut spec, &pod.namespaces)?;
     }
     Ok(spec)
+}
+
+/// Gives the container a cgroup namespace of its own, rooted at its cgroup, as runc does
+/// on a cgroup v2 node: the cgroup2 mount at /sys/fs/cgroup then shows the container's
+/// own limits (memory.max, cpu.max) instead of the guest's root cgroup. A host that is
+/// cgroup v1 leaves it out of the spec, and a namespace path of the host's means nothing
+/// in the guest.
+fn own_cgroup_namespace(linux: &mut Linux) -> Result<(), SpecError> {
+    let mut namespaces: Vec<LinuxNamespace> = linux
+        .namespaces()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|ns| ns.typ() != LinuxNamespaceType::Cgroup)
+        .collect();
+    namespaces.push(
+        LinuxNamespaceBuilder::default()
+            .typ(LinuxNamespaceType::Cgroup)
+            .build()
+            .map_err(|e| SpecError::Unsupported(e.to_string()))?,
+    );
+    linux.set_namespaces(Some(namespaces));
+    Ok(())
 }
 
 /// Puts the container into the pod's namespaces: UTS, IPC and network always, PID when
@@ -238,6 +263,18 @@ mod tests {
             spec.process().as_ref().unwrap().no_new_privileges(),
             Some(true)
         );
+        let cgroup_namespaces: Vec<_> = spec
+            .linux()
+            .as_ref()
+            .unwrap()
+            .namespaces()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|ns| ns.typ() == LinuxNamespaceType::Cgroup)
+            .collect();
+        assert_eq!(cgroup_namespaces.len(), 1, "a cgroup namespace of its own");
+        assert_eq!(cgroup_namespaces[0].path(), &None);
     }
 
     #[test]
