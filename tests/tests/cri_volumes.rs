@@ -17,74 +17,18 @@
 #[cfg(test)]
 mod tests {
     use std::path::{Path, PathBuf};
-    use std::sync::Mutex;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use anyhow::{ensure, Context, Result};
     use crx_tests::containerd::wait_until_empty;
     use crx_tests::cri::specs::{container_config, pod_config};
-    use crx_tests::cri::CriContainerd;
+    use crx_tests::cri::suite::{poll, text, Suite, EXEC, RELEASE};
+    use crx_tests::for_each_handler;
     use k8s_cri::v1 as cri;
 
-    /// One test at a time: every containerd of this file puts its pods on the same
-    /// host bridge and subnet.
-    static SERIAL: Mutex<()> = Mutex::new(());
-    /// How long a pod may take to be fully released after RemovePodSandbox.
-    const RELEASE: Duration = Duration::from_secs(30);
-    const EXEC: Duration = Duration::from_secs(60);
     /// How long a change on one side may take to show on the other: virtio-fs lets
     /// the guest keep names and attributes for 1 s; the rest is TCG being slow.
     const PROPAGATE: Duration = Duration::from_secs(30);
-
-    /// Runs `case` for `handler` on a fresh containerd; panics with the case's error,
-    /// the list of leftovers and the tail of containerd's log.
-    fn run_case(handler: &str, case: fn(&Suite) -> Result<()>) {
-        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-        let node = match CriContainerd::start(handler == "crx") {
-            Ok(node) => node,
-            Err(e) => panic!("[{handler}] starting containerd with CRI: {e:#}"),
-        };
-        let suite = Suite {
-            node,
-            handler: handler.to_owned(),
-            crx_pods: Mutex::new(Vec::new()),
-        };
-        let outcome = case(&suite);
-        let pods = suite.crx_pods.lock().map(|p| p.clone()).unwrap_or_default();
-        let pod_refs: Vec<&str> = pods.iter().map(String::as_str).collect();
-        let left = if outcome.is_ok() {
-            wait_until_empty(RELEASE, || suite.node.leftovers(&pod_refs))
-        } else {
-            Vec::new()
-        };
-        if let Err(e) = outcome {
-            panic!(
-                "[{handler}] {e:#}\n--- containerd log (tail) ---\n{}",
-                suite.node.log_tail(25)
-            );
-        }
-        assert!(
-            left.is_empty(),
-            "[{handler}] the case passed but left: {left:#?}\n--- containerd log (tail) ---\n{}",
-            suite.node.log_tail(25)
-        );
-    }
-
-    /// Declares `<case>::runc` and `<case>::crx`.
-    macro_rules! for_each_handler {
-        ($($case:ident),* $(,)?) => {$(
-            mod $case {
-                #[test]
-                fn runc() {
-                    super::run_case("runc", super::$case)
-                }
-                #[test]
-                fn crx() {
-                    super::run_case("crx", super::$case)
-                }
-            }
-        )*};
-    }
 
     for_each_handler!(
         host_paths_files_readonly_and_subpaths,
@@ -93,146 +37,107 @@ mod tests {
         host_to_container_propagation,
     );
 
-    /// One case's view: the containerd, the handler under test, the pods it ran.
-    struct Suite {
-        node: CriContainerd,
-        handler: String,
-        crx_pods: Mutex<Vec<String>>,
+    /// Creates and starts a `sleep` container `name` with `mounts` in the pod.
+    fn start_sleeper(
+        s: &Suite,
+        pod_id: &str,
+        pod: &cri::PodSandboxConfig,
+        name: &str,
+        mounts: Vec<cri::Mount>,
+        run_as_user: Option<i64>,
+    ) -> Result<String> {
+        start_sleeper_with(s, pod_id, pod, name, mounts, run_as_user, Vec::new())
     }
 
-    impl Suite {
-        fn client(&self) -> Result<&crx_tests::cri::CriClient> {
-            Ok(self.node.client()?)
-        }
-
-        fn run_pod(&self, config: &cri::PodSandboxConfig) -> Result<String> {
-            let id = self
-                .client()?
-                .run_pod_sandbox(config, &self.handler)
-                .with_context(|| format!("RunPodSandbox on handler {}", self.handler))?;
-            if self.handler == "crx" {
-                if let Ok(mut pods) = self.crx_pods.lock() {
-                    pods.push(id.clone());
-                }
-            }
-            Ok(id)
-        }
-
-        fn remove_pod(&self, id: &str) -> Result<()> {
-            let client = self.client()?;
-            client.stop_pod_sandbox(id).context("StopPodSandbox")?;
-            client.remove_pod_sandbox(id).context("RemovePodSandbox")?;
-            Ok(())
-        }
-
-        /// Creates and starts a `sleep` container `name` with `mounts` in the pod.
-        fn start_sleeper(
-            &self,
-            pod_id: &str,
-            pod: &cri::PodSandboxConfig,
-            name: &str,
-            mounts: Vec<cri::Mount>,
-            run_as_user: Option<i64>,
-        ) -> Result<String> {
-            self.start_sleeper_with(pod_id, pod, name, mounts, run_as_user, Vec::new())
-        }
-
-        /// [`Suite::start_sleeper`] with CRI `devices`.
-        fn start_sleeper_with(
-            &self,
-            pod_id: &str,
-            pod: &cri::PodSandboxConfig,
-            name: &str,
-            mounts: Vec<cri::Mount>,
-            run_as_user: Option<i64>,
-            devices: Vec<cri::Device>,
-        ) -> Result<String> {
-            let client = self.client()?;
-            let mut c = container_config(
-                name,
-                self.node.busybox(),
-                &["/bin/sleep", "3600"],
-                &format!("{name}.log"),
-            );
-            c.mounts = mounts;
-            c.devices = devices;
-            if let Some(uid) = run_as_user {
-                c.linux = Some(cri::LinuxContainerConfig {
-                    security_context: Some(cri::LinuxContainerSecurityContext {
-                        run_as_user: Some(cri::Int64Value { value: uid }),
-                        ..Default::default()
-                    }),
+    /// [`Suite::start_sleeper`] with CRI `devices`.
+    fn start_sleeper_with(
+        s: &Suite,
+        pod_id: &str,
+        pod: &cri::PodSandboxConfig,
+        name: &str,
+        mounts: Vec<cri::Mount>,
+        run_as_user: Option<i64>,
+        devices: Vec<cri::Device>,
+    ) -> Result<String> {
+        let client = s.client()?;
+        let mut c = container_config(
+            name,
+            s.node.busybox(),
+            &["/bin/sleep", "3600"],
+            &format!("{name}.log"),
+        );
+        c.mounts = mounts;
+        c.devices = devices;
+        if let Some(uid) = run_as_user {
+            c.linux = Some(cri::LinuxContainerConfig {
+                security_context: Some(cri::LinuxContainerSecurityContext {
+                    run_as_user: Some(cri::Int64Value { value: uid }),
                     ..Default::default()
-                });
-            }
-            let cid = client
-                .create_container(pod_id, &c, pod)
-                .with_context(|| format!("CreateContainer {name}"))?;
-            client
-                .start_container(&cid)
-                .with_context(|| format!("StartContainer {name}"))?;
-            let status = client.container_status(&cid)?;
-            ensure!(
-                status.state == cri::ContainerState::ContainerRunning as i32,
-                "{name} is not running after StartContainer: {status:?}"
-            );
-            Ok(cid)
-        }
-
-        /// Checks the container runs where its handler says: on the host's kernel
-        /// for runc, on its pod VM's own for crx (so a crx pass is not runc's).
-        fn check_handler(&self, cid: &str) -> Result<()> {
-            let r = self.sh(cid, "cat /proc/version")?;
-            let host = std::fs::read_to_string("/proc/version").context("host /proc/version")?;
-            ensure!(
-                r.exit_code == 0 && (text(&r.stdout) == host) == (self.handler == "runc"),
-                "handler {} but the container's kernel is {:?} (host: {host:?})",
-                self.handler,
-                text(&r.stdout)
-            );
-            Ok(())
-        }
-
-        /// `sh -c script` in container `cid`.
-        fn sh(&self, cid: &str, script: &str) -> Result<cri::ExecSyncResponse> {
-            self.client()?
-                .exec_sync(cid, &["/bin/sh", "-c", script], EXEC)
-                .with_context(|| format!("ExecSync sh -c {script:?}"))
-        }
-
-        /// Polls `cat path` in `cid` until it prints exactly `want`.
-        fn await_content(&self, cid: &str, path: &str, want: &str) -> Result<()> {
-            let mut last = String::from("no attempt");
-            let seen = poll(PROPAGATE, || match self.sh(cid, &format!("cat {path}")) {
-                Ok(r) if r.exit_code == 0 && r.stdout == want.as_bytes() => Some(()),
-                Ok(r) => {
-                    last = show(&r);
-                    None
-                }
-                Err(e) => {
-                    last = format!("{e:#}");
-                    None
-                }
+                }),
+                ..Default::default()
             });
-            seen.with_context(|| {
-                format!("{path} in the container never read {want:?} within {PROPAGATE:?}: {last}")
-            })
         }
-
-        /// Polls until `path` is gone in `cid`.
-        fn await_gone(&self, cid: &str, path: &str) -> Result<()> {
-            let gone = poll(PROPAGATE, || {
-                let r = self.sh(cid, &format!("test -e {path}")).ok()?;
-                (r.exit_code == 1).then_some(())
-            });
-            gone.with_context(|| {
-                format!("{path} is still there in the container after {PROPAGATE:?}")
-            })
-        }
+        let cid = client
+            .create_container(pod_id, &c, pod)
+            .with_context(|| format!("CreateContainer {name}"))?;
+        client
+            .start_container(&cid)
+            .with_context(|| format!("StartContainer {name}"))?;
+        let status = client.container_status(&cid)?;
+        ensure!(
+            status.state == cri::ContainerState::ContainerRunning as i32,
+            "{name} is not running after StartContainer: {status:?}"
+        );
+        Ok(cid)
     }
 
-    fn text(bytes: &[u8]) -> String {
-        String::from_utf8_lossy(bytes).into_owned()
+    /// Checks the container runs where its handler says: on the host's kernel
+    /// for runc, on its pod VM's own for crx (so a crx pass is not runc's).
+    fn check_handler(s: &Suite, cid: &str) -> Result<()> {
+        let r = sh(s, cid, "cat /proc/version")?;
+        let host = std::fs::read_to_string("/proc/version").context("host /proc/version")?;
+        ensure!(
+            r.exit_code == 0 && (text(&r.stdout) == host) == (s.handler == "runc"),
+            "handler {} but the container's kernel is {:?} (host: {host:?})",
+            s.handler,
+            text(&r.stdout)
+        );
+        Ok(())
+    }
+
+    /// `sh -c script` in container `cid`.
+    fn sh(s: &Suite, cid: &str, script: &str) -> Result<cri::ExecSyncResponse> {
+        s.client()?
+            .exec_sync(cid, &["/bin/sh", "-c", script], EXEC)
+            .with_context(|| format!("ExecSync sh -c {script:?}"))
+    }
+
+    /// Polls `cat path` in `cid` until it prints exactly `want`.
+    fn await_content(s: &Suite, cid: &str, path: &str, want: &str) -> Result<()> {
+        let mut last = String::from("no attempt");
+        let seen = poll(PROPAGATE, || match sh(s, cid, &format!("cat {path}")) {
+            Ok(r) if r.exit_code == 0 && r.stdout == want.as_bytes() => Some(()),
+            Ok(r) => {
+                last = show(&r);
+                None
+            }
+            Err(e) => {
+                last = format!("{e:#}");
+                None
+            }
+        });
+        seen.with_context(|| {
+            format!("{path} in the container never read {want:?} within {PROPAGATE:?}: {last}")
+        })
+    }
+
+    /// Polls until `path` is gone in `cid`.
+    fn await_gone(s: &Suite, cid: &str, path: &str) -> Result<()> {
+        let gone = poll(PROPAGATE, || {
+            let r = sh(s, cid, &format!("test -e {path}")).ok()?;
+            (r.exit_code == 1).then_some(())
+        });
+        gone.with_context(|| format!("{path} is still there in the container after {PROPAGATE:?}"))
     }
 
     /// An ExecSync answer as a person reads it.
@@ -243,19 +148,6 @@ mod tests {
             text(&r.stdout),
             text(&r.stderr)
         )
-    }
-
-    fn poll<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(v) = f() {
-                return Some(v);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
     }
 
     /// Polls until the host file `path` holds exactly `want`.
@@ -414,7 +306,8 @@ mod tests {
 
         let pod = pod_config("volumes", &s.node.pod_log_dir("volumes"));
         let pod_id = s.run_pod(&pod)?;
-        let cid = s.start_sleeper(
+        let cid = start_sleeper(
+            s,
             &pod_id,
             &pod,
             "app",
@@ -431,165 +324,165 @@ mod tests {
             ],
             None,
         )?;
-        s.check_handler(&cid)?;
+        check_handler(s, &cid)?;
 
-        let checks = vec![
-            (
-                "rw dir: the host's file is there at start",
-                s.await_content(&cid, "/data/seeded", "seeded by the host\n"),
-            ),
-            ("rw dir: a container write reaches the host", {
-                s.sh(&cid, "echo from the pod > /data/from-pod")
-                    .and_then(|r| {
-                        ensure!(r.exit_code == 0, "the write failed: {}", show(&r));
-                        Ok(())
-                    })
-                    .and_then(|()| await_host_content(&data.join("from-pod"), "from the pod\n"))
-            }),
-            ("rw dir: a file the host adds after start shows", {
-                write(&data.join("from-host"), "added later\n")
-                    .and_then(|()| s.await_content(&cid, "/data/from-host", "added later\n"))
-            }),
-            ("rw dir: a host rewrite of a file the pod read shows", {
-                write(&data.join("seeded"), "rewritten by the host, longer\n").and_then(|()| {
-                    s.await_content(&cid, "/data/seeded", "rewritten by the host, longer\n")
-                })
-            }),
-            ("rw dir: a file the host removes goes", {
-                std::fs::remove_file(data.join("from-host"))
-                    .context("removing data/from-host")
-                    .and_then(|()| s.await_gone(&cid, "/data/from-host"))
-            }),
-            (
-                "single file: the host's content is there",
-                s.await_content(&cid, "/etc/app/app.conf", "version=1\n"),
-            ),
-            ("single file: an in-place host update shows", {
-                write(&config_file, "version=2 (updated)\n").and_then(|()| {
-                    s.await_content(&cid, "/etc/app/app.conf", "version=2 (updated)\n")
-                })
-            }),
-            ("single file: it is a regular file", {
-                s.sh(&cid, "test -f /etc/app/app.conf").and_then(|r| {
-                    ensure!(r.exit_code == 0, "not a regular file: {}", show(&r));
-                    Ok(())
-                })
-            }),
-            (
-                "readonly: reads work",
-                s.await_content(&cid, "/ro/fixed", "not for writing\n"),
-            ),
-            ("readonly: a new file fails with EROFS", {
-                s.sh(&cid, "echo x > /ro/new").and_then(|r| {
-                    ensure!(
-                        r.exit_code != 0 && text(&r.stderr).contains("Read-only file system"),
-                        "creating /ro/new answered {}",
-                        show(&r)
-                    );
-                    ensure!(!ro.join("new").exists(), "ro/new appeared on the host");
-                    Ok(())
-                })
-            }),
-            ("readonly: overwriting fails with EROFS", {
-                s.sh(&cid, "echo x > /ro/fixed").and_then(|r| {
-                    ensure!(
-                        r.exit_code != 0 && text(&r.stderr).contains("Read-only file system"),
-                        "overwriting /ro/fixed answered {}",
-                        show(&r)
-                    );
-                    let host = std::fs::read_to_string(ro.join("fixed"))?;
-                    ensure!(host == "not for writing\n", "the host file became {host:?}");
-                    Ok(())
-                })
-            }),
-            (
-                "readonly: the pod's virtio-fs server has it read-only too (crx)",
-                server_sees_read_only(s, &pod_id, &ro),
-            ),
-            (
-                "readonly: the mount is ro in the container's mount table",
-                {
-                    s.sh(&cid, "grep ' /ro ' /proc/mounts").and_then(|r| {
-                        let line = text(&r.stdout);
-                        let opts = line.split(' ').nth(3).unwrap_or("");
-                        ensure!(
-                            opts.split(',').any(|o| o == "ro"),
-                            "/ro is mounted {line:?}"
-                        );
-                        Ok(())
-                    })
-                },
-            ),
-            (
-                "subPath dir: its files are there",
-                s.await_content(&cid, "/sub/inside", "in the subpath\n"),
-            ),
-            ("subPath dir: nothing of the rest of the volume", {
-                s.sh(&cid, "ls -A /sub").and_then(|r| {
-                    let mut names: Vec<String> = text(&r.stdout)
-                        .split_whitespace()
-                        .map(str::to_owned)
-                        .collect();
-                    names.sort();
-                    ensure!(
-                        r.exit_code == 0 && names == ["deeper", "inside"],
-                        "/sub lists {}",
-                        show(&r)
-                    );
-                    Ok(())
-                })
-            }),
-            (
-                "subPath dir: a container write lands in the subdirectory",
-                {
-                    s.sh(&cid, "echo via subpath > /sub/written")
+        let checks =
+            vec![
+                (
+                    "rw dir: the host's file is there at start",
+                    await_content(s, &cid, "/data/seeded", "seeded by the host\n"),
+                ),
+                ("rw dir: a container write reaches the host", {
+                    sh(s, &cid, "echo from the pod > /data/from-pod")
                         .and_then(|r| {
                             ensure!(r.exit_code == 0, "the write failed: {}", show(&r));
                             Ok(())
                         })
-                        .and_then(|()| {
-                            await_host_content(&vol.join("sub/written"), "via subpath\n")
+                        .and_then(|()| await_host_content(&data.join("from-pod"), "from the pod\n"))
+                }),
+                ("rw dir: a file the host adds after start shows", {
+                    write(&data.join("from-host"), "added later\n")
+                        .and_then(|()| await_content(s, &cid, "/data/from-host", "added later\n"))
+                }),
+                ("rw dir: a host rewrite of a file the pod read shows", {
+                    write(&data.join("seeded"), "rewritten by the host, longer\n").and_then(|()| {
+                        await_content(s, &cid, "/data/seeded", "rewritten by the host, longer\n")
+                    })
+                }),
+                ("rw dir: a file the host removes goes", {
+                    std::fs::remove_file(data.join("from-host"))
+                        .context("removing data/from-host")
+                        .and_then(|()| await_gone(s, &cid, "/data/from-host"))
+                }),
+                (
+                    "single file: the host's content is there",
+                    await_content(s, &cid, "/etc/app/app.conf", "version=1\n"),
+                ),
+                ("single file: an in-place host update shows", {
+                    write(&config_file, "version=2 (updated)\n").and_then(|()| {
+                        await_content(s, &cid, "/etc/app/app.conf", "version=2 (updated)\n")
+                    })
+                }),
+                ("single file: it is a regular file", {
+                    sh(s, &cid, "test -f /etc/app/app.conf").and_then(|r| {
+                        ensure!(r.exit_code == 0, "not a regular file: {}", show(&r));
+                        Ok(())
+                    })
+                }),
+                (
+                    "readonly: reads work",
+                    await_content(s, &cid, "/ro/fixed", "not for writing\n"),
+                ),
+                ("readonly: a new file fails with EROFS", {
+                    sh(s, &cid, "echo x > /ro/new").and_then(|r| {
+                        ensure!(
+                            r.exit_code != 0 && text(&r.stderr).contains("Read-only file system"),
+                            "creating /ro/new answered {}",
+                            show(&r)
+                        );
+                        ensure!(!ro.join("new").exists(), "ro/new appeared on the host");
+                        Ok(())
+                    })
+                }),
+                ("readonly: overwriting fails with EROFS", {
+                    sh(s, &cid, "echo x > /ro/fixed").and_then(|r| {
+                        ensure!(
+                            r.exit_code != 0 && text(&r.stderr).contains("Read-only file system"),
+                            "overwriting /ro/fixed answered {}",
+                            show(&r)
+                        );
+                        let host = std::fs::read_to_string(ro.join("fixed"))?;
+                        ensure!(host == "not for writing\n", "the host file became {host:?}");
+                        Ok(())
+                    })
+                }),
+                (
+                    "readonly: the pod's virtio-fs server has it read-only too (crx)",
+                    server_sees_read_only(s, &pod_id, &ro),
+                ),
+                (
+                    "readonly: the mount is ro in the container's mount table",
+                    {
+                        sh(s, &cid, "grep ' /ro ' /proc/mounts").and_then(|r| {
+                            let line = text(&r.stdout);
+                            let opts = line.split(' ').nth(3).unwrap_or("");
+                            ensure!(
+                                opts.split(',').any(|o| o == "ro"),
+                                "/ro is mounted {line:?}"
+                            );
+                            Ok(())
                         })
-                },
-            ),
-            (
-                "subPath file: its content is there",
-                s.await_content(&cid, "/etc/settings", "mode=sub\n"),
-            ),
-            ("nested volume: it shadows the outer one at its path", {
-                s.await_content(&cid, "/data/nested/settings", "mode=sub\n")
-                    .and_then(|()| {
+                    },
+                ),
+                (
+                    "subPath dir: its files are there",
+                    await_content(s, &cid, "/sub/inside", "in the subpath\n"),
+                ),
+                ("subPath dir: nothing of the rest of the volume", {
+                    sh(s, &cid, "ls -A /sub").and_then(|r| {
+                        let mut names: Vec<String> = text(&r.stdout)
+                            .split_whitespace()
+                            .map(str::to_owned)
+                            .collect();
+                        names.sort();
+                        ensure!(
+                            r.exit_code == 0 && names == ["deeper", "inside"],
+                            "/sub lists {}",
+                            show(&r)
+                        );
+                        Ok(())
+                    })
+                }),
+                (
+                    "subPath dir: a container write lands in the subdirectory",
+                    {
+                        sh(s, &cid, "echo via subpath > /sub/written")
+                            .and_then(|r| {
+                                ensure!(r.exit_code == 0, "the write failed: {}", show(&r));
+                                Ok(())
+                            })
+                            .and_then(|()| {
+                                await_host_content(&vol.join("sub/written"), "via subpath\n")
+                            })
+                    },
+                ),
+                (
+                    "subPath file: its content is there",
+                    await_content(s, &cid, "/etc/settings", "mode=sub\n"),
+                ),
+                ("nested volume: it shadows the outer one at its path", {
+                    await_content(s, &cid, "/data/nested/settings", "mode=sub\n").and_then(|()| {
                         ensure!(
                             !data.join("nested/settings").exists(),
                             "the nested volume's file appeared in the outer volume on the host"
                         );
                         Ok(())
                     })
-            }),
-            (
-                "rw dir: a write-then-rename (atomic save) shows as the final file",
-                {
-                    s.sh(
-                        &cid,
-                        "echo saved > /data/.tmp-save && mv /data/.tmp-save /data/saved",
-                    )
-                    .and_then(|r| {
-                        ensure!(r.exit_code == 0, "save failed: {}", show(&r));
-                        Ok(())
-                    })
-                    .and_then(|()| await_host_content(&data.join("saved"), "saved\n"))
-                    .and_then(|()| {
-                        ensure!(
-                            !data.join(".tmp-save").exists(),
-                            "the temporary file is left"
-                        );
-                        Ok(())
-                    })
-                },
-            ),
-            ("rw dir: chown and chmod by the container reach the host", {
-                s.sh(
-                    &cid,
+                }),
+                (
+                    "rw dir: a write-then-rename (atomic save) shows as the final file",
+                    {
+                        sh(
+                            s,
+                            &cid,
+                            "echo saved > /data/.tmp-save && mv /data/.tmp-save /data/saved",
+                        )
+                        .and_then(|r| {
+                            ensure!(r.exit_code == 0, "save failed: {}", show(&r));
+                            Ok(())
+                        })
+                        .and_then(|()| await_host_content(&data.join("saved"), "saved\n"))
+                        .and_then(|()| {
+                            ensure!(
+                                !data.join(".tmp-save").exists(),
+                                "the temporary file is left"
+                            );
+                            Ok(())
+                        })
+                    },
+                ),
+                ("rw dir: chown and chmod by the container reach the host", {
+                    sh(s, &cid,
                     "mkdir /data/owned && chown 1000:2000 /data/owned && chmod 0700 /data/owned",
                 )
                 .and_then(|r| {
@@ -608,51 +501,50 @@ mod tests {
                     );
                     Ok(())
                 })
-            }),
-            (
-                "rw dir: a symlink made in the container is one on the host",
-                {
-                    s.sh(&cid, "ln -s seeded /data/link").and_then(|r| {
-                        ensure!(r.exit_code == 0, "ln -s failed: {}", show(&r));
-                        let target = std::fs::read_link(data.join("link"))?;
-                        ensure!(target == Path::new("seeded"), "it points at {target:?}");
-                        Ok(())
-                    })
-                },
-            ),
-            ("rw dir: 4 MiB written by the container arrive whole", {
-                s.sh(&cid, "yes 0123456789abcde | head -c 4194304 > /data/big")
-                    .and_then(|r| {
-                        ensure!(r.exit_code == 0, "the write failed: {}", show(&r));
-                        Ok(())
-                    })
-                    .and_then(|()| {
-                        let big = std::fs::read(data.join("big"))?;
-                        let want: Vec<u8> = b"0123456789abcde\n"
-                            .iter()
-                            .copied()
-                            .cycle()
-                            .take(4 << 20)
-                            .collect();
-                        ensure!(big == want, "the host reads {} other bytes", big.len());
-                        Ok(())
-                    })
-            }),
-            (
-                "configMap dir: keys read through ..data",
-                s.await_content(&cid, "/etc/cm/greeting", "hello v1\n"),
-            ),
-            ("configMap dir: an atomic ..data swap shows", {
-                swap_configmap(&cm)
-                    .and_then(|()| s.await_content(&cid, "/etc/cm/greeting", "hello v2\n"))
-            }),
-            (
-                "secret on a host tmpfs: its content is there",
-                s.await_content(&cid, "/var/run/secrets/app/token", "s3cr3t\n"),
-            ),
-            ("secret on a host tmpfs: its mode is kept", {
-                s.sh(&cid, "stat -c %a /var/run/secrets/app/token")
-                    .and_then(|r| {
+                }),
+                (
+                    "rw dir: a symlink made in the container is one on the host",
+                    {
+                        sh(s, &cid, "ln -s seeded /data/link").and_then(|r| {
+                            ensure!(r.exit_code == 0, "ln -s failed: {}", show(&r));
+                            let target = std::fs::read_link(data.join("link"))?;
+                            ensure!(target == Path::new("seeded"), "it points at {target:?}");
+                            Ok(())
+                        })
+                    },
+                ),
+                ("rw dir: 4 MiB written by the container arrive whole", {
+                    sh(s, &cid, "yes 0123456789abcde | head -c 4194304 > /data/big")
+                        .and_then(|r| {
+                            ensure!(r.exit_code == 0, "the write failed: {}", show(&r));
+                            Ok(())
+                        })
+                        .and_then(|()| {
+                            let big = std::fs::read(data.join("big"))?;
+                            let want: Vec<u8> = b"0123456789abcde\n"
+                                .iter()
+                                .copied()
+                                .cycle()
+                                .take(4 << 20)
+                                .collect();
+                            ensure!(big == want, "the host reads {} other bytes", big.len());
+                            Ok(())
+                        })
+                }),
+                (
+                    "configMap dir: keys read through ..data",
+                    await_content(s, &cid, "/etc/cm/greeting", "hello v1\n"),
+                ),
+                ("configMap dir: an atomic ..data swap shows", {
+                    swap_configmap(&cm)
+                        .and_then(|()| await_content(s, &cid, "/etc/cm/greeting", "hello v2\n"))
+                }),
+                (
+                    "secret on a host tmpfs: its content is there",
+                    await_content(s, &cid, "/var/run/secrets/app/token", "s3cr3t\n"),
+                ),
+                ("secret on a host tmpfs: its mode is kept", {
+                    sh(s, &cid, "stat -c %a /var/run/secrets/app/token").and_then(|r| {
                         ensure!(
                             text(&r.stdout).trim() == "400",
                             "stat answered {}",
@@ -660,8 +552,8 @@ mod tests {
                         );
                         Ok(())
                     })
-            }),
-        ];
+                }),
+            ];
         let outcome = all_of(checks);
         let removed = s.remove_pod(&pod_id);
         outcome?;
@@ -750,15 +642,17 @@ mod tests {
         set_mode(&scratch, 0o777)?;
         let pod = pod_config("emptydir", &s.node.pod_log_dir("emptydir"));
         let pod_id = s.run_pod(&pod)?;
-        let writer = s.start_sleeper(
+        let writer = start_sleeper(
+            s,
             &pod_id,
             &pod,
             "writer",
             vec![bind(&scratch, "/cache", false)],
             None,
         )?;
-        s.check_handler(&writer)?;
-        let reader = s.start_sleeper(
+        check_handler(s, &writer)?;
+        let reader = start_sleeper(
+            s,
             &pod_id,
             &pod,
             "reader",
@@ -766,13 +660,13 @@ mod tests {
             Some(NON_ROOT_UID),
         )?;
         let write_in = |cid: &str, script: &str| -> Result<()> {
-            let r = s.sh(cid, script)?;
+            let r = sh(s, cid, script)?;
             ensure!(r.exit_code == 0, "{script:?} failed: {}", show(&r));
             Ok(())
         };
         let checks = vec![
             ("the directory starts empty", {
-                s.sh(&reader, "ls -A /shared/cache").and_then(|r| {
+                sh(s, &reader, "ls -A /shared/cache").and_then(|r| {
                     ensure!(
                         r.exit_code == 0 && r.stdout.is_empty(),
                         "it lists {}",
@@ -783,29 +677,29 @@ mod tests {
             }),
             ("one container writes, the other reads", {
                 write_in(&writer, "echo note one > /cache/note")
-                    .and_then(|()| s.await_content(&reader, "/shared/cache/note", "note one\n"))
+                    .and_then(|()| await_content(s, &reader, "/shared/cache/note", "note one\n"))
             }),
             ("and back", {
                 write_in(
                     &reader,
                     "mkdir /shared/cache/dir && echo reply > /shared/cache/dir/r",
                 )
-                .and_then(|()| s.await_content(&writer, "/cache/dir/r", "reply\n"))
+                .and_then(|()| await_content(s, &writer, "/cache/dir/r", "reply\n"))
             }),
             ("an overwrite shows in the other container", {
                 write_in(&writer, "echo note two, longer > /cache/note").and_then(|()| {
-                    s.await_content(&reader, "/shared/cache/note", "note two, longer\n")
+                    await_content(s, &reader, "/shared/cache/note", "note two, longer\n")
                 })
             }),
             ("an append to the non-root container's file shows in it", {
                 write_in(&writer, "echo appended >> /cache/dir/r").and_then(|()| {
-                    s.await_content(&reader, "/shared/cache/dir/r", "reply\nappended\n")
+                    await_content(s, &reader, "/shared/cache/dir/r", "reply\nappended\n")
                 })
             }),
             (
                 "the non-root container cannot write the root container's file",
                 {
-                    s.sh(&reader, "echo x >> /shared/cache/note").and_then(|r| {
+                    sh(s, &reader, "echo x >> /shared/cache/note").and_then(|r| {
                         ensure!(
                             r.exit_code != 0 && text(&r.stderr).contains("Permission denied"),
                             "appending as uid {NON_ROOT_UID} answered {}",
@@ -817,7 +711,7 @@ mod tests {
             ),
             ("a removal shows in the other container", {
                 write_in(&writer, "rm /cache/note")
-                    .and_then(|()| s.await_gone(&reader, "/shared/cache/note"))
+                    .and_then(|()| await_gone(s, &reader, "/shared/cache/note"))
             }),
             (
                 "the host holds what the containers wrote, owned by who wrote it",
@@ -835,7 +729,7 @@ mod tests {
             ),
             ("the volume outlives a container removed from the pod", {
                 remove_container(s, &pod_id, &writer).and_then(|()| {
-                    s.await_content(&reader, "/shared/cache/dir/r", "reply\nappended\n")?;
+                    await_content(s, &reader, "/shared/cache/dir/r", "reply\nappended\n")?;
                     write_in(&reader, "echo after > /shared/cache/after")?;
                     await_host_content(&scratch.join("after"), "after\n")
                 })
@@ -900,7 +794,7 @@ mod tests {
             permissions: "rw".into(),
         };
         let with_disk =
-            s.start_sleeper_with(&pod_id, &pod, "disk-user", vec![], None, vec![device]);
+            start_sleeper_with(s, &pod_id, &pod, "disk-user", vec![], None, vec![device]);
         let outcome = if s.handler == "crx" {
             crx_refuses_the_disk(s, &pod_id, &pod, with_disk)
         } else {
@@ -913,7 +807,7 @@ mod tests {
 
     /// The container reads the disk's header and writes at an offset the host reads.
     fn use_the_disk(s: &Suite, cid: &str, disk: &LoopDevice) -> Result<()> {
-        let r = s.sh(cid, &format!("head -c {} /dev/xvdb", DISK_HEADER.len()))?;
+        let r = sh(s, cid, &format!("head -c {} /dev/xvdb", DISK_HEADER.len()))?;
         ensure!(
             r.exit_code == 0 && r.stdout == DISK_HEADER,
             "reading /dev/xvdb: {}",
@@ -923,7 +817,7 @@ mod tests {
             "printf '{}' | dd of=/dev/xvdb bs=1 seek={DISK_WRITE_OFFSET} conv=notrunc,fsync",
             text(DISK_WRITTEN)
         );
-        let r = s.sh(cid, &write)?;
+        let r = sh(s, cid, &write)?;
         ensure!(r.exit_code == 0, "writing /dev/xvdb: {}", show(&r));
         let on_host = disk.read_at(DISK_WRITE_OFFSET, DISK_WRITTEN.len())?;
         ensure!(
@@ -951,8 +845,8 @@ mod tests {
             err.contains("/dev/xvdb") && err.contains("block") && err.contains("virtio-blk"),
             "CreateContainer with a host block device failed without naming why: {err}"
         );
-        let cid = s.start_sleeper(pod_id, pod, "no-disk", vec![], None)?;
-        s.check_handler(&cid)
+        let cid = start_sleeper(s, pod_id, pod, "no-disk", vec![], None)?;
+        check_handler(s, &cid)
     }
 
     /// A host loop device over a file, detached when dropped.
@@ -1010,17 +904,16 @@ mod tests {
         let pod_id = s.run_pod(&pod)?;
         let mut volume = bind(&dir, "/prop", false);
         volume.propagation = cri::MountPropagation::PropagationHostToContainer as i32;
-        let outcome = s
-            .start_sleeper(&pod_id, &pod, "watcher", vec![volume], None)
-            .and_then(|cid| {
-                s.check_handler(&cid)?;
-                s.await_content(&cid, "/prop/late/under", "under the later mount\n")?;
+        let outcome =
+            start_sleeper(s, &pod_id, &pod, "watcher", vec![volume], None).and_then(|cid| {
+                check_handler(s, &cid)?;
+                await_content(s, &cid, "/prop/late/under", "under the later mount\n")?;
                 let late = HostTmpfs::mount(&dir.join("late"))?;
                 write(&dir.join("late/on-top"), "on the later mount\n")?;
-                s.await_content(&cid, "/prop/late/on-top", "on the later mount\n")?;
-                s.await_gone(&cid, "/prop/late/under")?;
+                await_content(s, &cid, "/prop/late/on-top", "on the later mount\n")?;
+                await_gone(s, &cid, "/prop/late/under")?;
                 late.detach()?;
-                s.await_content(&cid, "/prop/late/under", "under the later mount\n")
+                await_content(s, &cid, "/prop/late/under", "under the later mount\n")
             });
         let removed = s.remove_pod(&pod_id);
         drop(shared);
