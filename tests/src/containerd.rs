@@ -98,7 +98,7 @@ impl Containerd {
             .keep();
         let socket = dir.join("containerd.sock");
         let config = dir.join("config.toml");
-        std::fs::write(&config, config_toml(&dir, &socket)).context("writing config.toml")?;
+        std::fs::write(&config, private_config(&dir, &socket, None)).context("writing config.toml")?;
 
         let mut path = OsString::from(shim_dir()?);
         path.push(":");
@@ -451,14 +451,24 @@ fn which(tool: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// containerd 1.6's config: everything under `dir`, no CRI.
-fn config_toml(dir: &Path, socket: &Path) -> String {
+/// A private containerd's main config: root, state, opt and sockets under `dir` and
+/// `socket`, debug logs; the CRI plugin off unless `cri_dropin` names the drop-in file
+/// that configures it (imported).
+pub fn private_config(dir: &Path, socket: &Path, cri_dropin: Option<&Path>) -> String {
     let d = dir.display();
+    let imports = cri_dropin
+        .map(|f| format!("imports = [\"{}\"]\n", f.display()))
+        .unwrap_or_default();
+    let cri = if cri_dropin.is_some() {
+        ""
+    } else {
+        "\"io.containerd.grpc.v1.cri\", "
+    };
     format!(
         r#"version = 2
 root = "{d}/root"
 state = "{d}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.devmapper"]
+{imports}disabled_plugins = [{cri}"io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.devmapper"]
 
 [grpc]
   address = "{s}"
@@ -488,28 +498,6 @@ fn run(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Stores `data` as a blob of the OCI layout at `oci`; returns (digest, size).
-fn put_blob(oci: &Path, data: &[u8]) -> Result<(String, usize)> {
-    let tmp = oci.join("blob.tmp");
-    std::fs::write(&tmp, data)?;
-    put_blob_file(oci, &tmp)
-}
-
-fn put_blob_file(oci: &Path, file: &Path) -> Result<(String, usize)> {
-    let sum = run(Command::new("sha256sum").arg(file))?;
-    let hex = sum
-        .split_whitespace()
-        .next()
-        .filter(|h| h.len() == 64)
-        .with_context(|| format!("sha256sum printed {sum:?}"))?
-        .to_owned();
-    let size = usize::try_from(std::fs::metadata(file)?.len())?;
-    let blobs = oci.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs)?;
-    std::fs::rename(file, blobs.join(&hex))?;
-    Ok((format!("sha256:{hex}"), size))
-}
-
 /// Builds the busybox OCI image tarball under `work`; returns its path.
 pub fn build_busybox_image(work: &Path) -> Result<PathBuf> {
     let busybox = Path::new("/bin/busybox");
@@ -535,62 +523,17 @@ pub fn build_busybox_image(work: &Path) -> Result<PathBuf> {
     std::fs::write(layer.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
     std::fs::write(layer.join("etc/group"), "root:x:0:\n")?;
 
-    let oci = work.join("oci");
-    std::fs::create_dir_all(&oci)?;
-    let layer_tar = work.join("layer.tar");
-    run(Command::new("tar")
-        .args(["--numeric-owner", "--owner=0", "--group=0", "-C"])
-        .arg(&layer)
-        .arg("-cf")
-        .arg(&layer_tar)
-        .arg("."))?;
-    let (layer_digest, layer_size) = put_blob_file(&oci, &layer_tar)?;
     let config = serde_json::json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {
-            "Cmd": ["/bin/sh"],
-            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-            "WorkingDir": "/"
-        },
-        "rootfs": {"type": "layers", "diff_ids": [layer_digest]}
+        "Cmd": ["/bin/sh"],
+        "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+        "WorkingDir": "/"
     });
-    let (config_digest, config_size) = put_blob(&oci, &serde_json::to_vec(&config)?)?;
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": config_digest, "size": config_size
-        },
-        "layers": [{
-            "mediaType": "application/vnd.oci.image.layer.v1.tar",
-            "digest": layer_digest, "size": layer_size
-        }]
-    });
-    let (manifest_digest, manifest_size) = put_blob(&oci, &serde_json::to_vec(&manifest)?)?;
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": manifest_digest, "size": manifest_size,
-            "platform": {"architecture": "amd64", "os": "linux"},
-            "annotations": {
-                "io.containerd.image.name": BUSYBOX_IMAGE,
-                "org.opencontainers.image.ref.name": "latest"
-            }
-        }]
-    });
-    std::fs::write(oci.join("index.json"), serde_json::to_vec(&index)?)?;
-    std::fs::write(oci.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
-    let tar = work.join("busybox-oci.tar");
-    run(Command::new("tar")
-        .args(["--numeric-owner", "--owner=0", "--group=0", "-C"])
-        .arg(&oci)
-        .arg("-cf")
-        .arg(&tar)
-        .args(["oci-layout", "index.json", "blobs"]))?;
-    Ok(tar)
+    Ok(crate::cri::images::build_oci_image(
+        work,
+        &layer,
+        BUSYBOX_IMAGE,
+        config,
+    )?)
 }
 
 /// How long a pod's host resources may take to go once its last task is gone.

@@ -59,29 +59,7 @@ pub struct Layout<'a> {
 /// containerd's main config: everything under `layout.dir`, the CRI plugin enabled and
 /// configured only through the imported drop-in.
 pub fn main_config(layout: &Layout<'_>) -> String {
-    let d = layout.dir.display();
-    format!(
-        r#"version = 2
-root = "{d}/root"
-state = "{d}/state"
-imports = ["{dropin}"]
-disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.devmapper"]
-
-[grpc]
-  address = "{s}"
-
-[ttrpc]
-  address = "{s}.ttrpc"
-
-[debug]
-  level = "debug"
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{d}/opt"
-"#,
-        dropin = layout.dropin.display(),
-        s = layout.socket.display()
-    )
+    crate::containerd::private_config(layout.dir, layout.socket, Some(layout.dropin))
 }
 
 /// The test node's own CRI settings, before the crx drop-in is merged in. The stream
