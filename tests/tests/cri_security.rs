@@ -44,12 +44,7 @@ mod tests {
             security_context: Some(security),
             ..Default::default()
         });
-        let cid = client
-            .create_container(pod_id, &c, pod)
-            .with_context(|| format!("CreateContainer {name}"))?;
-        client
-            .start_container(&cid)
-            .with_context(|| format!("StartContainer {name}"))?;
+        let cid = s.start_container(pod_id, pod, &c)?;
         let exited = client.wait_exited(&cid, EXIT)?;
         let log = Path::new(&pod.log_directory).join(format!("{name}.log"));
         // CRI log lines: "<time> <stream> <F|P> <text>"; the file is complete once the

@@ -405,40 +405,15 @@ mod tests {
     /// A TCP listener in a pod answers the host (root namespace, through the CNI test
     /// bridge) on the pod IP PodSandboxStatus reports.
     fn pod_network_reaches_the_pod_ip(s: &Suite) -> Result<()> {
-        let client = s.client()?;
         let pod = pod_config("net", &s.node.pod_log_dir("net"));
         let pod_id = s.run_pod(&pod)?;
-        let status = client
-            .pod_sandbox_status(&pod_id, false)?
-            .status
-            .context("PodSandboxStatus without a status")?;
-        let ip: std::net::IpAddr = status
-            .network
-            .as_ref()
-            .map(|n| n.ip.as_str())
-            .unwrap_or_default()
-            .parse()
-            .with_context(|| format!("pod IP in {status:?}"))?;
+        let (_, ip) = web_server(s, &pod_id, &pod)?;
         let subnet = config::conflist_subnet()?;
         let prefix = subnet.rsplit_once('.').map(|(p, _)| p).unwrap_or(&subnet);
         ensure!(
             ip.to_string().starts_with(&format!("{prefix}.")),
             "pod IP {ip} is not from the test network {subnet}"
         );
-        let serve = format!(
-            "mkdir -p /www && echo '{GREETING}' > /www/index.html && \
-             exec httpd -f -p {LISTEN_PORT} -h /www"
-        );
-        let c = container_config(
-            "listener",
-            s.node.busybox(),
-            &["/bin/sh", "-c", &serve],
-            "listener.log",
-        );
-        let cid = client
-            .create_container(&pod_id, &c, &pod)
-            .context("CreateContainer")?;
-        client.start_container(&cid).context("StartContainer")?;
         let _host_on_bridge = HostAddress::add(&format!("{prefix}.{HOST_OCTET}/24"))?;
         let target = std::net::SocketAddr::new(ip, LISTEN_PORT);
         let started = Instant::now();
@@ -539,10 +514,7 @@ mod tests {
             &["/bin/sh", "-c", &serve],
             "web.log",
         );
-        let cid = client
-            .create_container(pod_id, &c, pod)
-            .context("CreateContainer")?;
-        client.start_container(&cid).context("StartContainer")?;
+        let cid = s.start_container(pod_id, pod, &c)?;
         let status = client
             .pod_sandbox_status(pod_id, false)?
             .status

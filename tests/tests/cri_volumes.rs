@@ -77,12 +77,7 @@ mod tests {
                 ..Default::default()
             });
         }
-        let cid = client
-            .create_container(pod_id, &c, pod)
-            .with_context(|| format!("CreateContainer {name}"))?;
-        client
-            .start_container(&cid)
-            .with_context(|| format!("StartContainer {name}"))?;
+        let cid = s.start_container(pod_id, pod, &c)?;
         let status = client.container_status(&cid)?;
         ensure!(
             status.state == cri::ContainerState::ContainerRunning as i32,

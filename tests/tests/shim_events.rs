@@ -10,14 +10,12 @@
 
 #[cfg(test)]
 mod tests {
-    use std::process::{Command, Stdio};
     use std::sync::Mutex;
     use std::time::Duration;
 
-    use anyhow::{ensure, Context, Result};
-    use crx_tests::containerd::{shim_sockets, Containerd, CtrEvent, CtrOutput, EventStream};
+    use anyhow::{ensure, Result};
+    use crx_tests::containerd::{shim_sockets, Containerd, CtrEvent, EventStream};
 
-    use crx_tests::containerd::CRX_RUNTIME as CRX;
     /// How long an awaited event may take (it may follow a VM boot under TCG).
     const EVENT_WAIT: Duration = Duration::from_secs(120);
     /// The memory limit of the OOM case; the guest sizes its cgroup from it.
@@ -26,28 +24,6 @@ mod tests {
     /// One case at a time: pods leave host state that another case's leak check
     /// would count.
     static SERIAL: Mutex<()> = Mutex::new(());
-
-    /// `ctr ARGS` for a run whose own exit status may be 137, which
-    /// [`Containerd::ctr`] takes for its deadline's SIGKILL: here only `timeout`'s own
-    /// 124 means the deadline passed.
-    fn ctr_may_be_killed(ctrd: &Containerd, args: &[&str]) -> Result<CtrOutput> {
-        let out = Command::new("timeout")
-            .arg(crx_tests::containerd::CTR_TIMEOUT.as_secs().to_string())
-            .arg("ctr")
-            .arg("-a")
-            .arg(ctrd.socket())
-            .args(["-n", crx_tests::containerd::NAMESPACE])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("running ctr {args:?}"))?;
-        let out = CtrOutput::from(out);
-        ensure!(
-            out.code != Some(124),
-            "ctr {args:?} did not finish in time: {out:?}"
-        );
-        Ok(out)
-    }
 
     /// A task event of `container_id` in short form: its topic's last part, then
     /// the process (for exec events, and exits: the exec id or the container id) and
@@ -180,23 +156,11 @@ mod tests {
         // dd's one 64 MiB buffer, filled from /dev/zero, fits the VM (which has
         // the shim's 256 MiB plus the limit) several times over: only the limit on
         // the container's own cgroup in the guest can kill it.
-        let out = ctr_may_be_killed(
-            &ctrd,
-            &[
-                "run",
-                "--runtime",
-                CRX,
-                "--rm",
-                "--memory-limit",
-                &limit,
-                image,
-                id,
-                "/bin/dd",
-                "if=/dev/zero",
-                "of=/dev/null",
-                "bs=64M",
-                "count=1",
-            ],
+        let out = ctrd.crx_run(
+            &["--rm", "--memory-limit", &limit],
+            image,
+            id,
+            &["/bin/dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"],
         )?;
         ensure!(
             out.code == Some(137),

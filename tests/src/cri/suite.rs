@@ -121,16 +121,32 @@ impl Suite {
             &["/bin/sleep", "3600"],
             "sleeper.log",
         );
-        let cid = client
-            .create_container(&pod_id, &c, pod)
-            .context("CreateContainer")?;
-        client.start_container(&cid).context("StartContainer")?;
+        let cid = self.start_container(&pod_id, pod, &c)?;
         let status = client.container_status(&cid)?;
         ensure!(
             status.state == cri::ContainerState::ContainerRunning as i32,
             "the sleeper is not running after StartContainer: {status:?}"
         );
         Ok((pod_id, cid))
+    }
+
+    /// CreateContainer of `config` in pod `pod_id` (made from `pod`), then
+    /// StartContainer; returns the container id. Errors name the container.
+    pub fn start_container(
+        &self,
+        pod_id: &str,
+        pod: &cri::PodSandboxConfig,
+        config: &cri::ContainerConfig,
+    ) -> Result<String> {
+        let client = self.client()?;
+        let name = config.metadata.as_ref().map_or("", |m| m.name.as_str());
+        let cid = client
+            .create_container(pod_id, config, pod)
+            .with_context(|| format!("CreateContainer {name}"))?;
+        client
+            .start_container(&cid)
+            .with_context(|| format!("StartContainer {name}"))?;
+        Ok(cid)
     }
 
     pub fn exec(&self, cid: &str, cmd: &[&str]) -> Result<cri::ExecSyncResponse> {
