@@ -63,19 +63,6 @@ pub fn pod_sysctls(spec: &Value) -> HashMap<String, String> {
         .unwrap_or_default()
 }
 
-/// Removes `net.*` sysctls from a container's guest spec: its network namespace is the
-/// guest's, which the sandbox already set them in, and the container runtime in the
-/// guest refuses network sysctls for a container without a network namespace of its
-/// own.
-pub fn drop_network_sysctls(guest_spec: &mut Value) {
-    if let Some(map) = guest_spec
-        .pointer_mut("/linux/sysctl")
-        .and_then(Value::as_object_mut)
-    {
-        map.retain(|key, _| !key.starts_with("net."));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,8 +94,8 @@ mod tests {
     }
 
     #[test]
-    fn sysctls_go_to_the_pod_and_network_ones_leave_the_container() {
-        let mut spec = json!({"linux": {"sysctl": {
+    fn the_pods_sysctls_are_its_valid_string_ones() {
+        let spec = json!({"linux": {"sysctl": {
             "net.ipv4.ip_unprivileged_port_start": "80",
             "kernel.shm_rmid_forced": "1",
             "bad": 5
@@ -116,11 +103,6 @@ mod tests {
         let pod = pod_sysctls(&spec);
         assert_eq!(pod.len(), 2);
         assert_eq!(pod["net.ipv4.ip_unprivileged_port_start"], "80");
-        drop_network_sysctls(&mut spec);
-        assert_eq!(
-            spec["linux"]["sysctl"],
-            json!({"kernel.shm_rmid_forced": "1", "bad": 5})
-        );
         assert!(pod_sysctls(&json!({})).is_empty());
     }
 }

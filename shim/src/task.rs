@@ -325,20 +325,15 @@ impl Inner {
     /// Waits until the process's exit is recorded (or the process is gone), at most
     /// `grace`.
     async fn wait_exit_recorded(&self, container_id: &str, exec_id: &str, grace: Duration) {
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline {
-            {
-                let state = self.state.lock().await;
-                let recorded = state
-                    .container(container_id)
-                    .and_then(|c| c.process(exec_id))
-                    .map_or(true, |p| p.process.exit().is_some());
-                if recorded {
-                    return;
-                }
+        let mut exit = {
+            let state = self.state.lock().await;
+            match state.container(container_id).and_then(|c| c.process(exec_id)) {
+                Ok(p) => p.process.subscribe(),
+                Err(_) => return,
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        };
+        // A closed channel means the process record is gone, which ends the wait too.
+        let _ = tokio::time::timeout(grace, exit.wait_for(Option::is_some)).await;
     }
 
     /// True while `pod` is this shim's live pod (a watcher of a released pod stops).
@@ -579,8 +574,7 @@ impl TaskService {
             .await
             .map_err(internal("bind mounts"))?
             .map_err(|e| rpc::status(Code::INVALID_ARGUMENT, e.to_string()))?;
-        let mut guest_spec = translate::guest_spec(spec, &rootfs::guest_rootfs(&req.id), &binds);
-        pod_spec::drop_network_sysctls(&mut guest_spec);
+        let guest_spec = translate::guest_spec(spec, &rootfs::guest_rootfs(&req.id), &binds);
         let mut creq = agent_api::CreateContainerRequest::new();
         creq.container_id = req.id.clone();
         creq.oci_spec = serde_json::to_vec(&guest_spec).map_err(internal("spec"))?;

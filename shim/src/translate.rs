@@ -263,7 +263,17 @@ pub fn guest_spec(spec: &Value, guest_rootfs: &str, binds: &[(usize, String)]) -
             }
         }
     }
+    drop_network_sysctls(&mut spec);
     spec
+}
+
+/// Removes `net.*` sysctls: without a network namespace of its own the container is in
+/// the guest's, where the sandbox already set the pod's, and the container runtime in
+/// the guest refuses network sysctls for a container that shares a network namespace.
+fn drop_network_sysctls(spec: &mut Value) {
+    if let Some(map) = spec.pointer_mut("/linux/sysctl").and_then(Value::as_object_mut) {
+        map.retain(|key, _| !key.starts_with("net."));
+    }
 }
 
 /// containerd 1.7+'s CRI plugin states the pod's limits on the sandbox spec.
@@ -481,6 +491,20 @@ mod tests {
         }
         let none = guest_spec(&serde_json::json!({"linux": {}}), "/r", &[]);
         assert!(none["linux"].get("rootfsPropagation").is_none());
+    }
+
+    #[test]
+    fn network_sysctls_leave_the_container_with_its_network_namespace() {
+        let spec = serde_json::json!({"linux": {
+            "namespaces": [{"type": "network", "path": "/proc/1/ns/net"}, {"type": "ipc"}],
+            "sysctl": {"net.ipv4.ip_unprivileged_port_start": "80", "kernel.shm_rmid_forced": "1"}
+        }});
+        let g = guest_spec(&spec, "/r", &[]);
+        assert_eq!(g["linux"]["namespaces"], serde_json::json!([{"type": "ipc"}]));
+        assert_eq!(
+            g["linux"]["sysctl"],
+            serde_json::json!({"kernel.shm_rmid_forced": "1"})
+        );
     }
 
     #[test]

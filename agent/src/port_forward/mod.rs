@@ -55,29 +55,25 @@ trait HostStream: Read + Write + Send + 'static {
     fn set_read_timeout_stream(&self, timeout: Option<Duration>) -> io::Result<()>;
 }
 
-impl HostStream for UnixStream {
-    fn try_clone_stream(&self) -> io::Result<Box<dyn HostStream>> {
-        Ok(Box::new(self.try_clone()?))
-    }
-    fn shutdown_stream(&self, how: Shutdown) -> io::Result<()> {
-        self.shutdown(how)
-    }
-    fn set_read_timeout_stream(&self, timeout: Option<Duration>) -> io::Result<()> {
-        self.set_read_timeout(timeout)
-    }
+/// Vsock and Unix streams have the same inherent methods under the same names but no
+/// common trait, so one body serves both.
+macro_rules! impl_host_stream {
+    ($($stream:ty),+) => {$(
+        impl HostStream for $stream {
+            fn try_clone_stream(&self) -> io::Result<Box<dyn HostStream>> {
+                Ok(Box::new(self.try_clone()?))
+            }
+            fn shutdown_stream(&self, how: Shutdown) -> io::Result<()> {
+                self.shutdown(how)
+            }
+            fn set_read_timeout_stream(&self, timeout: Option<Duration>) -> io::Result<()> {
+                self.set_read_timeout(timeout)
+            }
+        }
+    )+};
 }
 
-impl HostStream for vsock::VsockStream {
-    fn try_clone_stream(&self) -> io::Result<Box<dyn HostStream>> {
-        Ok(Box::new(self.try_clone()?))
-    }
-    fn shutdown_stream(&self, how: Shutdown) -> io::Result<()> {
-        self.shutdown(how)
-    }
-    fn set_read_timeout_stream(&self, timeout: Option<Duration>) -> io::Result<()> {
-        self.set_read_timeout(timeout)
-    }
-}
+impl_host_stream!(UnixStream, vsock::VsockStream);
 
 type Accept = Box<dyn FnMut() -> io::Result<Box<dyn HostStream>> + Send>;
 

@@ -63,11 +63,8 @@ fn start_pod(
     let sandbox_ready = started.elapsed();
     let spec = container_config("idle", node.busybox(), &["/bin/sleep", "3600"], "idle.log");
     let container = client
-        .create_container(&pod, &spec, &config)
-        .with_context(|| format!("CreateContainer in {name} on {handler}"))?;
-    client
-        .start_container(&container)
-        .with_context(|| format!("StartContainer in {name} on {handler}"))?;
+        .run_container(&pod, &spec, &config)
+        .with_context(|| format!("running the container of {name} on {handler}"))?;
     Ok((
         BenchPod { pod, container },
         sandbox_ready,

@@ -99,8 +99,7 @@ fn run_containers(
         &["/bin/sh", "-c", HELLO],
         "hello.log",
     );
-    let id = client.create_container(pod_id, &hello, pod)?;
-    client.start_container(&id)?;
+    let id = client.run_container(pod_id, &hello, pod)?;
     let exited = client.wait_exited(&id, EXIT)?;
     println!(
         "container:  `hello` ran and exited {} after {} ms; its log:",
@@ -118,8 +117,7 @@ fn run_containers(
         &["/bin/sleep", "3600"],
         "sleeper.log",
     );
-    let id = client.create_container(pod_id, &sleeper, pod)?;
-    client.start_container(&id)?;
+    let id = client.run_container(pod_id, &sleeper, pod)?;
     let t = Instant::now();
     let reply = client.exec_sync(&id, &["/bin/sh", "-c", "echo exec in $(hostname): $(cat /proc/1/comm) is PID 1 of this container; ls /proc | grep -c '^[0-9]' | xargs echo processes visible:"], EXEC)?;
     println!(

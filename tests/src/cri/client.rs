@@ -213,6 +213,19 @@ impl CriClient {
         Ok(reply.container_id)
     }
 
+    /// CreateContainer then StartContainer, as the kubelet does for each container of a
+    /// pod; returns the container id.
+    pub fn run_container(
+        &self,
+        pod_id: &str,
+        config: &cri::ContainerConfig,
+        pod_config: &cri::PodSandboxConfig,
+    ) -> Result<String, CriError> {
+        let id = self.create_container(pod_id, config, pod_config)?;
+        self.start_container(&id)?;
+        Ok(id)
+    }
+
     pub fn start_container(&self, id: &str) -> Result<(), CriError> {
         let mut c = self.runtime.clone();
         let req = cri::StartContainerRequest {

@@ -138,15 +138,10 @@ impl Suite {
         pod: &cri::PodSandboxConfig,
         config: &cri::ContainerConfig,
     ) -> Result<String> {
-        let client = self.client()?;
         let name = config.metadata.as_ref().map_or("", |m| m.name.as_str());
-        let cid = client
-            .create_container(pod_id, config, pod)
-            .with_context(|| format!("CreateContainer {name}"))?;
-        client
-            .start_container(&cid)
-            .with_context(|| format!("StartContainer {name}"))?;
-        Ok(cid)
+        self.client()?
+            .run_container(pod_id, config, pod)
+            .with_context(|| format!("running container {name}"))
     }
 
     pub fn exec(&self, cid: &str, cmd: &[&str]) -> Result<cri::ExecSyncResponse> {
