@@ -271,7 +271,10 @@ pub fn guest_spec(spec: &Value, guest_rootfs: &str, binds: &[(usize, String)]) -
 /// the guest's, where the sandbox already set the pod's, and the container runtime in
 /// the guest refuses network sysctls for a container that shares a network namespace.
 fn drop_network_sysctls(spec: &mut Value) {
-    if let Some(map) = spec.pointer_mut("/linux/sysctl").and_then(Value::as_object_mut) {
+    if let Some(map) = spec
+        .pointer_mut("/linux/sysctl")
+        .and_then(Value::as_object_mut)
+    {
         map.retain(|key, _| !key.starts_with("net."));
     }
 }
