@@ -22,9 +22,9 @@ CRX_APT_PACKAGES=(build-essential qemu-system-x86 musl-tools busybox-static fio 
 # containerd (Debian 12: 1.6.20, task API v2) and runc for the shim's tests against a real
 # containerd (tests/src/containerd.rs starts a private one; nothing is enabled system-wide).
 CRX_APT_PACKAGES+=(containerd runc)
-# containerd's CRI tests (tests/src/cri/): the bridge, host-local and loopback CNI plugins,
-# and protoc, which the k8s-cri crate runs at build time.
-CRX_APT_PACKAGES+=(containernetworking-plugins protobuf-compiler)
+# containerd's CRI tests (tests/src/cri/): the bridge, host-local, portmap and loopback CNI plugins,
+# iptables (portmap's DNAT for host ports), and protoc, which the k8s-cri crate runs at build time.
+CRX_APT_PACKAGES+=(containernetworking-plugins iptables protobuf-compiler)
 
 install_packages() {
     local missing=()

@@ -20,7 +20,7 @@ mod tests {
 
     use anyhow::{bail, ensure, Context, Result};
     use crx_tests::cri::specs::{container_config, pod_config};
-    use crx_tests::cri::suite::{poll, text, Suite, EXEC, EXIT};
+    use crx_tests::cri::suite::{poll, text, Suite, EXEC, EXIT, RELEASE};
     use crx_tests::cri::{config, PAUSE_IMAGE};
     use crx_tests::for_each_handler;
     use k8s_cri::v1 as cri;
@@ -34,6 +34,7 @@ mod tests {
         pod_network_reaches_the_pod_ip,
         pods_of_both_handlers_reach_each_other,
         two_pods_of_the_handler_reach_each_other,
+        host_port_reaches_the_container,
     );
 
     /// Looks a key up in a JSON object under either of two spellings (containerd's
@@ -470,8 +471,16 @@ mod tests {
         let (mine_cid, mine_ip) = web_server(s, &mine_id, &mine)?;
         let (peer_cid, peer_ip) = web_server(s, &peer_id, &peer)?;
         for (from, to, what) in [
-            (&peer_cid, mine_ip, format!("{peer_handler} pod -> {} pod", s.handler)),
-            (&mine_cid, peer_ip, format!("{} pod -> {peer_handler} pod", s.handler)),
+            (
+                &peer_cid,
+                mine_ip,
+                format!("{peer_handler} pod -> {} pod", s.handler),
+            ),
+            (
+                &mine_cid,
+                peer_ip,
+                format!("{} pod -> {peer_handler} pod", s.handler),
+            ),
         ] {
             let url = format!("http://{to}:{LISTEN_PORT}/");
             // busybox's wget crashes in this image; its nc speaks the request instead.
@@ -494,6 +503,131 @@ mod tests {
         }
         s.remove_pod(&peer_id)?;
         s.remove_pod(&mine_id)
+    }
+
+    /// A pod's `hostPort` (CRI PortMapping, through CNI portmap) reaches its web server
+    /// from the host; after RemovePodSandbox the host port's NAT rules are gone and the
+    /// port no longer answers.
+    ///
+    /// The host dials its own address on the test bridge: portmap DNATs local
+    /// destinations in `OUTPUT`, and the pod (no default route, no SNAT) can answer only
+    /// a source on its subnet. 127.0.0.1 would need `route_localnet` and SNAT, which the
+    /// test network does not enable.
+    fn host_port_reaches_the_container(s: &Suite) -> Result<()> {
+        let host_port = free_host_port()?;
+        let mut pod = pod_config("hostport", &s.node.pod_log_dir("hostport"));
+        pod.port_mappings = vec![cri::PortMapping {
+            protocol: cri::Protocol::Tcp as i32,
+            container_port: i32::from(LISTEN_PORT),
+            host_port: i32::from(host_port),
+            host_ip: String::new(),
+        }];
+        let pod_id = s.run_pod(&pod)?;
+        let rules = nat_rules_for_port(host_port)?;
+        ensure!(
+            !rules.is_empty(),
+            "no NAT rule for host port {host_port} after RunPodSandbox (is portmap in the \
+             CNI list?)"
+        );
+        web_server(s, &pod_id, &pod)?;
+        let subnet = config::conflist_subnet()?;
+        let prefix = subnet.rsplit_once('.').map(|(p, _)| p).unwrap_or(&subnet);
+        let host_ip: std::net::IpAddr = format!("{prefix}.{HOST_OCTET}")
+            .parse()
+            .with_context(|| format!("host address on {subnet}"))?;
+        let _host_on_bridge = HostAddress::add(&format!("{host_ip}/24"))?;
+        let target = std::net::SocketAddr::new(host_ip, host_port);
+        let started = Instant::now();
+        let mut last_error = String::from("no attempt");
+        let answer = poll(EXIT, || match fetch(target) {
+            Ok((got, _)) => Some(got),
+            Err(e) => {
+                last_error = format!("{e:#}");
+                None
+            }
+        });
+        let greeting = answer.with_context(|| {
+            format!(
+                "host port {target} gave no page within {EXIT:?}: {last_error}; NAT rules: \
+                 {rules:#?}"
+            )
+        })?;
+        ensure!(
+            greeting.contains(GREETING),
+            "{target} answered {greeting:?}, wanted {GREETING:?}"
+        );
+        eprintln!(
+            "[{}] host port {target} -> pod :{LISTEN_PORT}: first answer {:?} after \
+             StartContainer",
+            s.handler,
+            started.elapsed()
+        );
+
+        s.remove_pod(&pod_id)?;
+        let mut last = String::from("no check");
+        let released = poll(RELEASE, || {
+            let left = match nat_rules_for_port(host_port) {
+                Ok(left) => left,
+                Err(e) => {
+                    last = format!("{e:#}");
+                    return None;
+                }
+            };
+            if !left.is_empty() {
+                last = format!("NAT rules left: {left:#?}");
+                return None;
+            }
+            // Refused (not timed out): the address is still there, only the mapping is gone.
+            match std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2)) {
+                Ok(_) => {
+                    last = format!("{target} still accepts connections");
+                    None
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(()),
+                Err(e) => {
+                    last = format!("connect {target}: {e}");
+                    None
+                }
+            }
+        });
+        released.with_context(|| {
+            format!(
+                "host port {host_port} not released within {RELEASE:?} after \
+                 RemovePodSandbox: {last}"
+            )
+        })
+    }
+
+    /// A TCP port no socket on the host holds right now (the kernel's pick for `:0`).
+    fn free_host_port() -> Result<u16> {
+        let listener = std::net::TcpListener::bind(("0.0.0.0", 0)).context("binding :0")?;
+        Ok(listener.local_addr().context("bound address")?.port())
+    }
+
+    /// The rules of iptables' nat table that match destination port `port` (portmap's
+    /// `--dport`/`--dports`; iptables as on `PATH`, the same binary portmap runs).
+    fn nat_rules_for_port(port: u16) -> Result<Vec<String>> {
+        let out = std::process::Command::new("iptables")
+            .args(["-w", "-t", "nat", "-S"])
+            .output()
+            .context("running iptables -t nat -S (apt-get install iptables)")?;
+        ensure!(
+            out.status.success(),
+            "iptables -t nat -S: {}",
+            text(&out.stderr)
+        );
+        let port = port.to_string();
+        let names_port = |words: &[&str]| {
+            words.windows(2).any(|w| {
+                matches!(w[0], "--dport" | "--dports" | "--destination-ports")
+                    && w[1].split([',', ':']).any(|p| p == port)
+            })
+        };
+        Ok(text(&out.stdout)
+            .lines()
+            .filter(|line| names_port(&line.split_whitespace().collect::<Vec<_>>()))
+            .map(str::to_owned)
+            .collect())
     }
 
     /// Starts a busybox httpd serving [`GREETING`] in pod `pod_id`; returns the

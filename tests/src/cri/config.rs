@@ -264,6 +264,15 @@ mod tests {
             .unwrap()
             .iter()
             .any(|p| p["type"] == "loopback"));
+        // hostPort mappings: DNAT only, never a masquerade of the pod's traffic.
+        let portmap = list["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["type"] == "portmap")
+            .expect("portmap in the CNI list");
+        assert_eq!(portmap["snat"], false);
+        assert_eq!(portmap["capabilities"]["portMappings"], true);
         assert_eq!(conflist_subnet().unwrap(), "10.77.0.0/24");
     }
 }
