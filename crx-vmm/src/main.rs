@@ -145,6 +145,22 @@ enum Command {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Serve one EMPTY virtio-blk slot to QEMU as a vhost-user-blk back end (one QEMU
+    /// connection; exits when QEMU disconnects): capacity 0 until a backing is attached
+    /// through API_SOCK, which speaks crx-vmm's --api-socket protocol with drive index
+    /// 0 = this slot. QEMU: `-device vhost-user-blk,chardev=ID,num-queues=1`. Both
+    /// sockets are removed on exit, SIGKILL included.
+    VhostUserBlk {
+        /// vhost-user socket QEMU connects to (created).
+        #[arg(long)]
+        socket: PathBuf,
+        /// API socket for attach-drive/detach-drive, index 0 (created).
+        #[arg(long)]
+        api_socket: PathBuf,
+        /// What GET_ID returns (the guest's /sys/block/vdX/serial), at most 20 bytes.
+        #[arg(long)]
+        serial: String,
+    },
     /// Give a running crx-vmm's drive a new backing through its --api-socket: FILE is
     /// opened here and its fd passed, so no path crosses into crx-vmm. Prints the new
     /// capacity in 512-byte sectors.
@@ -604,6 +620,102 @@ fn vhost_user_fs(
     }
 }
 
+/// `crx-vmm vhost-user-blk`: exit 0 when QEMU disconnects, 2 on a bad socket path or
+/// serial, 1 on any other failure.
+fn vhost_user_blk(
+    socket: PathBuf,
+    api_socket: PathBuf,
+    serial: &str,
+    log_level: &str,
+    seccomp_mode: SeccompMode,
+    jail: Option<JailConfig>,
+) -> i32 {
+    use crx_vmm::devices::virtio::block::VIRTIO_BLK_ID_BYTES;
+    use crx_vmm::vhost_user::VhostUserBlkServer;
+    // SAFETY: called first thing in `main`, before any thread exists.
+    let cleaner = match unsafe { Cleaner::spawn() } {
+        Ok(cleaner) => cleaner,
+        Err(e) => {
+            return fail(
+                exit::EXIT_VMM_ERROR,
+                &format!("cannot start the cleanup process that removes the sockets: {e}"),
+            )
+        }
+    };
+    init_logging(log_level);
+    if serial.len() > VIRTIO_BLK_ID_BYTES {
+        return fail(
+            exit::EXIT_BAD_INPUT,
+            &format!(
+                "--serial is {} bytes; at most {VIRTIO_BLK_ID_BYTES} are allowed",
+                serial.len()
+            ),
+        );
+    }
+    for path in [&socket, &api_socket] {
+        if path.symlink_metadata().is_ok() {
+            return fail(
+                exit::EXIT_BAD_INPUT,
+                &format!(
+                    "{} already exists (another VM's, or stale): remove it or choose another path",
+                    path.display()
+                ),
+            );
+        }
+        if let Err(e) = cleaner.register(path) {
+            return fail(
+                exit::EXIT_VMM_ERROR,
+                &format!(
+                    "cannot tell the cleanup process about {}: {e}",
+                    path.display()
+                ),
+            );
+        }
+    }
+    let (socket, api_socket) = match jail_back_end(jail.as_ref(), &[&socket, &api_socket], &[]) {
+        Ok((sockets, _)) => match <[PathBuf; 2]>::try_from(sockets) {
+            Ok([socket, api_socket]) => (socket, api_socket),
+            Err(_) => return fail(exit::EXIT_VMM_ERROR, "jail: socket paths lost"),
+        },
+        Err(code) => return code,
+    };
+    spawn_signal_thread(block_stop_signals(), None, |sig| {
+        tracing::info!(
+            signal = sig,
+            "stop requested; vhost-user-blk back end exits"
+        );
+        std::process::exit(exit::EXIT_OK);
+    });
+    let bad = |e: crx_vmm::vhost_user::VhostUserBlkError| {
+        let code = if e.is_bad_input() {
+            exit::EXIT_BAD_INPUT
+        } else {
+            exit::EXIT_VMM_ERROR
+        };
+        fail(code, &error_chain(&e))
+    };
+    // The API socket is created (bound, chmod) before the filter, which need not
+    // allow chmod.
+    let server = match VhostUserBlkServer::bind(&socket, &api_socket, serial) {
+        Ok(server) => server,
+        Err(e) => return bad(e),
+    };
+    // One filter for every thread, those vhost-user-backend starts later included,
+    // before QEMU (and through it the guest) can send anything.
+    if let Err(e) = seccomp::set_process_mode(seccomp_mode)
+        .and_then(|()| seccomp::install_process_wide(ThreadRole::VhostUserBlk))
+    {
+        return fail(exit::EXIT_VMM_ERROR, &error_chain(&e));
+    }
+    match server.serve() {
+        Ok(()) => {
+            tracing::info!("QEMU disconnected; vhost-user-blk back end done");
+            exit::EXIT_OK
+        }
+        Err(e) => bad(e),
+    }
+}
+
 fn main() {
     crx_vmm::clock::mark_start();
     let cli = Cli::parse();
@@ -611,6 +723,21 @@ fn main() {
     let jail = cli.jail();
     if let Some(code) = cli.command.as_ref().and_then(api_client_command) {
         std::process::exit(code);
+    }
+    if let Some(Command::VhostUserBlk {
+        socket,
+        api_socket,
+        serial,
+    }) = &cli.command
+    {
+        std::process::exit(vhost_user_blk(
+            socket.clone(),
+            api_socket.clone(),
+            serial,
+            &cli.log_level,
+            seccomp_mode,
+            jail,
+        ));
     }
     if let Some(Command::VhostUserFs { socket, dir }) = &cli.command {
         std::process::exit(vhost_user_fs(

@@ -79,6 +79,8 @@ pub enum ThreadRole {
     VhostUserVsock,
     /// The whole `crx-vmm vhost-user-fs` process.
     VhostUserFs,
+    /// The whole `crx-vmm vhost-user-blk` process (its API thread narrows to `Api`).
+    VhostUserBlk,
 }
 
 impl ThreadRole {
@@ -92,7 +94,7 @@ impl ThreadRole {
         ThreadRole::Api,
     ];
 
-    pub const ALL: [ThreadRole; 13] = [
+    pub const ALL: [ThreadRole; 14] = [
         ThreadRole::Vmm,
         ThreadRole::Vcpu,
         ThreadRole::Signals,
@@ -106,6 +108,7 @@ impl ThreadRole {
         ThreadRole::Launcher,
         ThreadRole::VhostUserVsock,
         ThreadRole::VhostUserFs,
+        ThreadRole::VhostUserBlk,
     ];
 
     /// The role of a device thread from the name it is started under

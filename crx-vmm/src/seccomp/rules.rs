@@ -443,6 +443,22 @@ pub fn for_role(role: ThreadRole) -> Result<Rules, SeccompError> {
         ThreadRole::VhostUserFs => {
             r.merge(vhost_user()?).merge(fs_ops()?);
         }
+        ThreadRole::VhostUserBlk => {
+            // The drive's I/O, the API thread (which narrows itself to `Api`), and the
+            // search for QEMU's backend channel among our fds: getsockname, and the fd
+            // limit read (never set) through prlimit64.
+            r.merge(vhost_user()?)
+                .merge(block_io()?)
+                .merge(for_role(ThreadRole::Api)?);
+            r.allow(&[libc::SYS_getsockname]);
+            r.allow_if(
+                libc::SYS_prlimit64,
+                vec![rule(vec![
+                    cond(0, SeccompCmpOp::Eq, 0)?,
+                    cond(2, SeccompCmpOp::Eq, 0)?,
+                ])?],
+            );
+        }
     }
     Ok(r)
 }

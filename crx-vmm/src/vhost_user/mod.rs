@@ -1,9 +1,13 @@
 //! crx's device back ends served over vhost-user, for QEMU (the `qemu` VM backend on
-//! hosts where crx-vmm cannot run guests). Same device code as in process.
+//! hosts where crx-vmm cannot run guests). Same device code as in process: vsock,
+//! virtio-fs, and virtio-blk empty slots filled through crx-vmm's API socket.
 
+mod backend_channel;
+pub mod blk;
 pub mod fs;
 pub mod vsock;
 
+pub use blk::{serve_vhost_user_blk, VhostUserBlkBackend, VhostUserBlkError, VhostUserBlkServer};
 pub use fs::{serve_vhost_user_fs, VhostUserFsBackend, VhostUserFsError};
 pub use vsock::{serve_vhost_user_vsock, VhostUserVsockBackend, VhostUserVsockError};
 

@@ -16,10 +16,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::request::HEADER_SIZE;
 use super::worker::Worker;
 use super::{
-    Backing, Block, BlockError, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_FLUSH,
-    VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    Backing, Block, BlockError, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
 };
-use crate::devices::virtio::mmio::WarnLimiter;
 use crate::devices::virtio::Interrupt;
 
 const VIRTQ_DESC_F_NEXT: u16 = 1;
@@ -108,11 +107,7 @@ impl DirectBlock {
             queue_event: EventFd::new(EFD_NONBLOCK).map_err(DirectBlockError::EventFd)?,
             interrupt: Arc::new(Interrupt::new(Arc::new(AtomicU32::new(0)), irqfd)),
             exit: EventFd::new(EFD_NONBLOCK).map_err(DirectBlockError::EventFd)?,
-            shared: block.shared(),
-            serial: [0u8; VIRTIO_BLK_ID_BYTES],
-            read_only: block.is_read_only(),
-            writethrough: false,
-            warn: WarnLimiter::new(),
+            requests: block.request_server(false),
         };
         Ok(Self {
             mem,

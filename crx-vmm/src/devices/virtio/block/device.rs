@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::worker::Worker;
+use super::worker::{RequestServer, Worker};
 use super::{
     Backing, BlockError, QUEUE_SIZE, QUEUE_SIZES, SECTOR_SIZE, VIRTIO_BLK_F_BLK_SIZE,
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES,
@@ -18,11 +18,25 @@ use crate::devices::virtio::{
     read_config_bytes, ActivateContext, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
 };
 
+/// Who tells the guest that the config space changed: the transport's interrupt in
+/// process, the vhost-user front end's backend channel for the vhost-user back end.
+pub trait ConfigChangeNotifier: Send + Sync {
+    fn notify_config_change(&self) -> std::io::Result<()>;
+}
+
+impl ConfigChangeNotifier for Interrupt {
+    fn notify_config_change(&self) -> std::io::Result<()> {
+        self.signal_config_change()
+    }
+}
+
 /// Largest number of data segments per request we tell the driver to use: the queue
 /// size minus the header and status descriptors.
 const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 /// Config space: capacity u64, size_max u32, seg_max u32, geometry (4 bytes), blk_size u32.
-const CONFIG_LEN: usize = 24;
+pub(crate) const CONFIG_LEN: usize = 24;
+/// Where `seg_max` sits in config space.
+pub(crate) const SEG_MAX_OFFSET: usize = 12;
 
 /// State shared by the device, its thread and every [`BlockSlot`].
 pub(super) struct Shared {
@@ -32,8 +46,9 @@ pub(super) struct Shared {
     capacity: AtomicU64,
     /// Bumped on every capacity change; the transport's ConfigGeneration should follow it.
     generation: AtomicU32,
-    /// Set while the device is active, so a swap can tell the guest.
-    interrupt: Mutex<Option<Arc<Interrupt>>>,
+    /// Set while the device is active (for the vhost-user back end: from the start),
+    /// so a swap can tell the guest.
+    interrupt: Mutex<Option<Arc<dyn ConfigChangeNotifier>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -72,7 +87,7 @@ impl BlockSlot {
         }
         tracing::info!(capacity, "virtio-blk: backing replaced");
         if let Some(intr) = lock(&self.shared.interrupt).as_ref() {
-            intr.signal_config_change().map_err(BlockError::Interrupt)?;
+            intr.notify_config_change().map_err(BlockError::Interrupt)?;
         }
         Ok(capacity)
     }
@@ -90,6 +105,12 @@ impl BlockSlot {
     /// Counts capacity changes since creation.
     pub fn config_generation(&self) -> u32 {
         self.shared.generation.load(Ordering::SeqCst)
+    }
+
+    /// Sets (or clears) who tells the guest about a new capacity, for a device whose
+    /// queue is served outside crx-vmm's transport (the vhost-user back end).
+    pub(crate) fn set_config_notifier(&self, notifier: Option<Arc<dyn ConfigChangeNotifier>>) {
+        *lock(&self.shared.interrupt) = notifier;
     }
 }
 
@@ -148,11 +169,6 @@ impl Block {
         self.read_only
     }
 
-    /// The state the device thread works on (the bench driver builds its own worker).
-    pub(super) fn shared(&self) -> Arc<Shared> {
-        self.shared.clone()
-    }
-
     /// A handle to swap the backing later without locking the device.
     pub fn slot(&self) -> BlockSlot {
         BlockSlot {
@@ -184,10 +200,23 @@ impl Block {
         }
     }
 
-    fn config(&self) -> [u8; CONFIG_LEN] {
+    /// What serves this drive's requests when its queue is driven from elsewhere (the
+    /// bench, the vhost-user back end); `writethrough` if the driver declined FLUSH.
+    pub(crate) fn request_server(&self, writethrough: bool) -> RequestServer {
+        RequestServer {
+            shared: self.shared.clone(),
+            serial: self.serial,
+            read_only: self.read_only,
+            writethrough,
+            warn: WarnLimiter::new(),
+        }
+    }
+
+    /// The config space as the driver reads it now.
+    pub(crate) fn config(&self) -> [u8; CONFIG_LEN] {
         let mut c = [0u8; CONFIG_LEN];
         c[0..8].copy_from_slice(&self.capacity().to_le_bytes());
-        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        c[SEG_MAX_OFFSET..SEG_MAX_OFFSET + 4].copy_from_slice(&SEG_MAX.to_le_bytes());
         c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
         c
     }
@@ -250,15 +279,11 @@ impl VirtioDevice for Block {
             queue_event,
             interrupt: ctx.interrupt.clone(),
             exit: thread_exit,
-            shared: self.shared.clone(),
-            serial: self.serial,
-            read_only: self.read_only,
-            writethrough: self.acked_features & VIRTIO_BLK_F_FLUSH == 0,
-            warn: WarnLimiter::new(),
+            requests: self.request_server(self.acked_features & VIRTIO_BLK_F_FLUSH == 0),
         };
         let running = DeviceThread::spawn("crx-blk", exit, move || worker.run())
             .map_err(ActivateError::Thread)?;
-        *lock(&self.shared.interrupt) = Some(ctx.interrupt);
+        *lock(&self.shared.interrupt) = Some(ctx.interrupt as Arc<dyn ConfigChangeNotifier>);
         self.running = Some(running);
         Ok(())
     }

@@ -7,7 +7,9 @@
 //!   `fdatasync` for FLUSH;
 //! - `device.rs`: [`Block`], the [`VirtioDevice`](super::VirtioDevice) with its config
 //!   space, and [`BlockSlot`], the handle that swaps the backing at run time;
-//! - `worker.rs`: the `crx-blk` thread that serves the queue;
+//! - `worker.rs`: [`RequestServer`], which runs one request against the current
+//!   backing, and the `crx-blk` thread that serves the queue with it (the vhost-user
+//!   back end in `crate::vhost_user::blk` uses the same server);
 //! - `bench.rs`: [`bench::DirectBlock`], a guest-less driver for `crx-bench blk`.
 //!
 //! Behaviour the guest sees:
@@ -31,7 +33,9 @@ mod request;
 mod worker;
 
 pub use backing::Backing;
-pub use device::{Block, BlockSlot};
+pub use device::{Block, BlockSlot, ConfigChangeNotifier};
+pub(crate) use device::{CONFIG_LEN, SEG_MAX_OFFSET};
+pub(crate) use worker::RequestServer;
 
 /// Virtio device ID of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;

@@ -28,14 +28,20 @@ pub(super) struct Worker {
     pub queue_event: EventFd,
     pub interrupt: Arc<Interrupt>,
     pub exit: EventFd,
-    pub shared: Arc<Shared>,
-    pub serial: [u8; VIRTIO_BLK_ID_BYTES],
+    pub requests: RequestServer,
+}
+
+/// Serves single requests against a slot's current backing, whatever carries the
+/// queue: crx-vmm's `crx-blk` thread or the vhost-user back end.
+pub(crate) struct RequestServer {
+    pub(super) shared: Arc<Shared>,
+    pub(super) serial: [u8; VIRTIO_BLK_ID_BYTES],
     /// The drive was advertised read-only: writes fail whatever the backing allows.
-    pub read_only: bool,
+    pub(super) read_only: bool,
     /// The driver did not accept VIRTIO_BLK_F_FLUSH, so it takes a completed write as
     /// durable: every OUT is followed by `fdatasync` before it completes.
-    pub writethrough: bool,
-    pub warn: WarnLimiter,
+    pub(super) writethrough: bool,
+    pub(super) warn: WarnLimiter,
 }
 
 /// Outcome of one request: status byte and bytes written into guest buffers.
@@ -67,7 +73,7 @@ impl Worker {
             let head = chain.head_index();
             // The chain iterator stops after the queue size and at 4 GiB in total.
             let descs: Vec<Descriptor> = chain.collect();
-            let len = self.handle(&descs);
+            let len = self.requests.handle(&self.mem, &descs);
             if let Err(e) = self.queue.add_used(&self.mem, head, len) {
                 tracing::error!(error = %e, "virtio-blk: cannot return a request");
             }
@@ -79,10 +85,17 @@ impl Worker {
             }
         }
     }
+}
+
+impl RequestServer {
+    /// Follows the driver's answer to VIRTIO_BLK_F_FLUSH (`false` if it accepted it).
+    pub fn set_writethrough(&mut self, writethrough: bool) {
+        self.writethrough = writethrough;
+    }
 
     /// Runs one chain; returns the used length (bytes written into the chain).
-    fn handle(&mut self, descs: &[Descriptor]) -> u32 {
-        let status_addr = match request::status_of(&self.mem, descs) {
+    pub fn handle(&mut self, mem: &GuestMemoryMmap, descs: &[Descriptor]) -> u32 {
+        let status_addr = match request::status_of(mem, descs) {
             Ok(a) => a,
             Err(e) => {
                 // Nowhere to report the failure: the chain comes back with nothing written.
@@ -91,15 +104,15 @@ impl Worker {
                 return 0;
             }
         };
-        let done = match request::parse(&self.mem, descs) {
-            Ok(req) => self.execute(&req),
+        let done = match request::parse(mem, descs) {
+            Ok(req) => self.execute(mem, &req),
             Err(e) => {
                 self.warn
                     .warn(format_args!("virtio-blk: malformed request: {e}"));
                 Done::status(VIRTIO_BLK_S_IOERR)
             }
         };
-        if let Err(e) = self.mem.write_obj(done.status, status_addr) {
+        if let Err(e) = mem.write_obj(done.status, status_addr) {
             self.warn
                 .warn(format_args!("virtio-blk: cannot write a status byte: {e}"));
             return done.written;
@@ -107,10 +120,10 @@ impl Worker {
         done.written.saturating_add(1)
     }
 
-    fn execute(&mut self, req: &Request) -> Done {
+    fn execute(&mut self, mem: &GuestMemoryMmap, req: &Request) -> Done {
         match req.kind {
-            RequestType::In => self.transfer(req, true),
-            RequestType::Out => self.transfer(req, false),
+            RequestType::In => self.transfer(mem, req, true),
+            RequestType::Out => self.transfer(mem, req, false),
             RequestType::Flush => match self.shared.current() {
                 // Nothing was ever written to a missing backing; nothing to lose.
                 None => Done::status(VIRTIO_BLK_S_OK),
@@ -125,7 +138,7 @@ impl Worker {
                     }
                 },
             },
-            RequestType::GetId => self.get_id(&req.data),
+            RequestType::GetId => self.get_id(mem, &req.data),
             RequestType::Unsupported(t) => {
                 self.warn
                     .warn(format_args!("virtio-blk: unsupported request type {t}"));
@@ -134,12 +147,12 @@ impl Worker {
         }
     }
 
-    fn get_id(&self, bufs: &[DataBuf]) -> Done {
+    fn get_id(&self, mem: &GuestMemoryMmap, bufs: &[DataBuf]) -> Done {
         let mut left: &[u8] = &self.serial;
         let mut written = 0u32;
         for b in bufs {
             let n = left.len().min(b.len as usize);
-            if self.mem.write_slice(&left[..n], b.addr).is_err() {
+            if mem.write_slice(&left[..n], b.addr).is_err() {
                 return Done {
                     status: VIRTIO_BLK_S_IOERR,
                     written,
@@ -158,7 +171,7 @@ impl Worker {
     }
 
     /// IN (`to_guest`) or OUT: whole sectors within capacity, else IOERR.
-    fn transfer(&mut self, req: &Request, to_guest: bool) -> Done {
+    fn transfer(&mut self, mem: &GuestMemoryMmap, req: &Request, to_guest: bool) -> Done {
         let Some(backing) = self.shared.current() else {
             return Done::status(VIRTIO_BLK_S_IOERR);
         };
@@ -180,7 +193,7 @@ impl Worker {
         };
         let mut written = 0u32;
         for buf in &req.data {
-            match self.copy_buf(&backing, buf, offset, to_guest) {
+            match Self::copy_buf(mem, &backing, buf, offset, to_guest) {
                 Ok(()) => {
                     if to_guest {
                         written = written.saturating_add(buf.len);
@@ -216,7 +229,7 @@ impl Worker {
 
     /// Moves one guest buffer to or from the backing at byte `offset`.
     fn copy_buf(
-        &self,
+        mem: &GuestMemoryMmap,
         backing: &Backing,
         buf: &DataBuf,
         offset: u64,
@@ -224,9 +237,9 @@ impl Worker {
     ) -> std::io::Result<()> {
         let len = buf.len as usize;
         if to_guest {
-            backing.read_to_guest(&self.mem, buf.addr, len, offset)
+            backing.read_to_guest(mem, buf.addr, len, offset)
         } else {
-            backing.write_from_guest(&self.mem, buf.addr, len, offset)
+            backing.write_from_guest(mem, buf.addr, len, offset)
         }
     }
 }
