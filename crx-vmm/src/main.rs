@@ -456,6 +456,112 @@ fn jail_back_end(
     })
 }
 
+/// A `crx-vmm vhost-user-*` back end made ready to serve: its socket and share paths
+/// as seen inside its jail, and the cleanup process that removes its sockets however
+/// the process ends (held for that).
+struct BackEnd {
+    name: &'static str,
+    sockets: Vec<PathBuf>,
+    shares: Vec<PathBuf>,
+    _cleaner: Cleaner,
+}
+
+impl BackEnd {
+    /// What every back end does while it has one thread: start the cleanup process,
+    /// log, refuse socket paths that exist (a live back end's socket must not be
+    /// stolen), enter the jail (sockets' directories, shares still slaves of the
+    /// host's mounts), and let SIGTERM/SIGINT/SIGHUP end it with exit 0 (the cleanup
+    /// process then removes the sockets). `Err` is the exit code, already reported.
+    ///
+    /// # Safety
+    ///
+    /// No other thread may exist (it forks the cleanup process).
+    unsafe fn prepare(
+        name: &'static str,
+        sockets: &[&Path],
+        shares: &[&Path],
+        log_level: &str,
+        jail: Option<&JailConfig>,
+    ) -> Result<Self, i32> {
+        // SAFETY: the caller guarantees this process has a single thread.
+        let cleaner = unsafe { Cleaner::spawn() }.map_err(|e| {
+            fail(
+                exit::EXIT_VMM_ERROR,
+                &format!("cannot start the cleanup process that removes the sockets: {e}"),
+            )
+        })?;
+        init_logging(log_level);
+        for path in sockets {
+            if path.symlink_metadata().is_ok() {
+                return Err(fail(
+                    exit::EXIT_BAD_INPUT,
+                    &format!(
+                        "{} already exists (another VM's, or stale): remove it or choose another path",
+                        path.display()
+                    ),
+                ));
+            }
+            cleaner.register(path).map_err(|e| {
+                fail(
+                    exit::EXIT_VMM_ERROR,
+                    &format!(
+                        "cannot tell the cleanup process about {}: {e}",
+                        path.display()
+                    ),
+                )
+            })?;
+        }
+        let (jailed_sockets, jailed_shares) = jail_back_end(jail, sockets, shares)?;
+        if jailed_sockets.len() != sockets.len() || jailed_shares.len() != shares.len() {
+            return Err(fail(
+                exit::EXIT_VMM_ERROR,
+                "jail: socket or share paths lost",
+            ));
+        }
+        spawn_signal_thread(block_stop_signals(), None, move |sig| {
+            tracing::info!(signal = sig, "stop requested; {name} back end exits");
+            std::process::exit(exit::EXIT_OK);
+        });
+        Ok(Self {
+            name,
+            sockets: jailed_sockets,
+            shares: jailed_shares,
+            _cleaner: cleaner,
+        })
+    }
+
+    /// One filter for every thread, those vhost-user-backend starts later included,
+    /// installed before QEMU (and through it the guest) can send anything.
+    fn lock_down(&self, mode: SeccompMode, role: ThreadRole) -> Result<(), i32> {
+        seccomp::set_process_mode(mode)
+            .and_then(|()| seccomp::install_process_wide(role))
+            .map_err(|e| fail(exit::EXIT_VMM_ERROR, &error_chain(&e)))
+    }
+
+    /// The exit code for how serving ended: 0 when QEMU disconnected, 2 when the
+    /// caller's input was at fault, else 1.
+    fn finish<E: std::error::Error>(
+        &self,
+        result: Result<(), E>,
+        bad_input: impl Fn(&E) -> bool,
+    ) -> i32 {
+        match result {
+            Ok(()) => {
+                tracing::info!("QEMU disconnected; {} back end done", self.name);
+                exit::EXIT_OK
+            }
+            Err(e) => {
+                let code = if bad_input(&e) {
+                    exit::EXIT_BAD_INPUT
+                } else {
+                    exit::EXIT_VMM_ERROR
+                };
+                fail(code, &error_chain(&e))
+            }
+        }
+    }
+}
+
 /// `crx-vmm vhost-user-vsock`: exit 0 when QEMU disconnects, 2 on a bad socket path
 /// or CID, 1 on any other failure.
 fn vhost_user_vsock(
@@ -469,79 +575,35 @@ fn vhost_user_vsock(
     use crx_vmm::devices::virtio::vsock::VsockError;
     use crx_vmm::vhost_user::{serve_vhost_user_vsock, VhostUserVsockError};
     // SAFETY: called first thing in `main`, before any thread exists.
-    let cleaner = match unsafe { Cleaner::spawn() } {
-        Ok(cleaner) => cleaner,
-        Err(e) => {
-            return fail(
-                exit::EXIT_VMM_ERROR,
-                &format!("cannot start the cleanup process that removes the sockets: {e}"),
-            )
-        }
-    };
-    init_logging(log_level);
-    for path in [&socket, &uds] {
-        if path.symlink_metadata().is_ok() {
-            return fail(
-                exit::EXIT_BAD_INPUT,
-                &format!(
-                    "{} already exists (another VM's, or stale): remove it or choose another path",
-                    path.display()
-                ),
-            );
-        }
-        if let Err(e) = cleaner.register(path) {
-            return fail(
-                exit::EXIT_VMM_ERROR,
-                &format!(
-                    "cannot tell the cleanup process about {}: {e}",
-                    path.display()
-                ),
-            );
-        }
-    }
-    let (socket, uds) = match jail_back_end(jail.as_ref(), &[&socket, &uds], &[]) {
-        Ok((sockets, _)) => match <[PathBuf; 2]>::try_from(sockets) {
-            Ok([socket, uds]) => (socket, uds),
-            Err(_) => return fail(exit::EXIT_VMM_ERROR, "jail: socket paths lost"),
-        },
+    let back_end = match unsafe {
+        BackEnd::prepare(
+            "vhost-user-vsock",
+            &[&socket, &uds],
+            &[],
+            log_level,
+            jail.as_ref(),
+        )
+    } {
+        Ok(b) => b,
         Err(code) => return code,
     };
-    // A host stop request (SIGTERM/SIGINT/SIGHUP) ends the back end cleanly: exit 0,
-    // and the cleanup process removes both sockets as this process goes.
-    spawn_signal_thread(block_stop_signals(), None, |sig| {
-        tracing::info!(
-            signal = sig,
-            "stop requested; vhost-user-vsock back end exits"
-        );
-        std::process::exit(exit::EXIT_OK);
-    });
-    // One filter for every thread, those vhost-user-backend starts later included,
-    // before QEMU (and through it the guest) can send anything.
-    if let Err(e) = seccomp::set_process_mode(seccomp_mode)
-        .and_then(|()| seccomp::install_process_wide(ThreadRole::VhostUserVsock))
-    {
-        return fail(exit::EXIT_VMM_ERROR, &error_chain(&e));
+    if let Err(code) = back_end.lock_down(seccomp_mode, ThreadRole::VhostUserVsock) {
+        return code;
     }
-    let result = serve_vhost_user_vsock(&socket, guest_cid, uds.clone());
-    let _ = std::fs::remove_file(&uds);
-    match result {
-        Ok(()) => {
-            tracing::info!("QEMU disconnected; vhost-user-vsock back end done");
-            exit::EXIT_OK
-        }
-        Err(e) => {
-            let code = match &e {
-                VhostUserVsockError::Muxer(
-                    VsockError::PathExists(_)
+    let [socket, uds] = [&back_end.sockets[0], &back_end.sockets[1]];
+    let result = serve_vhost_user_vsock(socket, guest_cid, uds.clone());
+    let _ = std::fs::remove_file(uds);
+    back_end.finish(result, |e| {
+        matches!(
+            e,
+            VhostUserVsockError::Muxer(
+                VsockError::PathExists(_)
                     | VsockError::NoDirectory(_)
                     | VsockError::PathTooLong(_)
                     | VsockError::InvalidCid(_),
-                ) => exit::EXIT_BAD_INPUT,
-                _ => exit::EXIT_VMM_ERROR,
-            };
-            fail(code, &error_chain(&e))
-        }
-    }
+            )
+        )
+    })
 }
 
 /// `crx-vmm vhost-user-fs`: exit 0 when QEMU disconnects, 2 on a bad socket path or
@@ -553,71 +615,25 @@ fn vhost_user_fs(
     seccomp_mode: SeccompMode,
     jail: Option<JailConfig>,
 ) -> i32 {
-    use crx_vmm::vhost_user::serve_vhost_user_fs;
+    use crx_vmm::vhost_user::{serve_vhost_user_fs, VhostUserFsError};
     // SAFETY: called first thing in `main`, before any thread exists.
-    let cleaner = match unsafe { Cleaner::spawn() } {
-        Ok(cleaner) => cleaner,
-        Err(e) => {
-            return fail(
-                exit::EXIT_VMM_ERROR,
-                &format!("cannot start the cleanup process that removes the socket: {e}"),
-            )
-        }
-    };
-    init_logging(log_level);
-    if socket.symlink_metadata().is_ok() {
-        return fail(
-            exit::EXIT_BAD_INPUT,
-            &format!(
-                "{} already exists (another VM's, or stale): remove it or choose another path",
-                socket.display()
-            ),
-        );
-    }
-    if let Err(e) = cleaner.register(&socket) {
-        return fail(
-            exit::EXIT_VMM_ERROR,
-            &format!(
-                "cannot tell the cleanup process about {}: {e}",
-                socket.display()
-            ),
-        );
-    }
-    // Jailed while this process has one thread: the socket's directory and the share
-    // inside, the share still a slave of the host's mount (host bind mounts under a
-    // shared share appear in the guest).
-    let (socket, dir) = match jail_back_end(jail.as_ref(), &[&socket], &[&dir]) {
-        Ok((sockets, shares)) => match (sockets.into_iter().next(), shares.into_iter().next()) {
-            (Some(socket), Some(dir)) => (socket, dir),
-            _ => return fail(exit::EXIT_VMM_ERROR, "jail: socket or share path lost"),
-        },
+    let back_end = match unsafe {
+        BackEnd::prepare(
+            "vhost-user-fs",
+            &[&socket],
+            &[&dir],
+            log_level,
+            jail.as_ref(),
+        )
+    } {
+        Ok(b) => b,
         Err(code) => return code,
     };
-    spawn_signal_thread(block_stop_signals(), None, |sig| {
-        tracing::info!(signal = sig, "stop requested; vhost-user-fs back end exits");
-        std::process::exit(exit::EXIT_OK);
-    });
-    // One filter for every thread, those vhost-user-backend starts later included,
-    // before QEMU (and through it the guest) can send anything.
-    if let Err(e) = seccomp::set_process_mode(seccomp_mode)
-        .and_then(|()| seccomp::install_process_wide(ThreadRole::VhostUserFs))
-    {
-        return fail(exit::EXIT_VMM_ERROR, &error_chain(&e));
+    if let Err(code) = back_end.lock_down(seccomp_mode, ThreadRole::VhostUserFs) {
+        return code;
     }
-    match serve_vhost_user_fs(&socket, &dir) {
-        Ok(()) => {
-            tracing::info!("QEMU disconnected; vhost-user-fs back end done");
-            exit::EXIT_OK
-        }
-        Err(e) => {
-            let code = if e.is_bad_input() {
-                exit::EXIT_BAD_INPUT
-            } else {
-                exit::EXIT_VMM_ERROR
-            };
-            fail(code, &error_chain(&e))
-        }
-    }
+    let result = serve_vhost_user_fs(&back_end.sockets[0], &back_end.shares[0]);
+    back_end.finish(result, VhostUserFsError::is_bad_input)
 }
 
 /// `crx-vmm vhost-user-blk`: exit 0 when QEMU disconnects, 2 on a bad socket path or
@@ -630,90 +646,31 @@ fn vhost_user_blk(
     seccomp_mode: SeccompMode,
     jail: Option<JailConfig>,
 ) -> i32 {
-    use crx_vmm::devices::virtio::block::VIRTIO_BLK_ID_BYTES;
-    use crx_vmm::vhost_user::VhostUserBlkServer;
+    use crx_vmm::vhost_user::{VhostUserBlkError, VhostUserBlkServer};
     // SAFETY: called first thing in `main`, before any thread exists.
-    let cleaner = match unsafe { Cleaner::spawn() } {
-        Ok(cleaner) => cleaner,
-        Err(e) => {
-            return fail(
-                exit::EXIT_VMM_ERROR,
-                &format!("cannot start the cleanup process that removes the sockets: {e}"),
-            )
-        }
-    };
-    init_logging(log_level);
-    if serial.len() > VIRTIO_BLK_ID_BYTES {
-        return fail(
-            exit::EXIT_BAD_INPUT,
-            &format!(
-                "--serial is {} bytes; at most {VIRTIO_BLK_ID_BYTES} are allowed",
-                serial.len()
-            ),
-        );
-    }
-    for path in [&socket, &api_socket] {
-        if path.symlink_metadata().is_ok() {
-            return fail(
-                exit::EXIT_BAD_INPUT,
-                &format!(
-                    "{} already exists (another VM's, or stale): remove it or choose another path",
-                    path.display()
-                ),
-            );
-        }
-        if let Err(e) = cleaner.register(path) {
-            return fail(
-                exit::EXIT_VMM_ERROR,
-                &format!(
-                    "cannot tell the cleanup process about {}: {e}",
-                    path.display()
-                ),
-            );
-        }
-    }
-    let (socket, api_socket) = match jail_back_end(jail.as_ref(), &[&socket, &api_socket], &[]) {
-        Ok((sockets, _)) => match <[PathBuf; 2]>::try_from(sockets) {
-            Ok([socket, api_socket]) => (socket, api_socket),
-            Err(_) => return fail(exit::EXIT_VMM_ERROR, "jail: socket paths lost"),
-        },
+    let back_end = match unsafe {
+        BackEnd::prepare(
+            "vhost-user-blk",
+            &[&socket, &api_socket],
+            &[],
+            log_level,
+            jail.as_ref(),
+        )
+    } {
+        Ok(b) => b,
         Err(code) => return code,
     };
-    spawn_signal_thread(block_stop_signals(), None, |sig| {
-        tracing::info!(
-            signal = sig,
-            "stop requested; vhost-user-blk back end exits"
-        );
-        std::process::exit(exit::EXIT_OK);
-    });
-    let bad = |e: crx_vmm::vhost_user::VhostUserBlkError| {
-        let code = if e.is_bad_input() {
-            exit::EXIT_BAD_INPUT
-        } else {
-            exit::EXIT_VMM_ERROR
-        };
-        fail(code, &error_chain(&e))
+    // Checks the serial, then binds the API socket (bind, chmod) before the filter,
+    // which need not allow chmod.
+    let server = VhostUserBlkServer::bind(&back_end.sockets[0], &back_end.sockets[1], serial);
+    let result = match server {
+        Ok(server) => match back_end.lock_down(seccomp_mode, ThreadRole::VhostUserBlk) {
+            Ok(()) => server.serve(),
+            Err(code) => return code,
+        },
+        Err(e) => Err(e),
     };
-    // The API socket is created (bound, chmod) before the filter, which need not
-    // allow chmod.
-    let server = match VhostUserBlkServer::bind(&socket, &api_socket, serial) {
-        Ok(server) => server,
-        Err(e) => return bad(e),
-    };
-    // One filter for every thread, those vhost-user-backend starts later included,
-    // before QEMU (and through it the guest) can send anything.
-    if let Err(e) = seccomp::set_process_mode(seccomp_mode)
-        .and_then(|()| seccomp::install_process_wide(ThreadRole::VhostUserBlk))
-    {
-        return fail(exit::EXIT_VMM_ERROR, &error_chain(&e));
-    }
-    match server.serve() {
-        Ok(()) => {
-            tracing::info!("QEMU disconnected; vhost-user-blk back end done");
-            exit::EXIT_OK
-        }
-        Err(e) => bad(e),
-    }
+    back_end.finish(result, VhostUserBlkError::is_bad_input)
 }
 
 fn main() {

@@ -80,7 +80,7 @@ mod tests {
             .unwrap();
         assert_eq!(out.status.code(), Some(2), "{out:?}");
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("--serial is 21 bytes"), "stderr: {err}");
+        assert!(err.contains("serial is 21 bytes"), "stderr: {err}");
         assert!(!sock.exists() && !api.exists());
 
         std::fs::write(&api, b"x").unwrap();

@@ -23,16 +23,16 @@ use std::sync::{Arc, RwLock};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Backend;
-use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
+use vhost_user_backend::VhostUserBackendMut;
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use super::backend_channel::BackendChannel;
+use super::{
+    config_bytes, drain_vring, note_unoffered_event_idx, run_daemon, DaemonError, ExitEvent, Mem,
+    Vring,
+};
 use crate::api::{ApiError, ApiServer, DriveHandle};
 use crate::devices::virtio::block::{
     Block, BlockError, BlockSlot, ConfigChangeNotifier, RequestServer, CONFIG_LEN, SEG_MAX_OFFSET,
@@ -40,9 +40,6 @@ use crate::devices::virtio::block::{
 };
 use crate::devices::virtio::mmio::WarnLimiter;
 use crate::devices::virtio::VirtioDevice;
-
-type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
-type Vring = VringRwLock<Mem>;
 
 /// One request queue (QEMU's `num-queues=1`).
 const NUM_QUEUES: usize = 1;
@@ -55,10 +52,6 @@ const MAX_QUEUE_SIZE: usize = 1024;
 pub const MIN_FRONT_END_QUEUE_SIZE: u32 = 128;
 /// Data segments per request: the smallest queue minus the header and status.
 const SEG_MAX: u32 = MIN_FRONT_END_QUEUE_SIZE - 2;
-/// QEMU asks for the whole `struct virtio_blk_config` (60 bytes in QEMU 7.2); what
-/// lies beyond crx's config space reads as zero, the rest the front end fills itself
-/// (`num_queues`).
-const MAX_CONFIG_READ: u32 = 256;
 
 /// Why the vhost-user-blk back end stopped or could not start.
 #[derive(Debug, thiserror::Error)]
@@ -73,8 +66,8 @@ pub enum VhostUserBlkError {
     Api(#[source] ApiError),
     #[error("cannot create the back end's exit event")]
     ExitEvent(#[source] io::Error),
-    #[error("vhost-user daemon failed while {step}: {detail}")]
-    Daemon { step: &'static str, detail: String },
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
 }
 
 impl VhostUserBlkError {
@@ -99,7 +92,7 @@ pub struct VhostUserBlkBackend {
     /// for as long as the connection.
     backend_req: Option<Backend>,
     mem: Option<Mem>,
-    exit: (EventConsumer, EventNotifier),
+    exit: ExitEvent,
     warn: WarnLimiter,
 }
 
@@ -108,8 +101,7 @@ impl VhostUserBlkBackend {
     /// vhost-user socket `socket` (used to recognise the front end's connection).
     pub fn new(serial: &str, socket: &Path) -> Result<Self, VhostUserBlkError> {
         let block = Block::new_empty(serial).map_err(VhostUserBlkError::Slot)?;
-        let exit = new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
-            .map_err(VhostUserBlkError::ExitEvent)?;
+        let exit = ExitEvent::new().map_err(VhostUserBlkError::ExitEvent)?;
         let channel = Arc::new(BackendChannel::new(socket.to_path_buf()));
         block
             .slot()
@@ -142,28 +134,12 @@ impl VhostUserBlkBackend {
 
     /// Serves every request on `vring`, then signals the guest once.
     fn process(&mut self, vring: &Vring) -> io::Result<()> {
-        let Some(atomic) = self.mem.as_ref() else {
-            return Ok(());
-        };
-        let mem = atomic.memory();
-        let mut used = false;
-        loop {
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone());
-            let Some(chain) = chain else { break };
-            let head = chain.head_index();
+        let requests = &mut self.requests;
+        drain_vring(vring, self.mem.as_ref(), |mem, chain| {
             // The chain iterator stops after the queue size and at 4 GiB in total.
             let descs: Vec<Descriptor> = chain.collect();
-            let len = self.requests.handle(&mem, &descs);
-            vring.add_used(head, len).map_err(io::Error::other)?;
-            used = true;
-        }
-        if used {
-            vring.signal_used_queue()?;
-        }
-        Ok(())
+            requests.handle(mem, &descs)
+        })
     }
 }
 
@@ -198,22 +174,13 @@ impl VhostUserBackendMut for VhostUserBlkBackend {
     }
 
     fn set_event_idx(&mut self, enabled: bool) {
-        // EVENT_IDX is not offered; a front end that sets it anyway is ignored.
-        if enabled {
-            tracing::warn!("vhost-user-blk: front end enabled EVENT_IDX, which was not offered");
-        }
+        note_unoffered_event_idx("vhost-user-blk", enabled);
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let config = self.config();
-        (0..size.min(MAX_CONFIG_READ))
-            .map(|i| {
-                offset
-                    .checked_add(i)
-                    .and_then(|o| config.get(o as usize).copied())
-                    .unwrap_or(0)
-            })
-            .collect()
+        // QEMU asks for the whole `struct virtio_blk_config`; past crx's config space
+        // it reads zeros, and QEMU fills `num_queues` itself.
+        config_bytes(&self.config(), offset, size)
     }
 
     fn set_config(&mut self, offset: u32, buf: &[u8]) -> io::Result<()> {
@@ -242,9 +209,7 @@ impl VhostUserBackendMut for VhostUserBlkBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let consumer = self.exit.0.try_clone().ok()?;
-        let notifier = self.exit.1.try_clone().ok()?;
-        Some((consumer, notifier))
+        self.exit.pair()
     }
 
     fn handle_event(
@@ -329,23 +294,12 @@ impl VhostUserBlkServer {
 
 fn serve(backend: VhostUserBlkBackend, socket: &Path) -> Result<(), VhostUserBlkError> {
     let slot = backend.slot();
-    let daemon_err = |step: &'static str| {
-        move |e: vhost_user_backend::Error| VhostUserBlkError::Daemon {
-            step,
-            detail: e.to_string(),
-        }
-    };
-    let mut daemon = VhostUserDaemon::new(
-        "crx-vhost-blk".to_string(),
+    let result = run_daemon(
+        "crx-vhost-blk",
         Arc::new(RwLock::new(backend)),
-        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-    )
-    .map_err(daemon_err("creating the daemon"))?;
-    let result =
-        super::serve_one_front_end(&mut daemon, socket).map_err(daemon_err("serving QEMU"));
-    for h in &daemon.get_epoll_handlers() {
-        h.send_exit_event();
-    }
+        socket,
+        |_| Ok::<(), VhostUserBlkError>(()),
+    );
     // QEMU is gone: a backing still attached gets its writes flushed.
     if let Some(b) = slot.backing() {
         if let Err(e) = b.flush() {
@@ -407,7 +361,10 @@ mod tests {
         assert_eq!(b.get_config(4, 4), vec![0; 4]);
         assert_eq!(b.get_config(20, 8), vec![0, 2, 0, 0, 0, 0, 0, 0]);
         assert_eq!(b.get_config(u32::MAX, 2), vec![0, 0]);
-        assert_eq!(b.get_config(0, u32::MAX).len(), MAX_CONFIG_READ as usize);
+        assert_eq!(
+            b.get_config(0, u32::MAX).len(),
+            super::super::MAX_CONFIG_READ as usize
+        );
 
         b.slot().replace_backing(None).unwrap();
         assert_eq!(&b.get_config(0, 8)[..], &0u64.to_le_bytes());

@@ -14,20 +14,17 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
-use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vhost_user_backend::VhostUserBackendMut;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
+
+use super::{
+    drain_vring, note_unoffered_event_idx, run_daemon, DaemonError, ExitEvent, Mem, Vring,
 };
 
 use crate::devices::virtio::fs::{FsError, FsServer, QUEUE_SIZES};
 use crate::devices::virtio::mmio::WarnLimiter;
 use crate::devices::virtio::VIRTIO_F_VERSION_1;
-
-type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
-type Vring = VringRwLock<Mem>;
 
 /// hiprio + one request queue.
 const NUM_QUEUES: usize = QUEUE_SIZES.len();
@@ -46,8 +43,8 @@ pub enum VhostUserFsError {
     Share(#[source] FsError),
     #[error("cannot create the back end's exit event")]
     ExitEvent(#[source] io::Error),
-    #[error("vhost-user daemon failed while {step}: {detail}")]
-    Daemon { step: &'static str, detail: String },
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
 }
 
 impl VhostUserFsError {
@@ -65,14 +62,13 @@ impl VhostUserFsError {
 pub struct VhostUserFsBackend {
     server: Arc<FsServer>,
     mem: Option<Mem>,
-    exit: (EventConsumer, EventNotifier),
+    exit: ExitEvent,
     warn: WarnLimiter,
 }
 
 impl VhostUserFsBackend {
     pub fn new(server: Arc<FsServer>) -> Result<Self, VhostUserFsError> {
-        let exit = new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
-            .map_err(VhostUserFsError::ExitEvent)?;
+        let exit = ExitEvent::new().map_err(VhostUserFsError::ExitEvent)?;
         Ok(Self {
             server,
             mem: None,
@@ -83,34 +79,15 @@ impl VhostUserFsBackend {
 
     /// Serves every request on `vring`, then signals the guest once.
     fn process(&mut self, vring: &Vring) -> io::Result<()> {
-        let Some(atomic) = self.mem.as_ref() else {
-            return Ok(());
-        };
-        let mem = atomic.memory();
-        let mut used = false;
-        loop {
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone());
-            let Some(chain) = chain else { break };
-            let head = chain.head_index();
-            let len = match self.server.handle_chain(&mem, chain) {
-                Ok(len) => len,
-                Err(e) => {
-                    self.warn.warn(format_args!(
-                        "vhost-user-fs: request returned with 0 bytes: {e}"
-                    ));
-                    0
-                }
-            };
-            vring.add_used(head, len).map_err(io::Error::other)?;
-            used = true;
-        }
-        if used {
-            vring.signal_used_queue()?;
-        }
-        Ok(())
+        let (server, warn) = (&self.server, &mut self.warn);
+        drain_vring(vring, self.mem.as_ref(), |mem, chain| {
+            server.handle_chain(mem, chain).unwrap_or_else(|e| {
+                warn.warn(format_args!(
+                    "vhost-user-fs: request returned with 0 bytes: {e}"
+                ));
+                0
+            })
+        })
     }
 }
 
@@ -136,10 +113,7 @@ impl VhostUserBackendMut for VhostUserFsBackend {
     }
 
     fn set_event_idx(&mut self, enabled: bool) {
-        // EVENT_IDX is not offered; a front end that sets it anyway is ignored.
-        if enabled {
-            tracing::warn!("vhost-user-fs: front end enabled EVENT_IDX, which was not offered");
-        }
+        note_unoffered_event_idx("vhost-user-fs", enabled);
     }
 
     fn update_memory(&mut self, mem: Mem) -> io::Result<()> {
@@ -148,9 +122,7 @@ impl VhostUserBackendMut for VhostUserFsBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let consumer = self.exit.0.try_clone().ok()?;
-        let notifier = self.exit.1.try_clone().ok()?;
-        Some((consumer, notifier))
+        self.exit.pair()
     }
 
     fn handle_event(
@@ -180,25 +152,7 @@ pub fn serve_vhost_user_fs(socket: &Path, dir: &Path) -> Result<(), VhostUserFsE
     }
     let server = Arc::new(FsServer::open(dir).map_err(VhostUserFsError::Share)?);
     let backend = Arc::new(RwLock::new(VhostUserFsBackend::new(server)?));
-    let daemon_err = |step: &'static str| {
-        move |e: vhost_user_backend::Error| VhostUserFsError::Daemon {
-            step,
-            detail: e.to_string(),
-        }
-    };
-    let mut daemon = VhostUserDaemon::new(
-        "crx-vhost-fs".to_string(),
-        backend,
-        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-    )
-    .map_err(daemon_err("creating the daemon"))?;
-    let result =
-        super::serve_one_front_end(&mut daemon, socket).map_err(daemon_err("serving QEMU"));
-    for h in &daemon.get_epoll_handlers() {
-        h.send_exit_event();
-    }
-    let _ = std::fs::remove_file(socket);
-    result
+    run_daemon("crx-vhost-fs", backend, socket, |_| Ok(()))
 }
 
 #[cfg(test)]

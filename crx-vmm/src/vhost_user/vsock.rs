@@ -12,21 +12,21 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackendMut, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
 use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
+
+use super::{
+    config_bytes, drain_vring, note_unoffered_event_idx, run_daemon, DaemonError, ExitEvent, Mem,
+    Vring,
 };
 
 use crate::devices::virtio::mmio::WarnLimiter;
 use crate::devices::virtio::vsock::{MuxerConfig, VsockError, VsockMuxer, MAX_PKT_DATA};
 use crate::devices::virtio::VIRTIO_F_VERSION_1;
-
-type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
-type Vring = VringRwLock<Mem>;
 
 /// QEMU sizes vhost-user-vsock queues itself (1024 on virtio-mmio, 128 on PCI in
 /// QEMU 7.2) and refuses to start if the back end's maximum is smaller.
@@ -49,8 +49,8 @@ pub enum VhostUserVsockError {
     Muxer(#[source] VsockError),
     #[error("cannot create the back end's exit event")]
     ExitEvent(#[source] io::Error),
-    #[error("vhost-user daemon failed while {step}: {detail}")]
-    Daemon { step: &'static str, detail: String },
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
     #[error("cannot watch the muxer's fd in the back end's event loop")]
     Register(#[source] io::Error),
 }
@@ -60,14 +60,13 @@ pub struct VhostUserVsockBackend {
     guest_cid: u64,
     muxer: VsockMuxer,
     mem: Option<Mem>,
-    exit: (EventConsumer, EventNotifier),
+    exit: ExitEvent,
     warn: WarnLimiter,
 }
 
 impl VhostUserVsockBackend {
     pub fn new(muxer: VsockMuxer) -> Result<Self, VhostUserVsockError> {
-        let exit = new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
-            .map_err(VhostUserVsockError::ExitEvent)?;
+        let exit = ExitEvent::new().map_err(VhostUserVsockError::ExitEvent)?;
         Ok(Self {
             guest_cid: muxer.guest_cid(),
             muxer,
@@ -84,31 +83,16 @@ impl VhostUserVsockBackend {
 
     /// Hands every packet on the tx vring to the muxer.
     fn process_tx(&mut self, vring: &Vring) -> io::Result<()> {
-        let Some(atomic) = self.mem.as_ref() else {
-            return Ok(());
-        };
-        let mem = atomic.memory();
-        let mut used = false;
-        loop {
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone());
-            let Some(mut chain) = chain else { break };
-            let head = chain.head_index();
-            match VsockPacket::from_tx_virtq_chain(&*mem, &mut chain, MAX_PKT_DATA) {
-                Ok(pkt) => self.muxer.send_pkt(&pkt),
-                Err(e) => self.warn.warn(format_args!(
+        let (muxer, warn) = (&mut self.muxer, &mut self.warn);
+        drain_vring(vring, self.mem.as_ref(), |mem, mut chain| {
+            match VsockPacket::from_tx_virtq_chain(&**mem, &mut chain, MAX_PKT_DATA) {
+                Ok(pkt) => muxer.send_pkt(&pkt),
+                Err(e) => warn.warn(format_args!(
                     "vhost-user-vsock: dropped malformed tx packet: {e}"
                 )),
             }
-            vring.add_used(head, 0).map_err(io::Error::other)?;
-            used = true;
-        }
-        if used {
-            vring.signal_used_queue()?;
-        }
-        Ok(())
+            0
+        })
     }
 
     /// Fills rx buffers while the muxer has packets and the guest has buffers.
@@ -179,22 +163,11 @@ impl VhostUserBackendMut for VhostUserVsockBackend {
     }
 
     fn set_event_idx(&mut self, enabled: bool) {
-        // EVENT_IDX is not offered; a front end that sets it anyway is ignored.
-        if enabled {
-            tracing::warn!("vhost-user-vsock: front end enabled EVENT_IDX, which was not offered");
-        }
+        note_unoffered_event_idx("vhost-user-vsock", enabled);
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let config = self.guest_cid.to_le_bytes();
-        (0..size)
-            .map(|i| {
-                offset
-                    .checked_add(i)
-                    .and_then(|o| config.get(o as usize).copied())
-                    .unwrap_or(0)
-            })
-            .collect()
+        config_bytes(&self.guest_cid.to_le_bytes(), offset, size)
     }
 
     fn update_memory(&mut self, mem: Mem) -> io::Result<()> {
@@ -203,9 +176,7 @@ impl VhostUserBackendMut for VhostUserVsockBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let consumer = self.exit.0.try_clone().ok()?;
-        let notifier = self.exit.1.try_clone().ok()?;
-        Some((consumer, notifier))
+        self.exit.pair()
     }
 
     fn handle_event(
@@ -246,35 +217,15 @@ pub fn serve_vhost_user_vsock(
         .map_err(VhostUserVsockError::Muxer)?;
     let muxer_fd = muxer.as_raw_fd();
     let backend = Arc::new(RwLock::new(VhostUserVsockBackend::new(muxer)?));
-    let daemon_err = |step: &'static str| {
-        move |e: vhost_user_backend::Error| VhostUserVsockError::Daemon {
-            step,
-            detail: e.to_string(),
-        }
-    };
-    let mut daemon = VhostUserDaemon::new(
-        "crx-vhost-vsock".to_string(),
-        backend.clone(),
-        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-    )
-    .map_err(daemon_err("creating the daemon"))?;
-    let handlers = daemon.get_epoll_handlers();
-    let Some(handler) = handlers.first() else {
-        return Err(VhostUserVsockError::Daemon {
+    run_daemon("crx-vhost-vsock", backend, socket, |handlers| {
+        let handler = handlers.first().ok_or(DaemonError {
             step: "creating the daemon",
             detail: "no worker thread".into(),
-        });
-    };
-    handler
-        .register_listener(muxer_fd, EventSet::IN, u64::from(MUXER_TOKEN))
-        .map_err(VhostUserVsockError::Register)?;
-    let result =
-        super::serve_one_front_end(&mut daemon, socket).map_err(daemon_err("serving QEMU"));
-    for h in &handlers {
-        h.send_exit_event();
-    }
-    let _ = std::fs::remove_file(socket);
-    result
+        })?;
+        handler
+            .register_listener(muxer_fd, EventSet::IN, u64::from(MUXER_TOKEN))
+            .map_err(VhostUserVsockError::Register)
+    })
 }
 
 #[cfg(test)]
