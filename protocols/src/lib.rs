@@ -13,7 +13,7 @@ pub mod port_forward;
 /// The protocol version this crate implements, reported by `Health.Version`. It grows
 /// by one with every additive change to package `crx.agent.v1` (see `health.proto`,
 /// which lists what each version added).
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The vsock port the agent serves ttrpc on inside the VM.
 pub const AGENT_VSOCK_PORT: u32 = 1024;

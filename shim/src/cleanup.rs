@@ -4,13 +4,15 @@
 //!
 //! If the pod's shim still runs (other containers of the pod live on), only this
 //! container's rootfs is unmounted from the share. If it does not, the whole pod is
-//! released: any VM process still mentioning the pod's run directory is killed, and
-//! every mount and file under `/run/crx/<sandbox>` is removed.
+//! released: any VM process still mentioning the pod's run directory is killed, the
+//! pod's host cgroup (recorded in the run directory) is removed, and every mount and
+//! file under `/run/crx/<sandbox>` is removed.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::bundle;
+use crate::host_cgroup;
 use crate::rootfs::{self, PodPaths};
 
 /// Releases what the task `id` of `bundle` held. Errors name what is left.
@@ -57,6 +59,9 @@ pub fn release_pod(paths: &PodPaths) -> Result<(), String> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    // After the VM's processes: a cgroup holding one cannot be removed. Read from the
+    // run directory, so before it goes.
+    host_cgroup::remove_recorded(&paths.root).map_err(|e| e.to_string())?;
     rootfs::remove_tree(&paths.root).map_err(|e| e.to_string())
 }
 

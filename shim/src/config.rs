@@ -58,7 +58,14 @@ pub struct ShimConfig {
     pub guest_console: bool,
     /// Extra guest kernel command line.
     pub kernel_params: String,
+    /// Empty drive slots each pod VM gets for containers' host block devices (CRI
+    /// `devices`, `volumeDevices`). Each costs a pod a virtio-blk device, and on QEMU
+    /// one `crx-vmm vhost-user-blk` process.
+    pub block_slots: u8,
 }
+
+/// Most drive slots a pod may be configured with.
+pub const MAX_BLOCK_SLOTS: u8 = 8;
 
 impl Default for ShimConfig {
     fn default() -> Self {
@@ -77,6 +84,7 @@ impl Default for ShimConfig {
             agent_timeout: Duration::from_secs(60),
             guest_console: false,
             kernel_params: String::new(),
+            block_slots: 2,
         }
     }
 }
@@ -98,6 +106,7 @@ struct RawConfig {
     agent_timeout_secs: Option<u64>,
     guest_console: Option<bool>,
     kernel_params: Option<String>,
+    block_slots: Option<u8>,
 }
 
 impl ShimConfig {
@@ -173,6 +182,14 @@ impl ShimConfig {
             }
             c.kernel_params = k;
         }
+        if let Some(n) = raw.block_slots {
+            if n > MAX_BLOCK_SLOTS {
+                return Err(bad(format!(
+                    "block_slots: {n} is more than {MAX_BLOCK_SLOTS}"
+                )));
+            }
+            c.block_slots = n;
+        }
         Ok(c)
     }
 
@@ -242,6 +259,7 @@ mod tests {
             agent_timeout_secs = 90
             guest_console = true
             kernel_params = "loglevel=7"
+            block_slots = 0
             "#,
         )
         .unwrap();
@@ -256,6 +274,7 @@ mod tests {
         assert_eq!(c.seccomp, Seccomp::Log);
         assert_eq!(c.agent_timeout, Duration::from_secs(90));
         assert_eq!(c.kernel_params, "loglevel=7");
+        assert_eq!(c.block_slots, 0);
     }
 
     #[test]
@@ -269,6 +288,7 @@ mod tests {
             ("vcpus = \"two\"", "vcpus"),
             ("agent_timeout_secs = 0", "agent_timeout_secs"),
             ("seccomp = \"strict\"", "seccomp"),
+            ("block_slots = 9", "block_slots"),
         ] {
             let e = parse(text).expect_err(text).to_string();
             assert!(

@@ -5,8 +5,10 @@
 //! Built on `containerd-shim` 0.11 (its async flavour: the agent's ttrpc clients are
 //! async, so the task service calls them directly without a bridge to blocking code).
 
+mod block_slots;
 mod bundle;
 mod cleanup;
+mod host_cgroup;
 mod lifecycle;
 mod logging;
 mod pod;

@@ -19,6 +19,8 @@ use crx_shim::vm::{
     VmDevices, VmError, VmExit,
 };
 
+use crate::block_slots::{BlockSlots, SharedSlots};
+use crate::host_cgroup::{CgroupError, HostCgroup};
 use crate::rootfs::{PodPaths, SHARE_TAG};
 
 /// How long the watcher holds the VM's lock per wait: a stop request waits up to
@@ -53,6 +55,8 @@ pub enum PodError {
     Join(String),
     #[error("could not give the pod VM its network")]
     Network(#[source] crx_shim::network::NetworkError),
+    #[error("could not place the pod VM in the pod's host cgroup")]
+    HostCgroup(#[source] CgroupError),
 }
 
 /// Whether an agent speaking `agent` can serve this shim: older agents lack
@@ -85,6 +89,10 @@ pub struct Pod {
     pub network: Option<PodNetwork>,
     /// CRI port forwarding into the VM (pods with a network namespace only).
     port_forward: Option<PortForwarder>,
+    /// The VM's empty drive slots, for containers' host block devices.
+    pub block_slots: SharedSlots,
+    /// The sandbox's host cgroup, which holds the VM's processes; removed after them.
+    host_cgroup: Arc<Mutex<HostCgroup>>,
 }
 
 /// Called (once, on the watcher thread) when the VM ends without a stop request.
@@ -98,6 +106,7 @@ impl Pod {
         paths: &PodPaths,
         config: &ShimConfig,
         (vcpus, memory_mib): (u8, u32),
+        host_cgroup: HostCgroup,
         netns: Option<std::path::PathBuf>,
         on_death: DeathHandler,
     ) -> Result<Pod, PodError> {
@@ -134,9 +143,11 @@ impl Pod {
                     host_dir: paths.share(),
                 }],
                 net: network.as_ref().map(|n| n.nic.clone()),
+                drives: VmDevices::empty_slots(usize::from(config.block_slots)),
                 ..Default::default()
             },
         };
+        let host_cgroup = make_host_cgroup(host_cgroup, &paths.root).await?;
         close_on_exec_inherited();
         let wanted = config.hypervisor;
         let confinement = Confinement {
@@ -156,6 +167,13 @@ impl Pod {
         let backend = vm.kind();
         let agent_socket = vm.agent_socket().to_path_buf();
         let vm = Arc::new(Mutex::new(vm));
+        // Right after the spawn, before the guest has touched much of its memory.
+        let vm_pids = lock(&vm).pids();
+        let adopted = host_cgroup_lock(&host_cgroup).adopt(&vm_pids);
+        if let Err(e) = adopted {
+            stop_vm(vm.clone()).await;
+            return Err(PodError::HostCgroup(e));
+        }
         let addr = AgentAddress::HybridVsock {
             uds_path: agent_socket.clone(),
             port: crx_protocols::AGENT_VSOCK_PORT,
@@ -203,6 +221,7 @@ impl Pod {
         // Taken before the watcher starts: it holds the VM's lock while it waits, so
         // asking the VM later would stall for up to a watch interval.
         let pids = lock(&vm).pids();
+        let block_slots = Arc::new(Mutex::new(BlockSlots::for_vm(lock(&vm).drive_slots())));
         let stopping = Arc::new(AtomicBool::new(false));
         spawn_watcher(vm.clone(), stopping.clone(), on_death);
         let port_forward = forward_netns.map(|ns| {
@@ -224,6 +243,8 @@ impl Pod {
             stopping,
             network,
             port_forward,
+            block_slots,
+            host_cgroup,
         })
     }
 
@@ -233,7 +254,10 @@ impl Pod {
         if let Some(forwarder) = &self.port_forward {
             forwarder.stop();
         }
+        // Emptied while the VM still runs, so each detach flushes its device.
+        crate::block_slots::detach_all(&self.block_slots).await;
         let ended = stop_vm(self.vm.clone()).await;
+        remove_host_cgroup(self.host_cgroup.clone()).await;
         if let Some(network) = &self.network {
             network.detach();
         }
@@ -266,6 +290,37 @@ fn close_on_exec_inherited() {
             let _ = fcntl(fd, FcntlArg::F_SETFD(flags));
         }
     }
+}
+
+/// Records and makes the pod's host cgroup (off the async threads).
+async fn make_host_cgroup(
+    mut host_cgroup: HostCgroup,
+    run_dir: &std::path::Path,
+) -> Result<Arc<Mutex<HostCgroup>>, PodError> {
+    let run_dir = run_dir.to_owned();
+    let made = tokio::task::spawn_blocking(move || {
+        host_cgroup.create(&run_dir).map(|()| host_cgroup)
+    })
+    .await
+    .map_err(|e| PodError::Join(e.to_string()))?
+    .map_err(PodError::HostCgroup)?;
+    Ok(Arc::new(Mutex::new(made)))
+}
+
+/// Removes the pod's host cgroup once the VM's processes are gone (off the async
+/// threads: the kernel may take a moment to empty it).
+async fn remove_host_cgroup(host_cgroup: Arc<Mutex<HostCgroup>>) {
+    let removed = tokio::task::spawn_blocking(move || host_cgroup_lock(&host_cgroup).remove()).await;
+    match removed {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "pod host cgroup left behind"),
+        Err(e) => tracing::error!(error = %e, "removing the pod host cgroup panicked"),
+    }
+}
+
+fn host_cgroup_lock(cgroup: &Mutex<HostCgroup>) -> std::sync::MutexGuard<'_, HostCgroup> {
+    // A panic while holding it leaves at worst a leaf that removal retries.
+    cgroup.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn lock(vm: &Mutex<Box<dyn Vm>>) -> std::sync::MutexGuard<'_, Box<dyn Vm>> {

@@ -40,6 +40,7 @@ use tokio::sync::Mutex;
 use ttrpc::Code;
 
 use crate::bundle;
+use crate::host_cgroup::HostCgroup;
 use crate::pod::Pod;
 use crate::pod_spec;
 use crate::process::{self, Exit, Process, StdioPaths, KILLED_WITH_VM};
@@ -516,9 +517,13 @@ impl TaskService {
                     handle.spawn(inner.vm_died(reason));
                 }
             });
-            let size = translate::vm_size(spec, config.vcpus, config.memory_mib);
+            let host_cgroup = HostCgroup::for_sandbox(spec)
+                .map_err(|e| rpc::status(Code::INVALID_ARGUMENT, error_chain(&e)))?;
+            let memory_cap = host_cgroup.memory_limit();
+            let size = translate::vm_size(spec, config.vcpus, config.memory_mib, memory_cap.as_ref())
+                .map_err(|e| rpc::status(Code::INVALID_ARGUMENT, e.to_string()))?;
             let netns = crx_shim::network::netns_of(spec);
-            let pod = Pod::boot(sandbox_id, &paths, &config, size, netns, on_death)
+            let pod = Pod::boot(sandbox_id, &paths, &config, size, host_cgroup, netns, on_death)
                 .await
                 .map_err(|e| rpc::status(Code::UNAVAILABLE, error_chain(&e)))?;
             tracing::info!(
@@ -580,6 +585,7 @@ impl TaskService {
         creq.oci_spec = serde_json::to_vec(&guest_spec).map_err(internal("spec"))?;
         creq.rootfs = rootfs::guest_rootfs(&req.id);
         creq.stdio = MessageField::some(stdio::spec_of(&stdio));
+        creq.block_devices = attach_block_devices(&pod, &req.id, spec).await?;
         let resp = pod
             .containers
             .create_container(ctx(), &creq)
@@ -601,12 +607,45 @@ impl TaskService {
             state.sandbox_id = None;
             state.pod_gone = None;
         } else if let Some(paths) = state.paths() {
+            if let Some(pod) = &state.pod {
+                crate::block_slots::detach_container(&pod.block_slots, container_id).await;
+            }
             let dir = paths.container_dir(container_id);
             if let Err(e) = tokio::task::spawn_blocking(move || rootfs::remove_tree(&dir)).await {
                 tracing::error!(error = %e, "container clean-up panicked");
             }
         }
     }
+}
+
+/// Attaches the spec's host block devices to free drive slots of the pod VM, and
+/// says which drive is which for the agent. Undone by `undo_create` on a later error.
+async fn attach_block_devices(
+    pod: &Pod,
+    container_id: &str,
+    spec: &serde_json::Value,
+) -> Result<Vec<agent_api::ContainerBlockDevice>, ttrpc::Error> {
+    let requests = translate::block_devices(spec)
+        .map_err(|e| rpc::status(Code::INVALID_ARGUMENT, e.to_string()))?;
+    let attached = crate::block_slots::attach(&pod.block_slots, container_id, requests)
+        .await
+        .map_err(|e| {
+            let code = match &e {
+                crate::block_slots::SlotError::Exhausted { .. } => Code::RESOURCE_EXHAUSTED,
+                crate::block_slots::SlotError::HostDevice { .. } => Code::INVALID_ARGUMENT,
+                crate::block_slots::SlotError::Attach { .. } => Code::INTERNAL,
+            };
+            rpc::status(code, error_chain(&e))
+        })?;
+    Ok(attached
+        .into_iter()
+        .map(|a| {
+            let mut d = agent_api::ContainerBlockDevice::new();
+            d.container_path = a.container_path;
+            d.serial = a.serial;
+            d
+        })
+        .collect())
 }
 
 /// An error and its causes on one line, as containerd shows it.
@@ -818,6 +857,7 @@ impl Task for TaskService {
                 // The host side goes regardless; the VM goes with the last task.
                 tracing::warn!(id = %req.id, error = %agent_error("Containers.RemoveContainer", e), "agent remove");
             }
+            crate::block_slots::detach_container(&pod.block_slots, &req.id).await;
         }
         state.containers.remove(&req.id);
         if let Some(paths) = state.paths() {

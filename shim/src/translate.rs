@@ -6,6 +6,8 @@
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use serde_json::Value;
 
+use crate::host_cgroup;
+
 /// A bind mount of a host path in the spec (`/etc/hosts`, a volume, ...): the guest
 /// cannot see the host path, so the shim binds it into the pod share.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,16 +81,6 @@ const SAME_IN_GUEST: [(u64, u64); 10] = [
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     #[error(
-        "device {path} (block {major}:{minor} on the host) cannot be given to a crx pod: \
-         raw block devices reach a pod VM only through virtio-blk slots, which crx does \
-         not fill for containers yet"
-    )]
-    Block {
-        path: String,
-        major: u64,
-        minor: u64,
-    },
-    #[error(
         "device {path} (char {major}:{minor} on the host) cannot be given to a crx pod: \
          its pod VM has its own kernel, and only devices it has under the same numbers \
          (null, zero, full, random, urandom, kmsg, tty, ptmx, net/tun, fuse) are passed"
@@ -141,6 +133,77 @@ impl SpecDevice<'_> {
             _ => false,
         }
     }
+
+    /// A host block device, which reaches the guest through a drive slot
+    /// ([`block_devices`]).
+    fn is_block(&self) -> bool {
+        self.kind == "b"
+    }
+}
+
+/// A host block device a container asks for (CRI `devices`, `volumeDevices`): its path
+/// in the container, its numbers on the host, and whether the container may only read
+/// it (its cgroup rule lacks "w"), which makes the guest's drive read-only too.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockRequest {
+    pub container_path: String,
+    pub major: u64,
+    pub minor: u64,
+    pub read_only: bool,
+}
+
+/// The spec's host block devices, to be attached to the pod VM's drive slots. A
+/// privileged container's wholesale list asks for none.
+pub fn block_devices(spec: &Value) -> Result<Vec<BlockRequest>, DeviceError> {
+    let Some(devices) = spec.pointer("/linux/devices").and_then(Value::as_array) else {
+        return Ok(Vec::new());
+    };
+    if all_devices_allowed(spec) {
+        return Ok(Vec::new());
+    }
+    let mut requests = Vec::new();
+    for (index, d) in devices.iter().enumerate() {
+        let device = spec_device(index, d)?;
+        if device.is_block() {
+            requests.push(BlockRequest {
+                container_path: device.path.to_owned(),
+                major: device.major,
+                minor: device.minor,
+                read_only: !may_write(spec, device.major, device.minor),
+            });
+        }
+    }
+    Ok(requests)
+}
+
+/// Whether the spec's cgroup rules let the container write block device
+/// `major:minor`: as in the device cgroup, the last rule that covers the device
+/// decides.
+fn may_write(spec: &Value, major: u64, minor: u64) -> bool {
+    let Some(rules) = spec
+        .pointer("/linux/resources/devices")
+        .and_then(Value::as_array)
+    else {
+        return false;
+    };
+    let covers = |rule: &Value, key: &str, number: u64| match rule.get(key) {
+        None | Some(Value::Null) => true,
+        Some(v) => v.as_i64() == Some(-1) || v.as_u64() == Some(number),
+    };
+    rules
+        .iter()
+        .rev()
+        .find(|r| {
+            matches!(
+                r.get("type").and_then(Value::as_str),
+                None | Some("a" | "b")
+            ) && covers(r, "major", major)
+                && covers(r, "minor", minor)
+                && r.get("access")
+                    .and_then(Value::as_str)
+                    .is_none_or(|a| a.contains('w'))
+        })
+        .is_some_and(|r| r.get("allow").and_then(Value::as_bool) == Some(true))
 }
 
 /// Whether the spec allows every device in its cgroup rules: a privileged container
@@ -162,8 +225,10 @@ fn all_devices_allowed(spec: &Value) -> bool {
 /// Refuses a spec that asks for a host device the pod VM cannot give: the numbers
 /// in `linux.devices` name host devices, and the same numbers in the guest are
 /// another device or none, so passing them on would hand the container the wrong
-/// one silently. A privileged container's wholesale list is not a request: it gets
-/// the pod's own devices ([`guest_spec`] drops the rest).
+/// one silently. Block devices are given through drive slots ([`block_devices`]);
+/// character devices other than the kernel's fixed ones cannot be. A privileged
+/// container's wholesale list is not a request: it gets the pod's own devices
+/// ([`guest_spec`] drops the rest).
 pub fn check_devices(spec: &Value) -> Result<(), DeviceError> {
     let Some(devices) = spec.pointer("/linux/devices").and_then(Value::as_array) else {
         return Ok(());
@@ -171,20 +236,20 @@ pub fn check_devices(spec: &Value) -> Result<(), DeviceError> {
     let wholesale = all_devices_allowed(spec);
     for (index, d) in devices.iter().enumerate() {
         let device = spec_device(index, d)?;
-        if device.same_in_guest() || wholesale {
+        if device.same_in_guest() || device.is_block() || wholesale {
             continue;
         }
         let (path, major, minor) = (device.path.to_owned(), device.major, device.minor);
-        return Err(match device.kind {
-            "b" => DeviceError::Block { path, major, minor },
-            _ => DeviceError::Char { path, major, minor },
-        });
+        return Err(DeviceError::Char { path, major, minor });
     }
     Ok(())
 }
 
-/// Keeps the `linux.devices` entries whose numbers mean the same in the guest.
+/// Keeps the `linux.devices` entries whose numbers mean the same in the guest, and a
+/// requested block device's (still with the host's numbers: the agent moves it and
+/// its cgroup rule to the numbers of the drive slot the device is attached to).
 fn retain_guest_devices(spec: &mut Value) {
+    let keep_block = !all_devices_allowed(spec);
     let Some(devices) = spec
         .pointer_mut("/linux/devices")
         .and_then(Value::as_array_mut)
@@ -194,7 +259,8 @@ fn retain_guest_devices(spec: &mut Value) {
     let before = devices.len();
     let mut index = 0;
     devices.retain(|d| {
-        let keep = spec_device(index, d).is_ok_and(|d| d.same_in_guest());
+        let keep =
+            spec_device(index, d).is_ok_and(|d| d.same_in_guest() || (keep_block && d.is_block()));
         index += 1;
         keep
     });
@@ -292,7 +358,15 @@ const MAX_LIMIT_MIB: u64 = 1 << 20;
 /// fixed overhead; a CPU limit (quota/period, rounded up) raises the vCPUs, a memory
 /// limit is added to the memory. From the CRI sandbox annotations when present, else
 /// from the spec's own `linux.resources` (a plain `ctr run` container is its own pod).
-pub fn vm_size(spec: &Value, vcpus: u8, memory_mib: u32) -> (u8, u32) {
+/// Under a memory limit on the pod's host cgroup (`memory_cap`: bytes, and the cgroup
+/// setting it) the memory shrinks to fit it with the VMM's reserve, or the pod is
+/// refused (see [`host_cgroup::fit_guest_memory`]).
+pub fn vm_size(
+    spec: &Value,
+    vcpus: u8,
+    memory_mib: u32,
+    memory_cap: Option<&(u64, std::path::PathBuf)>,
+) -> Result<(u8, u32), host_cgroup::CgroupError> {
     let ann = |k: &str| {
         spec.pointer("/annotations")
             .and_then(|a| a.get(k))
@@ -316,7 +390,8 @@ pub fn vm_size(spec: &Value, vcpus: u8, memory_mib: u32) -> (u8, u32) {
         .and_then(|m| u64::try_from(m).ok())
         .map_or(0, |m| m.div_ceil(1 << 20).min(MAX_LIMIT_MIB));
     let mem = u64::from(memory_mib).saturating_add(limit_mib);
-    (cpus, u32::try_from(mem).unwrap_or(u32::MAX))
+    let mem = host_cgroup::fit_guest_memory(u32::try_from(mem).unwrap_or(u32::MAX), memory_cap)?;
+    Ok((cpus, mem))
 }
 
 /// containerd's runtime options: `runtimeoptions.v1.Options` (CRI's and `ctr
@@ -440,11 +515,19 @@ mod tests {
             guest_spec(&fine, "/r", &[])["linux"]["devices"],
             serde_json::json!([dev_null, fifo])
         );
-        let err = check_devices(&spec(vec![dev_null.clone(), disk.clone()])).unwrap_err();
-        let msg = err.to_string();
-        assert!(matches!(err, DeviceError::Block { .. }), "{msg}");
-        assert!(msg.contains("/dev/xvdb (block 7:4"), "{msg}");
+        // A block device goes through a drive slot: kept, with the host's numbers
+        // for the agent to move.
+        let with_disk = spec(vec![dev_null.clone(), disk.clone()]);
+        check_devices(&with_disk).unwrap();
+        assert_eq!(
+            guest_spec(&with_disk, "/r", &[])["linux"]["devices"],
+            serde_json::json!([dev_null, disk])
+        );
         let err = check_devices(&spec(vec![gpu.clone()])).unwrap_err();
+        assert!(
+            err.to_string().contains("/dev/nvidia0 (char 195:0"),
+            "{err}"
+        );
         assert!(matches!(err, DeviceError::Char { major: 195, .. }), "{err}");
         let err = check_devices(&spec(vec![serde_json::json!({"type": "b"})])).unwrap_err();
         assert!(
@@ -470,13 +553,49 @@ mod tests {
             g["linux"]["devices"],
             serde_json::json!([{"path": "/dev/zero", "type": "c", "major": 1, "minor": 5}])
         );
+        assert_eq!(block_devices(&privileged).unwrap(), []);
         // A rule for one device type is not "everything".
         let mut scoped = privileged.clone();
         scoped["linux"]["resources"]["devices"] = serde_json::json!([{"allow": true, "type": "b", "major": 8, "minor": 0, "access": "rw"}]);
         assert!(matches!(
             check_devices(&scoped),
-            Err(DeviceError::Block { major: 8, .. })
+            Err(DeviceError::Char { major: 10, .. })
         ));
+        assert_eq!(
+            block_devices(&scoped).unwrap(),
+            [BlockRequest {
+                container_path: "/dev/sda".into(),
+                major: 8,
+                minor: 0,
+                read_only: false
+            }]
+        );
+    }
+
+    #[test]
+    fn a_block_device_is_read_only_unless_its_cgroup_rule_allows_writes() {
+        let spec = |rules: Value| {
+            serde_json::json!({"linux": {
+                "devices": [{"path": "/dev/xvdb", "type": "b", "major": 7, "minor": 4}],
+                "resources": {"devices": rules}
+            }})
+        };
+        let read_only = |rules: Value| block_devices(&spec(rules)).unwrap()[0].read_only;
+        let deny_all = serde_json::json!({"allow": false, "access": "rwm"});
+        // containerd's CRI plugin: deny everything, then allow what `permissions` says.
+        assert!(!read_only(serde_json::json!([deny_all,
+            {"allow": true, "type": "b", "major": 7, "minor": 4, "access": "rw"}])));
+        assert!(read_only(serde_json::json!([deny_all,
+            {"allow": true, "type": "b", "major": 7, "minor": 4, "access": "r"}])));
+        // Another device's rule, or a char rule with the same numbers, does not count.
+        assert!(read_only(serde_json::json!([deny_all,
+            {"allow": true, "type": "b", "major": 7, "minor": 5, "access": "rw"},
+            {"allow": true, "type": "c", "major": 7, "minor": 4, "access": "rw"}])));
+        // The last rule covering the device decides.
+        assert!(read_only(serde_json::json!([
+            {"allow": true, "type": "b", "major": 7, "minor": 4, "access": "rw"},
+            {"allow": false, "type": "b", "major": 7, "access": "w"}])));
+        assert!(read_only(serde_json::json!([])));
     }
 
     #[test]
@@ -512,29 +631,40 @@ mod tests {
 
     #[test]
     fn the_vm_is_sized_from_the_pods_limits() {
-        assert_eq!(vm_size(&serde_json::json!({}), 1, 256), (1, 256));
+        assert_eq!(vm_size(&serde_json::json!({}), 1, 256, None).unwrap(), (1, 256));
         let cri = serde_json::json!({"annotations": {
             "io.kubernetes.cri.sandbox-cpu-quota": "250000",
             "io.kubernetes.cri.sandbox-cpu-period": "100000",
             "io.kubernetes.cri.sandbox-memory": "536870912"
         }});
-        assert_eq!(vm_size(&cri, 1, 256), (3, 256 + 512));
+        assert_eq!(vm_size(&cri, 1, 256, None).unwrap(), (3, 256 + 512));
         let plain = serde_json::json!({"linux": {"resources": {
             "cpu": {"quota": 50000, "period": 100000},
             "memory": {"limit": 1048577}
         }}});
-        assert_eq!(vm_size(&plain, 2, 128), (2, 130));
+        assert_eq!(vm_size(&plain, 2, 128, None).unwrap(), (2, 130));
         let silly = serde_json::json!({"annotations": {
             "io.kubernetes.cri.sandbox-cpu-quota": "-1",
             "io.kubernetes.cri.sandbox-cpu-period": "0",
             "io.kubernetes.cri.sandbox-memory": "-5"
         }});
-        assert_eq!(vm_size(&silly, 1, 256), (1, 256));
+        assert_eq!(vm_size(&silly, 1, 256, None).unwrap(), (1, 256));
         let huge = serde_json::json!({"linux": {"resources": {
             "cpu": {"quota": i64::MAX, "period": 1},
             "memory": {"limit": i64::MAX}
         }}});
-        assert_eq!(vm_size(&huge, 1, 256), (64, 256 + (1 << 20)));
+        assert_eq!(vm_size(&huge, 1, 256, None).unwrap(), (64, 256 + (1 << 20)));
+        // Under a 512 MiB pod cgroup the 768 MiB asked for shrinks to fit it with the
+        // VMM's reserve; under 128 MiB the pod is refused.
+        let cgroup = std::path::PathBuf::from("/sys/fs/cgroup/kubepods/pod1");
+        let cap = (512 << 20, cgroup.clone());
+        let reserve = u32::try_from(host_cgroup::VMM_RESERVE_MIB).unwrap();
+        assert_eq!(vm_size(&cri, 1, 256, Some(&cap)).unwrap(), (3, 512 - reserve));
+        let tiny = (128 << 20, cgroup);
+        assert!(matches!(
+            vm_size(&cri, 1, 256, Some(&tiny)),
+            Err(host_cgroup::CgroupError::TooSmall { limit_mib: 128, .. })
+        ));
     }
 
     #[test]

@@ -768,12 +768,16 @@ mod tests {
     /// Where the container writes on the disk, and what.
     const DISK_WRITE_OFFSET: u64 = 65536;
     const DISK_WRITTEN: &[u8] = b"written by the pod";
+    /// Where a container allowed only to read the disk tries to write.
+    const READ_ONLY_OFFSET: u64 = 131072;
 
-    /// A CRI device (a `volumeDevices` block volume): a host loop device. runc's
-    /// container reads and writes it. A crx pod cannot give it yet (the device's
-    /// numbers name a host device; the pod's kernel would hand over its own, or none):
-    /// CreateContainer is refused with a message naming the device and why, and the
-    /// pod still runs containers without it.
+    /// A CRI device (a `volumeDevices` block volume): a host loop device, which the
+    /// container sees as a block device at /dev/xvdb, reads and writes through to the
+    /// host (a crx pod gets it through one of its VM's drive slots). Once the
+    /// container is removed nothing on the host holds the device any more, and its
+    /// place is free again: two more containers at once each get a device (a crx pod
+    /// has two slots), and see what the first one wrote; the one given it with
+    /// permissions "r" cannot write it.
     fn raw_block_device(s: &Suite) -> Result<()> {
         let dir = volume_dir(s, "block")?;
         let image = dir.join("disk.img");
@@ -783,25 +787,82 @@ mod tests {
         let disk = LoopDevice::attach(&image)?;
         let pod = pod_config("block", &s.node.pod_log_dir("block"));
         let pod_id = s.run_pod(&pod)?;
+        let outcome = disk_round_trip(s, &pod_id, &pod, &disk);
+        let removed = s.remove_pod(&pod_id);
+        outcome?;
+        removed?;
+        await_unheld(&disk)
+    }
+
+    fn disk_round_trip(
+        s: &Suite,
+        pod_id: &str,
+        pod: &cri::PodSandboxConfig,
+        disk: &LoopDevice,
+    ) -> Result<()> {
         let device = cri::Device {
             container_path: "/dev/xvdb".into(),
             host_path: disk.0.clone(),
             permissions: "rw".into(),
         };
-        let with_disk =
-            start_sleeper_with(s, &pod_id, &pod, "disk-user", vec![], None, vec![device]);
-        let outcome = if s.handler == "crx" {
-            crx_refuses_the_disk(s, &pod_id, &pod, with_disk)
-        } else {
-            with_disk.and_then(|cid| use_the_disk(s, &cid, &disk))
+        let with_disk = |name: &str, permissions: &str| {
+            let device = cri::Device {
+                permissions: permissions.into(),
+                ..device.clone()
+            };
+            start_sleeper_with(s, pod_id, pod, name, vec![], None, vec![device])
         };
-        let removed = s.remove_pod(&pod_id);
-        outcome?;
-        removed
+        let cid = with_disk("disk-user", "rw")?;
+        check_handler(s, &cid)?;
+        use_the_disk(s, &cid, disk)?;
+        let client = s.client()?;
+        client
+            .stop_container(&cid, 0)
+            .context("StopContainer disk-user")?;
+        client
+            .remove_container(&cid)
+            .context("RemoveContainer disk-user")?;
+        await_unheld(disk)?;
+        let mut readers = Vec::new();
+        for (name, permissions) in [("disk-reader-1", "rw"), ("disk-reader-2", "r")] {
+            let cid = with_disk(name, permissions)?;
+            let r = sh(
+                s,
+                &cid,
+                &format!(
+                    "dd if=/dev/xvdb bs=1 skip={DISK_WRITE_OFFSET} count={} 2>/dev/null",
+                    DISK_WRITTEN.len()
+                ),
+            )?;
+            ensure!(
+                r.exit_code == 0 && r.stdout == DISK_WRITTEN,
+                "{name} reads {} where disk-user wrote",
+                show(&r)
+            );
+            readers.push(cid);
+        }
+        let write = format!(
+            "printf 'nope' | dd of=/dev/xvdb bs=1 seek={READ_ONLY_OFFSET} conv=notrunc,fsync"
+        );
+        let r = sh(s, &readers[1], &write)?;
+        let on_host = disk.read_at(READ_ONLY_OFFSET, 4)?;
+        ensure!(
+            r.exit_code != 0 && on_host == [0; 4],
+            "a container given /dev/xvdb with permissions \"r\" wrote it ({}); the host reads {on_host:?}",
+            show(&r)
+        );
+        Ok(())
     }
 
-    /// The container reads the disk's header and writes at an offset the host reads.
+    /// The container sees a block device, reads the disk's header and writes at an
+    /// offset the host reads.
     fn use_the_disk(s: &Suite, cid: &str, disk: &LoopDevice) -> Result<()> {
+        let r = sh(s, cid, "test -b /dev/xvdb && echo block")?;
+        ensure!(
+            r.exit_code == 0 && r.stdout == b"block\n",
+            "/dev/xvdb is not a block device in the container: {}",
+            show(&r)
+        );
         let r = sh(s, cid, &format!("head -c {} /dev/xvdb", DISK_HEADER.len()))?;
         ensure!(
             r.exit_code == 0 && r.stdout == DISK_HEADER,
@@ -823,25 +884,20 @@ mod tests {
         Ok(())
     }
 
-    fn crx_refuses_the_disk(
-        s: &Suite,
-        pod_id: &str,
-        pod: &cri::PodSandboxConfig,
-        with_disk: Result<String>,
-    ) -> Result<()> {
-        let err = match with_disk {
-            Ok(cid) => anyhow::bail!(
-                "a crx container was given the host's block device {cid}: \
-                 its pod kernel cannot have it"
-            ),
-            Err(e) => format!("{e:#}"),
-        };
+    /// Waits until no host process has `disk` open (a crx pod's VMM held it while a
+    /// container had it; runc's container held it while it ran).
+    fn await_unheld(disk: &LoopDevice) -> Result<()> {
+        let mut holders = Vec::new();
+        let gone = poll(RELEASE, || {
+            holders = disk.holders();
+            holders.is_empty().then_some(())
+        });
         ensure!(
-            err.contains("/dev/xvdb") && err.contains("block") && err.contains("virtio-blk"),
-            "CreateContainer with a host block device failed without naming why: {err}"
+            gone.is_some(),
+            "{} is still held open by {holders:?} after its containers were removed",
+            disk.0
         );
-        let cid = start_sleeper(s, pod_id, pod, "no-disk", vec![], None)?;
-        check_handler(s, &cid)
+        Ok(())
     }
 
     /// A host loop device over a file, detached when dropped.
@@ -861,6 +917,33 @@ mod tests {
                 text(&out.stderr)
             );
             Ok(LoopDevice(text(&out.stdout).trim().to_owned()))
+        }
+
+        /// The host processes (`pid comm`) with the device open.
+        fn holders(&self) -> Vec<String> {
+            let device = Path::new(&self.0);
+            let mut found = Vec::new();
+            let Ok(procs) = std::fs::read_dir("/proc") else {
+                return found;
+            };
+            for entry in procs.flatten() {
+                let pid = entry.file_name().to_string_lossy().into_owned();
+                if !pid.bytes().all(|b| b.is_ascii_digit()) {
+                    continue;
+                }
+                let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+                    continue;
+                };
+                let open = fds
+                    .flatten()
+                    .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == device));
+                if open {
+                    let comm =
+                        std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+                    found.push(format!("{pid} {}", comm.trim()));
+                }
+            }
+            found
         }
 
         /// `len` bytes at `offset`, read through the device (its page cache is the

@@ -4,6 +4,7 @@
 //! linked libseccomp really enforces a profile, so a broken link shows as a logged
 //! failure instead of containers that silently run unfiltered.
 
+pub mod block_devices;
 pub mod build_process;
 pub mod cgroups;
 pub mod events;

@@ -10,6 +10,7 @@ use crx_protocols::v1::container_ttrpc::Containers;
 use ttrpc::r#async::TtrpcContext;
 
 use super::AgentState;
+use crate::containers::block_devices;
 use crate::containers::cgroups::{self, CgroupError};
 use crate::containers::manager::{ContainerManager, ManagerError};
 use crate::containers::spec::SpecError;
@@ -23,12 +24,25 @@ const MAX_STORAGES: usize = 32;
 /// The Containers service.
 pub struct ContainersService {
     state: Arc<AgentState>,
+    /// The guest nodes of each container's host block devices, flushed at removal
+    /// before the host detaches their slots.
+    block_nodes: std::sync::Mutex<std::collections::HashMap<String, Vec<std::path::PathBuf>>>,
 }
 
 impl ContainersService {
     /// Serves requests against `state`.
     pub fn new(state: Arc<AgentState>) -> ContainersService {
-        ContainersService { state }
+        ContainersService {
+            state,
+            block_nodes: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    fn block_nodes(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Vec<std::path::PathBuf>>> {
+        // The map stays consistent whatever panicked while it was held.
+        self.block_nodes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn manager(&self) -> ttrpc::Result<&Arc<ContainerManager>> {
@@ -95,6 +109,24 @@ impl Containers for ContainersService {
                 ),
             ));
         }
+        // The host's block devices: their drives are waited for, and the spec moved
+        // to the drives' guest numbers, before anything is mounted.
+        let disks = block_devices::find(
+            &crate::storage::block::BlockPaths::default(),
+            &req.block_devices,
+            deadline,
+        )
+        .await
+        .map_err(|e| {
+            let code = match e {
+                block_devices::BlockDeviceError::TooMany(_) => ttrpc::Code::RESOURCE_EXHAUSTED,
+                block_devices::BlockDeviceError::Drive { .. } => ttrpc::Code::DEADLINE_EXCEEDED,
+                _ => ttrpc::Code::INVALID_ARGUMENT,
+            };
+            status_of(code, error_chain(&e))
+        })?;
+        let oci_spec = block_devices::rewrite_spec(&req.oci_spec, &disks)
+            .map_err(|e| status_of(ttrpc::Code::INVALID_ARGUMENT, error_chain(&e)))?;
         // Storages first: the rootfs may live on one of them.
         let mut mounted = Vec::new();
         for storage in &req.storages {
@@ -113,10 +145,14 @@ impl Containers for ContainersService {
             }
         }
         match manager
-            .create(&req.container_id, &req.oci_spec, &req.rootfs, declared)
+            .create(&req.container_id, &oci_spec, &req.rootfs, declared)
             .await
         {
             Ok(pid) => {
+                if !disks.is_empty() {
+                    let nodes = disks.into_iter().map(|d| d.node).collect();
+                    self.block_nodes().insert(req.container_id.clone(), nodes);
+                }
                 self.state
                     .set_container_storages(&req.container_id, mounted);
                 let mut resp = CreateContainerResponse::new();
@@ -227,6 +263,17 @@ impl Containers for ContainersService {
             .map_err(|e| status(&e))?;
         let storages = self.state.take_container_storages(&req.container_id);
         self.unmount(&storages).await;
+        // What the container left in the guest's cache reaches its disk now, before
+        // the host detaches the slot and perhaps gives it another disk.
+        let nodes = self.block_nodes().remove(&req.container_id);
+        for node in nodes.unwrap_or_default() {
+            let flushed =
+                tokio::task::spawn_blocking(move || (block_devices::flush_and_forget(&node), node))
+                    .await;
+            if let Ok((Err(e), node)) = flushed {
+                tracing::warn!(node = %node.display(), error = %e, "cannot flush a container's block device");
+            }
+        }
         Ok(RemoveContainerResponse::new())
     }
 

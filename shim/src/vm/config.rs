@@ -65,6 +65,23 @@ pub struct Drive {
     pub serial: String,
 }
 
+/// How the host fills one empty drive slot while the VM runs: an API socket speaking
+/// crx-vmm's `attach_drive`/`detach_drive` (`crx_vmm::api::client`) and the drive's
+/// index behind it. crx-vmm serves every slot on one socket (index = drive index);
+/// for QEMU each slot is its own `crx-vmm vhost-user-blk` process (index 0).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DriveSlot {
+    pub api_socket: PathBuf,
+    pub index: usize,
+    /// The serial the guest finds the drive by.
+    pub serial: String,
+}
+
+/// Serial of the pod's `n`-th empty slot (for host block devices of containers).
+pub fn slot_serial(n: usize) -> String {
+    format!("crx-slot-{n}")
+}
+
 /// The pod's NIC: an open tap (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, created by the
 /// caller in the pod's network namespace), and the MAC and MTU the guest NIC gets.
 #[derive(Clone, Debug)]
@@ -89,6 +106,20 @@ impl VmConfig {
     /// The vhost-user socket of the back end serving share `index` to QEMU.
     pub fn fs_socket(&self, index: usize) -> PathBuf {
         self.run_dir.join(format!("fs-{index}.sock"))
+    }
+
+    /// crx-vmm's API socket (created when the VM has an empty drive slot).
+    pub fn api_socket(&self) -> PathBuf {
+        self.run_dir.join("api.sock")
+    }
+
+    /// The vhost-user socket of the QEMU back end serving drive `index` (an empty
+    /// slot), and that back end's API socket.
+    pub fn slot_sockets(&self, index: usize) -> (PathBuf, PathBuf) {
+        (
+            self.run_dir.join(format!("blk-{index}.sock")),
+            self.run_dir.join(format!("blk-{index}-api.sock")),
+        )
     }
 
     /// Checks what can be checked before any process starts, so a bad config fails
@@ -127,8 +158,20 @@ impl VmConfig {
             .create(&self.run_dir)
             .map_err(err)?;
         let fs_sockets = (0..self.devices.shares.len()).map(|i| self.fs_socket(i));
-        let own_sockets = [self.agent_socket(), self.run_dir.join("vhost-vsock.sock")];
-        for stale in own_sockets.into_iter().chain(fs_sockets) {
+        let own_sockets = [
+            self.agent_socket(),
+            self.run_dir.join("vhost-vsock.sock"),
+            self.api_socket(),
+        ];
+        let slot_sockets = (0..self.devices.drives.len()).flat_map(|i| {
+            let (vhost, api) = self.slot_sockets(i);
+            [vhost, api]
+        });
+        for stale in own_sockets
+            .into_iter()
+            .chain(fs_sockets)
+            .chain(slot_sockets)
+        {
             match std::fs::remove_file(&stale) {
                 Ok(()) => {
                     tracing::warn!(path = ?stale, "removed a socket a previous VM left behind")
@@ -147,6 +190,22 @@ pub const MAX_FS_TAG_LEN: usize = 36;
 pub const MAX_DRIVE_SERIAL_LEN: usize = 20;
 
 impl VmDevices {
+    /// `count` empty drive slots with the serials [`slot_serial`] gives.
+    pub fn empty_slots(count: usize) -> Vec<Drive> {
+        (0..count)
+            .map(|n| Drive {
+                path: None,
+                read_only: false,
+                serial: slot_serial(n),
+            })
+            .collect()
+    }
+
+    /// Whether any drive is an empty slot (then the VMM needs an API socket).
+    pub fn has_empty_slots(&self) -> bool {
+        self.drives.iter().any(|d| d.path.is_none())
+    }
+
     /// Checks the devices before any process starts. Values end up inside
     /// comma-separated VMM options (`tag=..,dir=..`), so a comma in one is refused
     /// rather than escaped differently for each VMM.

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use super::child::{inherit_fd, wait_any, VmProcess};
-use super::config::{format_mac, SerialOutput, VmDevices, GUEST_CID};
+use super::config::{format_mac, DriveSlot, SerialOutput, VmDevices, GUEST_CID};
 use super::qemu::remove_sockets;
 use super::{BackendKind, Confinement, Vm, VmBackend, VmConfig, VmError, VmExit, VmResources};
 
@@ -45,6 +45,12 @@ impl CrxVmmBackend {
             args.extend(["--serial".into(), format!("file:{}", path.display())]);
         }
         args.extend(device_args(&config.devices));
+        if config.devices.has_empty_slots() {
+            args.extend([
+                "--api-socket".into(),
+                config.api_socket().display().to_string(),
+            ]);
+        }
         args.extend(self.extra_args.iter().cloned());
         args
     }
@@ -108,20 +114,43 @@ impl VmBackend for CrxVmmBackend {
         }
         let vmm = VmProcess::spawn("crx-vmm", &mut cmd, &config.run_dir.join("crx-vmm.log"))?;
         tracing::info!(vm = %config.name, pid = vmm.pid(), "VM started with crx-vmm");
+        let api_socket = config.api_socket();
+        let drive_slots = empty_slots(&config.devices, &api_socket);
+        let mut sockets = vec![agent_socket.clone()];
+        if !drive_slots.is_empty() {
+            sockets.push(api_socket);
+        }
         Ok(Box::new(CrxVm {
             vmm,
-            agent_socket: agent_socket.clone(),
-            sockets: vec![agent_socket],
+            agent_socket,
+            sockets,
+            drive_slots,
             guest_ram_kib: u64::from(config.memory_mib) * 1024,
             exit: None,
         }))
     }
 }
 
+/// crx-vmm serves every empty drive on its one API socket, by drive index.
+fn empty_slots(devices: &VmDevices, api_socket: &Path) -> Vec<DriveSlot> {
+    devices
+        .drives
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| d.path.is_none())
+        .map(|(index, d)| DriveSlot {
+            api_socket: api_socket.to_path_buf(),
+            index,
+            serial: d.serial.clone(),
+        })
+        .collect()
+}
+
 struct CrxVm {
     vmm: VmProcess,
     agent_socket: PathBuf,
     sockets: Vec<PathBuf>,
+    drive_slots: Vec<DriveSlot>,
     guest_ram_kib: u64,
     exit: Option<VmExit>,
 }
@@ -178,6 +207,10 @@ impl Vm for CrxVm {
     fn vmm_spawn(&self) -> (std::time::SystemTime, &Path) {
         (self.vmm.spawned_at, self.vmm.log_path())
     }
+
+    fn drive_slots(&self) -> Vec<DriveSlot> {
+        self.drive_slots.clone()
+    }
 }
 
 impl Drop for CrxVm {
@@ -217,6 +250,27 @@ mod tests {
         assert_eq!(after("--cmdline"), Some("crx.log=debug"));
         assert_eq!(after("--vsock-uds"), Some("/tmp/x/agent.vsock"));
         assert_eq!(after("--serial"), Some("file:/tmp/s"));
+        assert_eq!(after("--api-socket"), None);
+        let with_slots = VmConfig {
+            devices: VmDevices {
+                drives: VmDevices::empty_slots(2),
+                ..Default::default()
+            },
+            ..config
+        };
+        let args = CrxVmmBackend::default().vmm_args(&with_slots);
+        let at = args.iter().position(|a| a == "--api-socket").unwrap();
+        assert_eq!(args[at + 1], "/tmp/x/api.sock");
+        let drives: Vec<&String> = args
+            .iter()
+            .zip(args.iter().skip(1))
+            .filter(|(a, _)| *a == "--drive")
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(
+            drives,
+            ["empty,serial=crx-slot-0", "empty,serial=crx-slot-1"]
+        );
     }
 
     #[test]
@@ -261,6 +315,15 @@ mod tests {
                 .collect()
         };
         assert_eq!(values("--drive"), ["path=/a.img,ro,serial=vol-1", "empty"]);
+        let slots = empty_slots(&devices, Path::new("/run/x/api.sock"));
+        assert_eq!(
+            slots,
+            [DriveSlot {
+                api_socket: "/run/x/api.sock".into(),
+                index: 1,
+                serial: String::new(),
+            }]
+        );
         assert!(args.iter().any(|a| a == "--rng"));
         assert_eq!(values("--share"), ["tag=pod,dir=/srv/pod"]);
         assert_eq!(
@@ -279,6 +342,8 @@ mod tests {
             (Some(std::path::Path::new("/a.img")), true, "vol-1")
         );
         assert_eq!(DriveConfig::from_str("empty").unwrap().path, None);
+        let slot = DriveConfig::from_str("empty,serial=crx-slot-0").unwrap();
+        assert_eq!((slot.path, slot.serial.as_str()), (None, "crx-slot-0"));
         let share = ShareConfig::from_str(values("--share")[0]).unwrap();
         assert_eq!(
             (share.tag.as_str(), share.dir.as_path()),

@@ -19,7 +19,10 @@ pub use choice::{
     backend_for, choose_backend, probe_kvm, select_backend, select_confined_backend, BackendChoice,
     Hypervisor, KvmVerdict, TCG_COST,
 };
-pub use config::{Drive, NetDevice, SerialOutput, SharedDir, VmConfig, VmDevices, MIN_MEMORY_MIB};
+pub use config::{
+    slot_serial, Drive, DriveSlot, NetDevice, SerialOutput, SharedDir, VmConfig, VmDevices,
+    MIN_MEMORY_MIB,
+};
 pub use confine::{jail_dir, Confinement, Seccomp};
 pub use crx_vmm::CrxVmmBackend;
 pub use qemu::{QemuAccel, QemuBackend};
@@ -139,4 +142,8 @@ pub trait Vm: Send {
     /// When the VMM process itself (crx-vmm or QEMU) was spawned, and its log file:
     /// benchmarks read the time of the first guest instruction from that log.
     fn vmm_spawn(&self) -> (std::time::SystemTime, &Path);
+    /// The VM's empty drive slots and how to fill them, in drive order.
+    fn drive_slots(&self) -> Vec<DriveSlot> {
+        Vec::new()
+    }
 }

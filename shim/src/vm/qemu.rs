@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::child::{inherit_fd, wait_any, VmProcess};
-use super::config::{executable, SerialOutput, GUEST_CID};
+use super::config::{executable, DriveSlot, SerialOutput, GUEST_CID};
 use super::qemu_devices::device_args;
 use super::{BackendKind, Confinement, Vm, VmBackend, VmConfig, VmError, VmExit, VmResources};
 
@@ -114,7 +114,9 @@ impl QemuBackend {
         let fs_sockets: Vec<PathBuf> = (0..config.devices.shares.len())
             .map(|i| config.fs_socket(i))
             .collect();
-        args.extend(device_args(&config.devices, &fs_sockets)?);
+        args.extend(device_args(&config.devices, &fs_sockets, |i| {
+            config.slot_sockets(i).0
+        })?);
         args.extend([
             "-chardev".into(),
             format!("socket,id=vsock,path={}", vhost_socket.display()),
@@ -213,6 +215,36 @@ impl VmBackend for QemuBackend {
             sockets.push(socket.clone());
             ready.push(socket);
         }
+        // One back end per empty drive slot: crx's virtio-blk, whose API socket
+        // attaches a host block device while the VM runs.
+        let mut drive_slots = Vec::new();
+        for (i, drive) in config.devices.drives.iter().enumerate() {
+            if drive.path.is_some() {
+                continue;
+            }
+            let (socket, api_socket) = config.slot_sockets(i);
+            let mut cmd = Command::new(&config.crx_vmm_binary);
+            cmd.arg("vhost-user-blk")
+                .arg("--socket")
+                .arg(&socket)
+                .arg("--api-socket")
+                .arg(&api_socket)
+                .arg("--serial")
+                .arg(&drive.serial)
+                .args(&confinement);
+            backends.push(VmProcess::spawn(
+                "vhost-user-blk",
+                &mut cmd,
+                &config.run_dir.join(format!("vhost-user-blk-{i}.log")),
+            )?);
+            sockets.extend([socket.clone(), api_socket.clone()]);
+            ready.push(socket);
+            drive_slots.push(DriveSlot {
+                api_socket,
+                index: 0,
+                serial: drive.serial.clone(),
+            });
+        }
         // Started together, waited for together: their start-up overlaps.
         for (backend, socket) in backends.iter_mut().zip(&ready) {
             wait_for_socket(backend, socket, self.backend_ready_timeout)?;
@@ -233,6 +265,7 @@ impl VmBackend for QemuBackend {
             backends,
             agent_socket,
             sockets,
+            drive_slots,
             guest_ram_kib: u64::from(config.memory_mib) * 1024,
             exit: None,
         }))
@@ -275,10 +308,12 @@ fn wait_for_socket(
 struct QemuVm {
     kind: BackendKind,
     qemu: VmProcess,
-    /// The vhost-user back ends: vsock first, then one per share.
+    /// The vhost-user back ends: vsock first, then one per share, then one per empty
+    /// drive slot.
     backends: Vec<VmProcess>,
     agent_socket: PathBuf,
     sockets: Vec<PathBuf>,
+    drive_slots: Vec<DriveSlot>,
     guest_ram_kib: u64,
     exit: Option<VmExit>,
 }
@@ -415,6 +450,10 @@ impl Vm for QemuVm {
 
     fn vmm_spawn(&self) -> (std::time::SystemTime, &Path) {
         (self.qemu.spawned_at, self.qemu.log_path())
+    }
+
+    fn drive_slots(&self) -> Vec<DriveSlot> {
+        self.drive_slots.clone()
     }
 }
 

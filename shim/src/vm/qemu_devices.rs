@@ -1,7 +1,9 @@
 //! The pod's devices on QEMU's command line. virtio-fs goes to crx's own back end over
 //! vhost-user (one `crx-vmm vhost-user-fs` process per share, started by the backend);
-//! virtio-blk, virtio-net and virtio-rng are QEMU's own devices on the same backing
-//! files and tap fd crx-vmm would use.
+//! so does an empty drive slot (one `crx-vmm vhost-user-blk` process per slot, whose
+//! API socket attaches a backing later: QEMU's own virtio-blk cannot start without
+//! one). Drives with a backing, virtio-net and virtio-rng are QEMU's own devices on the
+//! same backing files and tap fd crx-vmm would use.
 //!
 //! Order: drives, rng, NIC, shares, then the agent's vsock (added by the caller) — the
 //! order crx-vmm's builder attaches them. What the guest can observe is the order of
@@ -17,11 +19,13 @@ use super::config::{format_mac, VmDevices};
 use super::VmError;
 
 /// The `-drive`/`-device`/`-object`/`-chardev`/`-netdev` arguments for `devices`;
-/// `fs_sockets[i]` is the vhost-user socket of share `i`. The tap fd is passed by its
-/// number in the shim, which QEMU inherits (see [`super::child::inherit_fd`]).
+/// `fs_sockets[i]` is the vhost-user socket of share `i`, `slot_socket(i)` that of
+/// drive `i` when it is an empty slot. The tap fd is passed by its number in the shim,
+/// which QEMU inherits (see [`super::child::inherit_fd`]).
 pub(super) fn device_args(
     devices: &VmDevices,
     fs_sockets: &[PathBuf],
+    slot_socket: impl Fn(usize) -> PathBuf,
 ) -> Result<Vec<String>, VmError> {
     let mut args: Vec<String> = Vec::new();
     let mut push = |a: &str, b: String| {
@@ -30,13 +34,18 @@ pub(super) fn device_args(
     };
     for (i, drive) in devices.drives.iter().enumerate() {
         // QEMU's virtio-blk cannot start without a medium, and swapping the backing of
-        // a non-removable drive later would need QMP blockdev surgery: empty slots
-        // (CSI block volumes attached after boot) are a crx-vmm feature.
+        // a non-removable drive later would need QMP blockdev surgery: an empty slot is
+        // crx's own virtio-blk behind vhost-user, which serves the serial itself.
         let Some(path) = &drive.path else {
-            return Err(VmError::InvalidConfig(format!(
-                "drive {i} is an empty slot: slots filled after boot need the crx-vmm backend, \
-                 QEMU's virtio-blk cannot start without a backing file"
-            )));
+            push(
+                "-chardev",
+                format!("socket,id=blk{i},path={}", slot_socket(i).display()),
+            );
+            push(
+                "-device",
+                format!("vhost-user-blk,chardev=blk{i},num-queues=1"),
+            );
+            continue;
         };
         // cache=writeback: host page cache, with the guest told the drive has a volatile
         // write cache, so its FLUSH becomes an fdatasync of the backing before QEMU
@@ -131,7 +140,10 @@ mod tests {
             }),
             rng: true,
         };
-        let args = device_args(&devices, &["/run/x/fs-0.sock".into()]).unwrap();
+        let args = device_args(&devices, &["/run/x/fs-0.sock".into()], |_| {
+            unreachable!("no empty slot")
+        })
+        .unwrap();
         let values: Vec<&str> = args.iter().skip(1).step_by(2).map(String::as_str).collect();
         let expected = [
             "if=none,id=blk0,file=/a.img,format=raw,cache=writeback,aio=threads,readonly=off",
@@ -149,19 +161,30 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_slot_is_refused_with_the_reason() {
+    fn an_empty_slot_is_a_vhost_user_blk_device_in_its_drive_place() {
         let devices = VmDevices {
-            drives: vec![Drive {
-                path: None,
-                read_only: false,
-                serial: "csi".into(),
-            }],
+            drives: vec![
+                Drive {
+                    path: Some("/a.img".into()),
+                    read_only: true,
+                    serial: String::new(),
+                },
+                Drive {
+                    path: None,
+                    read_only: false,
+                    serial: "crx-slot-0".into(),
+                },
+            ],
             ..Default::default()
         };
-        let err = device_args(&devices, &[]).unwrap_err().to_string();
-        assert!(
-            err.contains("empty slot") && err.contains("crx-vmm"),
-            "{err}"
+        let args = device_args(&devices, &[], |i| format!("/run/x/blk-{i}.sock").into()).unwrap();
+        let values: Vec<&str> = args.iter().skip(1).step_by(2).map(String::as_str).collect();
+        assert_eq!(
+            values[2..],
+            [
+                "socket,id=blk1,path=/run/x/blk-1.sock",
+                "vhost-user-blk,chardev=blk1,num-queues=1"
+            ]
         );
     }
 }
