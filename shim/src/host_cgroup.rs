@@ -256,6 +256,15 @@ impl Leaf {
                 }
             }
         }
+        if !self.hierarchy.unified && self.hierarchy.has("memory") {
+            // v1 can bring along what the VM's processes touched before they moved
+            // (anonymous and file pages: 1 | 2); v2 never moves charges, and kernels
+            // that dropped this file leave those pages charged where they started.
+            let file = self.dir.join("memory.move_charge_at_immigrate");
+            if let Err(e) = std::fs::write(&file, "3") {
+                tracing::debug!(?file, error = %e, "charges stay where the VM started");
+            }
+        }
         if !self.hierarchy.unified && self.hierarchy.has("cpuset") {
             let path: Vec<&Path> = self
                 .dir

@@ -298,19 +298,19 @@ async fn make_host_cgroup(
     run_dir: &std::path::Path,
 ) -> Result<Arc<Mutex<HostCgroup>>, PodError> {
     let run_dir = run_dir.to_owned();
-    let made = tokio::task::spawn_blocking(move || {
-        host_cgroup.create(&run_dir).map(|()| host_cgroup)
-    })
-    .await
-    .map_err(|e| PodError::Join(e.to_string()))?
-    .map_err(PodError::HostCgroup)?;
+    let made =
+        tokio::task::spawn_blocking(move || host_cgroup.create(&run_dir).map(|()| host_cgroup))
+            .await
+            .map_err(|e| PodError::Join(e.to_string()))?
+            .map_err(PodError::HostCgroup)?;
     Ok(Arc::new(Mutex::new(made)))
 }
 
 /// Removes the pod's host cgroup once the VM's processes are gone (off the async
 /// threads: the kernel may take a moment to empty it).
 async fn remove_host_cgroup(host_cgroup: Arc<Mutex<HostCgroup>>) {
-    let removed = tokio::task::spawn_blocking(move || host_cgroup_lock(&host_cgroup).remove()).await;
+    let removed =
+        tokio::task::spawn_blocking(move || host_cgroup_lock(&host_cgroup).remove()).await;
     match removed {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "pod host cgroup left behind"),

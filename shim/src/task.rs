@@ -520,12 +520,21 @@ impl TaskService {
             let host_cgroup = HostCgroup::for_sandbox(spec)
                 .map_err(|e| rpc::status(Code::INVALID_ARGUMENT, error_chain(&e)))?;
             let memory_cap = host_cgroup.memory_limit();
-            let size = translate::vm_size(spec, config.vcpus, config.memory_mib, memory_cap.as_ref())
-                .map_err(|e| rpc::status(Code::INVALID_ARGUMENT, e.to_string()))?;
+            let size =
+                translate::vm_size(spec, config.vcpus, config.memory_mib, memory_cap.as_ref())
+                    .map_err(|e| rpc::status(Code::INVALID_ARGUMENT, e.to_string()))?;
             let netns = crx_shim::network::netns_of(spec);
-            let pod = Pod::boot(sandbox_id, &paths, &config, size, host_cgroup, netns, on_death)
-                .await
-                .map_err(|e| rpc::status(Code::UNAVAILABLE, error_chain(&e)))?;
+            let pod = Pod::boot(
+                sandbox_id,
+                &paths,
+                &config,
+                size,
+                host_cgroup,
+                netns,
+                on_death,
+            )
+            .await
+            .map_err(|e| rpc::status(Code::UNAVAILABLE, error_chain(&e)))?;
             tracing::info!(
                 backend = %pod.backend,
                 ready_ms = pod.ready_after.as_millis() as u64,

@@ -631,7 +631,10 @@ mod tests {
 
     #[test]
     fn the_vm_is_sized_from_the_pods_limits() {
-        assert_eq!(vm_size(&serde_json::json!({}), 1, 256, None).unwrap(), (1, 256));
+        assert_eq!(
+            vm_size(&serde_json::json!({}), 1, 256, None).unwrap(),
+            (1, 256)
+        );
         let cri = serde_json::json!({"annotations": {
             "io.kubernetes.cri.sandbox-cpu-quota": "250000",
             "io.kubernetes.cri.sandbox-cpu-period": "100000",
@@ -659,7 +662,10 @@ mod tests {
         let cgroup = std::path::PathBuf::from("/sys/fs/cgroup/kubepods/pod1");
         let cap = (512 << 20, cgroup.clone());
         let reserve = u32::try_from(host_cgroup::VMM_RESERVE_MIB).unwrap();
-        assert_eq!(vm_size(&cri, 1, 256, Some(&cap)).unwrap(), (3, 512 - reserve));
+        assert_eq!(
+            vm_size(&cri, 1, 256, Some(&cap)).unwrap(),
+            (3, 512 - reserve)
+        );
         let tiny = (128 << 20, cgroup);
         assert!(matches!(
             vm_size(&cri, 1, 256, Some(&tiny)),

@@ -751,3 +751,54 @@ impl Drop for EventStream {
         }
     }
 }
+
+/// For every host cgroup directory named exactly `id` (the last part of a sandbox's
+/// cgroupsPath: crx puts the pod VM's processes there), the names of its processes.
+pub fn pod_cgroup_processes(id: &str) -> Vec<(String, Vec<String>)> {
+    cgroups_named(id)
+        .into_iter()
+        .filter(|dir| Path::new(dir).file_name().is_some_and(|n| n == id))
+        .map(|dir| {
+            let names = std::fs::read_to_string(Path::new(&dir).join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .map(|pid| {
+                    std::fs::read_to_string(format!("/proc/{}/comm", pid.trim()))
+                        .map_or_else(|_| format!("{pid} (gone)"), |c| c.trim().to_owned())
+                })
+                .collect();
+            (dir, names)
+        })
+        .collect()
+}
+
+/// A running crx pod's VM (QEMU or crx-vmm, with its back ends) is in the pod's host
+/// cgroup in every mounted hierarchy, and its shim is not.
+pub fn ensure_vm_in_pod_cgroup(id: &str) -> Result<()> {
+    let placed = pod_cgroup_processes(id);
+    // Hierarchies by device number: one mounted twice counts once.
+    let hierarchies = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(" - cgroup ") || l.contains(" - cgroup2 "))
+        .filter_map(|l| l.split(' ').nth(2).map(str::to_owned))
+        .collect::<BTreeSet<String>>()
+        .len();
+    ensure!(
+        !placed.is_empty() && placed.len() >= hierarchies,
+        "pod {id}: host cgroups {placed:?}, want one in each of {hierarchies} hierarchies"
+    );
+    for (dir, names) in &placed {
+        ensure!(
+            names
+                .iter()
+                .any(|n| n.starts_with("qemu") || n.starts_with("crx-vmm")),
+            "the VM of pod {id} is not in {dir}: {names:?}"
+        );
+        ensure!(
+            !names.iter().any(|n| n.starts_with("containerd-shim")),
+            "the shim of pod {id} moved into {dir}: {names:?}"
+        );
+    }
+    Ok(())
+}

@@ -2,10 +2,12 @@
 //! memory limit from LinuxContainerResources are the limits of its cgroup as the
 //! container itself reads them; UpdateContainerResources changes them while it runs;
 //! ContainerStats, ListContainerStats and PodSandboxStats report the CPU time and
-//! memory it uses (PodSandboxStats: the containers' use; the use of the pod's host
-//! cgroup only for runc, as a crx pod's VM is not in it); a container that outgrows
-//! its memory limit ends `OOMKilled` with exit code 137. Every case runs for `runc`
-//! and `crx` (`crx_tests::cri::suite`).
+//! memory it uses (PodSandboxStats: the containers' use and the use of the pod's host
+//! cgroup, which holds runc's pause process and a crx pod's VM processes); a crx pod
+//! under a host memory limit gets a guest that fits in it with the VMM, and one too
+//! small for a guest is refused naming podFixed; a container that outgrows its memory
+//! limit ends `OOMKilled` with exit code 137. Every case runs for `runc` and `crx`
+//! (`crx_tests::cri::suite`).
 //!
 //! The container reads its limits from `/sys/fs/cgroup`: cgroup v2 files (`cpu.max`,
 //! `memory.max`) where the node is cgroup v2 — always in a crx pod VM — and the v1
@@ -37,6 +39,15 @@ mod tests {
            echo v1; echo $(cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us) $(cat /sys/fs/cgroup/cpu/cpu.cfs_period_us); \
            cat /sys/fs/cgroup/memory/memory.limit_in_bytes; \
          else echo none; ls -la /sys/fs/cgroup; fi";
+
+    /// The pod cgroup limit of `limits_update_and_stats`: a crx guest asked at 256 MiB
+    /// must shrink to fit it with the VMM.
+    const POD_LIMIT: i64 = 288 * MIB;
+    /// What the shim keeps free for the VMM under a pod limit (shim `host_cgroup`'s
+    /// `VMM_RESERVE_MIB`).
+    const VMM_RESERVE: i64 = 96 * MIB;
+    /// A pod limit too small for any crx guest (under the reserve + a 128 MiB guest).
+    const TINY_POD_LIMIT: i64 = 160 * MIB;
 
     /// A few hundred milliseconds of CPU in the container (even throttled and on TCG).
     const BURN_CPU: &str = "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; echo burnt";
@@ -157,6 +168,43 @@ mod tests {
             Ok(())
         }
 
+        /// Limits the parent's memory, as the kubelet limits a pod with limits.
+        fn limit_memory(&self, bytes: i64) -> Result<()> {
+            let mut limited = 0;
+            for dir in self.dirs() {
+                for file in ["memory.limit_in_bytes", "memory.max"] {
+                    let path = dir.join(file);
+                    if path.exists() {
+                        std::fs::write(&path, bytes.to_string())
+                            .with_context(|| format!("limiting {}", path.display()))?;
+                        limited += 1;
+                    }
+                }
+            }
+            ensure!(limited > 0, "no memory controller in {:?}", self.dirs());
+            Ok(())
+        }
+
+        /// Names of the processes in the sandbox's own cgroup (`<parent>/<pod id>`, as
+        /// containerd makes the sandbox's cgroupsPath) per hierarchy.
+        fn sandbox_processes(&self, pod_id: &str) -> Vec<(PathBuf, Vec<String>)> {
+            self.dirs()
+                .into_iter()
+                .map(|d| {
+                    let leaf = d.join(pod_id);
+                    let names = std::fs::read_to_string(leaf.join("cgroup.procs"))
+                        .unwrap_or_default()
+                        .lines()
+                        .map(|pid| {
+                            std::fs::read_to_string(format!("/proc/{}/comm", pid.trim()))
+                                .map_or_else(|_| format!("{pid} (gone)"), |c| c.trim().to_owned())
+                        })
+                        .collect();
+                    (leaf, names)
+                })
+                .collect()
+        }
+
         /// Removes the parent in every hierarchy; fails if the runtime left a cgroup
         /// under it.
         fn remove(&self) -> Result<()> {
@@ -210,7 +258,9 @@ mod tests {
     fn limits_update_and_stats(s: &Suite) -> Result<()> {
         let (pod, pod_cgroup) = pod_with_cgroup(s, "res-limits");
         pod_cgroup.create()?;
+        pod_cgroup.limit_memory(POD_LIMIT)?;
         let pod_id = s.run_pod(&pod)?;
+        sandbox_is_in_pod_cgroup(s, &pod_cgroup, &pod_id)?;
         let client = s.client()?;
         let mut c = container_config(
             "limited",
@@ -230,6 +280,9 @@ mod tests {
         let seen = read_limits(s, &cid)?;
         want_limits(s, &seen, 50_000, 64 * MIB).context("limits from CreateContainer")?;
         eprintln!("[{}] created with: {seen:?}", s.handler);
+        if s.handler == "crx" {
+            guest_fits_pod_limit(s, &cid)?;
+        }
 
         let burnt = s.exec(&cid, &["/bin/sh", "-c", BURN_CPU])?;
         ensure!(
@@ -303,14 +356,15 @@ mod tests {
             cpu > 0 && working > 0,
             "PodSandboxStats reports no use of the container: {listed:?}"
         );
-        // A crx pod's VM is not in the pod's host cgroup (the shim makes no host
-        // cgroups: the pod's limits live in the VM), so only runc's pod cgroup has use.
-        if s.handler == "runc" {
-            ensure!(
-                pod_cpu > 0 && pod_working > 0,
-                "PodSandboxStats reports no use of the pod cgroup: cpu {pod_cpu} ns, working set {pod_working} B"
-            );
-        }
+        // runc's pause process and a crx pod's VM processes are in the pod cgroup.
+        ensure!(
+            pod_cpu > 0 && pod_working > 0,
+            "PodSandboxStats reports no use of the pod cgroup: cpu {pod_cpu} ns, working set {pod_working} B"
+        );
+        ensure!(
+            pod_working <= POD_LIMIT as u64,
+            "the pod cgroup's working set {pod_working} B is over its {POD_LIMIT} B limit"
+        );
 
         client
             .update_container_resources(&cid, &resources(20_000, 96 * MIB))
@@ -319,6 +373,89 @@ mod tests {
         want_limits(s, &seen, 20_000, 96 * MIB).context("limits after UpdateContainerResources")?;
         eprintln!("[{}] updated to: {seen:?}", s.handler);
         s.remove_pod(&pod_id)?;
+        // Fails if the runtime left the sandbox's cgroup under the parent.
+        pod_cgroup.remove()?;
+        too_small_limit(s)
+    }
+
+    /// The sandbox's own cgroup holds its host processes: runc's pause, a crx pod's VMM
+    /// (never its shim), in every hierarchy.
+    fn sandbox_is_in_pod_cgroup(s: &Suite, pod_cgroup: &PodCgroup, pod_id: &str) -> Result<()> {
+        let placed = pod_cgroup.sandbox_processes(pod_id);
+        eprintln!("[{}] sandbox cgroup: {placed:?}", s.handler);
+        ensure!(!placed.is_empty(), "no pod cgroup to look in");
+        for (leaf, names) in &placed {
+            let ours = |n: &String| match s.handler.as_str() {
+                "crx" => n.starts_with("qemu") || n.starts_with("crx-vmm"),
+                _ => n == "pause",
+            };
+            ensure!(
+                names.iter().any(ours),
+                "the sandbox's processes are not in {}: {names:?}",
+                leaf.display()
+            );
+            ensure!(
+                !names.iter().any(|n| n.starts_with("containerd-shim")),
+                "the shim moved into {}: {names:?}",
+                leaf.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// The guest's RAM (MemTotal, a little under what the VM was given) leaves the
+    /// VMM's reserve free under the pod limit, and is still a usable guest.
+    fn guest_fits_pod_limit(s: &Suite, cid: &str) -> Result<()> {
+        let reply = s.exec(cid, &["/bin/sh", "-c", "grep MemTotal /proc/meminfo"])?;
+        let out = text(&reply.stdout);
+        let total_kib: i64 = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("MemTotal from {out:?} {}", text(&reply.stderr)))?;
+        let total = total_kib * 1024;
+        eprintln!(
+            "[crx] guest MemTotal {} MiB under a {} MiB pod limit",
+            total / MIB,
+            POD_LIMIT / MIB
+        );
+        ensure!(
+            total + VMM_RESERVE <= POD_LIMIT,
+            "guest MemTotal {total} B + the VMM's {VMM_RESERVE} B is over the {POD_LIMIT} B pod limit"
+        );
+        ensure!(
+            total >= 96 * MIB,
+            "guest MemTotal {total} B: shrunk below a usable guest"
+        );
+        Ok(())
+    }
+
+    /// A pod limit below the VMM's reserve plus the smallest guest: crx refuses the pod
+    /// naming the limit and podFixed; runc runs it.
+    fn too_small_limit(s: &Suite) -> Result<()> {
+        let (pod, pod_cgroup) = pod_with_cgroup(s, "res-tiny");
+        pod_cgroup.create()?;
+        pod_cgroup.limit_memory(TINY_POD_LIMIT)?;
+        let ran = s.client()?.run_pod_sandbox(&pod, &s.handler);
+        match (s.handler.as_str(), ran) {
+            ("crx", Ok(id)) => {
+                let _ = s.remove_pod(&id);
+                bail!("crx ran a pod under a {TINY_POD_LIMIT} B limit")
+            }
+            ("crx", Err(e)) => {
+                let message = format!("{e:#}");
+                eprintln!("[crx] refused: {message}");
+                ensure!(
+                    message.contains(&format!("{} MiB", TINY_POD_LIMIT / MIB))
+                        && message.contains("podFixed"),
+                    "the refusal names neither the limit nor podFixed: {message}"
+                );
+            }
+            (_, ran) => {
+                let id = ran.context("RunPodSandbox under a small limit")?;
+                s.remove_pod(&id)?;
+            }
+        }
         pod_cgroup.remove()
     }
 

@@ -219,7 +219,18 @@ mod tests {
             "ctr took {:?} to report the dead VM",
             killed_at.elapsed()
         );
-        ctrd.assert_pod_released("crx-vmmkill", &sockets)
+        ctrd.assert_pod_released("crx-vmmkill", &sockets)?;
+        no_pod_cgroups("crx-vmmkill")
+    }
+
+    /// Nothing is left of the host cgroup the pod's VM ran in.
+    fn no_pod_cgroups(id: &str) -> Result<()> {
+        let cgroups = containerd::cgroups_named(id);
+        ensure!(
+            cgroups.is_empty(),
+            "pod {id} left host cgroups: {cgroups:?}"
+        );
+        Ok(())
     }
 
     /// Fault: the shim is killed while its pod boots. The VM dies with it, containerd
@@ -240,12 +251,14 @@ mod tests {
             !out.success(),
             "ctr run succeeded without its shim: {out:?}"
         );
-        ctrd.assert_pod_released("crx-shimkill", &sockets)
+        ctrd.assert_pod_released("crx-shimkill", &sockets)?;
+        no_pod_cgroups("crx-shimkill")
     }
 
     /// The `delete` action after a shim died: it kills the VM processes the shim left,
-    /// unmounts and removes `/run/crx/<pod>`, prints a DeleteResponse, and a second
-    /// run succeeds with nothing to do.
+    /// removes the pod's host cgroup (recorded in the run directory), unmounts and
+    /// removes `/run/crx/<pod>`, prints a DeleteResponse, and a second run succeeds
+    /// with nothing to do.
     #[test]
     fn shim_delete_releases_what_a_dead_shim_left_and_is_idempotent() -> Result<()> {
         let shim = containerd::shim_dir()?.join("containerd-shim-crx-v2");
@@ -274,6 +287,19 @@ mod tests {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
+        // The pod cgroup the dead shim made and put its VM in (one hierarchy will do).
+        let hierarchy = if Path::new("/sys/fs/cgroup/cgroup.procs").exists() {
+            Path::new("/sys/fs/cgroup")
+        } else {
+            Path::new("/sys/fs/cgroup/pids")
+        };
+        let pod_cgroup = hierarchy.join(id);
+        std::fs::create_dir_all(&pod_cgroup)?;
+        std::fs::write(pod_cgroup.join("cgroup.procs"), vm.id().to_string())?;
+        std::fs::write(
+            root.join("host-cgroup"),
+            format!("{}\n", pod_cgroup.display()),
+        )?;
         let delete = || -> Result<std::process::Output> {
             Command::new(&shim)
                 .args([
@@ -305,6 +331,11 @@ mod tests {
         );
         ensure!(!first.stdout.is_empty(), "delete printed no DeleteResponse");
         ensure!(reaped, "the left-over VM process survived delete");
+        ensure!(
+            !pod_cgroup.exists(),
+            "delete left the pod cgroup {}",
+            pod_cgroup.display()
+        );
         ensure!(
             pod_leftovers(id).is_empty(),
             "left: {:?}",
@@ -727,11 +758,7 @@ mod tests {
         let sockets = shim_sockets();
         let id = "crx-restart";
         run_detached(&ctrd, image, id)?;
-        let cgroups = containerd::cgroups_named(id);
-        ensure!(
-            cgroups.is_empty(),
-            "host cgroups made for a running crx pod: {cgroups:?}"
-        );
+        containerd::ensure_vm_in_pod_cgroup(id)?;
         let shims = ctrd.shim_pids();
         ctrd.restart()?;
         ensure!(
@@ -745,8 +772,11 @@ mod tests {
             "after the restart ctr task ls shows {rows:?}\n{}",
             ctrd.log_tail(30)
         );
+        // The restarted containerd changed nothing of the pod's placement.
+        containerd::ensure_vm_in_pod_cgroup(id)?;
         kill_and_delete(&ctrd, id)?;
-        ctrd.assert_pod_released(id, &sockets)
+        ctrd.assert_pod_released(id, &sockets)?;
+        no_pod_cgroups(id)
     }
 
     /// Fault: the pod's vsock back end (`crx-vmm vhost-user-vsock`) dies while two

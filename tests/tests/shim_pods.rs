@@ -404,6 +404,7 @@ mod tests {
             &["task", "exec", "--exec-id", "x1", id, "/bin/sleep", "1000"],
         )?;
         wait_exec_started(&ctrd, "x1")?;
+        containerd::ensure_vm_in_pod_cgroup(id)?;
         let vmm = vmm_pids(id);
         ensure!(vmm.len() == 1, "one VMM expected: {vmm:?}");
         kill(vmm[0]);
@@ -413,7 +414,11 @@ mod tests {
             "the exec did not fail with its VM: {out:?}"
         );
         wait_status(&ctrd, id, "STOPPED", Duration::from_secs(30))?;
-        let left = wait_until_empty(POD_RELEASE, || pod_leftovers(id));
+        let left = wait_until_empty(POD_RELEASE, || {
+            let mut left = pod_leftovers(id);
+            left.extend(containerd::cgroups_named(id));
+            left
+        });
         ensure!(left.is_empty(), "the dead pod's host side stayed: {left:?}");
         let _ = ctrd.ctr(&["task", "delete", id])?;
         ensure!(ctrd.ctr(&["containers", "rm", id])?.success());
@@ -431,18 +436,26 @@ mod tests {
         let out = ctrd.crx_run(&["-d"], image, id, &["/bin/sleep", "1000"])?;
         ensure!(out.success(), "ctr run -d: {out:?}\n{}", ctrd.log_tail(30));
         wait_status(&ctrd, id, "RUNNING", Duration::from_secs(60))?;
+        containerd::ensure_vm_in_pod_cgroup(id)?;
         let shims = ctrd.shim_pids();
         ensure!(shims.len() == 1, "one shim expected: {shims:?}");
         kill(shims[0]);
         let _ = ctrd.ctr(&["task", "delete", "-f", id])?;
         let out = ctrd.ctr(&["containers", "rm", id])?;
         ensure!(out.success(), "containers rm: {out:?}");
-        ctrd.assert_pod_released(id, &sockets)
+        ctrd.assert_pod_released(id, &sockets)?;
+        // The shim's `delete` removed the pod cgroup the dead shim made.
+        let cgroups = containerd::cgroups_named(id);
+        ensure!(
+            cgroups.is_empty(),
+            "the killed shim's pod cgroups stayed: {cgroups:?}"
+        );
+        Ok(())
     }
 
     /// Sequential pods: each `ctr run --rm` boots a VM, runs, and goes; afterwards no
-    /// tap or other interface, mount, VM process, shim, socket or `/run/crx` entry is
-    /// left. Prints the time per run.
+    /// tap or other interface, mount, VM process, shim, socket, `/run/crx` entry or host
+    /// cgroup is left. Prints the time per run.
     #[test]
     fn sequential_runs_leave_nothing_behind() -> Result<()> {
         let ctrd = Containerd::start_crx("")?;
@@ -475,12 +488,12 @@ mod tests {
             new_entries.is_empty(),
             "/run/crx entries left: {new_entries:?}"
         );
-        // The pod's limits live in the VM: on the host (cgroup v1 or v2) the shim
-        // creates no cgroup, during a run or after it.
+        // Each pod's VM ran in its host cgroup (the sandbox's cgroupsPath, in every
+        // hierarchy); none is left after the runs.
         let cgroups = containerd::cgroups_named("pod-seq-");
         ensure!(
             cgroups.is_empty(),
-            "host cgroups made for crx pods: {cgroups:?}"
+            "host cgroups of crx pods left: {cgroups:?}"
         );
         let total: Duration = times.iter().sum();
         times.sort();
