@@ -360,9 +360,10 @@ pub fn parse_memory_limit(text: &str) -> Option<u64> {
 /// figures) plus room for the guest RAM's page tables and the back ends' buffers;
 /// crx-vmm (1.5 MiB) and QEMU/KVM (~47 MiB) need less, so on them it is generous.
 pub const VMM_RESERVE_MIB: u64 = 96;
-/// The smallest guest a limit may squeeze a pod VM to: the kernel, the agent and a
-/// small container boot in it.
-pub const GUEST_FLOOR_MIB: u64 = 128;
+/// The smallest guest a limit may squeeze a pod VM to: the kernel and the agent take
+/// ~30 MiB of it, which leaves a small container room (runtimeclass.yaml's podFixed is
+/// this reserve plus 64 MiB, so any pod whose containers' limits sum to 32 MiB fits).
+pub const GUEST_FLOOR_MIB: u64 = 96;
 
 /// The guest's memory when the pod's host cgroup is limited to `cap` (bytes, and the
 /// cgroup setting it): all of guest RAM can end up touched (the guest's page cache
@@ -778,18 +779,18 @@ mod tests {
         assert_eq!(fit_guest_memory(320, cap(320).as_ref()).unwrap(), 224);
         assert_eq!(
             fit_guest_memory(320, cap(VMM_RESERVE_MIB + GUEST_FLOOR_MIB).as_ref()).unwrap(),
-            128
+            96
         );
         // A guest asked smaller than the floor that fits is left alone.
-        assert_eq!(fit_guest_memory(96, cap(200).as_ref()).unwrap(), 96);
-        let err = fit_guest_memory(320, cap(200).as_ref()).unwrap_err();
+        assert_eq!(fit_guest_memory(64, cap(200).as_ref()).unwrap(), 64);
+        let err = fit_guest_memory(320, cap(180).as_ref()).unwrap_err();
         let text = err.to_string();
         for part in [
-            "200 MiB",
+            "180 MiB",
             "/sys/fs/cgroup/kubepods/pod1",
             "96 MiB",
-            "104 MiB guest",
-            "128 MiB floor",
+            "84 MiB guest",
+            "96 MiB floor",
             "podFixed",
         ] {
             assert!(text.contains(part), "{part}: {text}");
