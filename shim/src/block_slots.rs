@@ -30,23 +30,13 @@ pub struct VmmApi;
 impl SlotApi for VmmApi {
     fn attach(&self, slot: &DriveSlot, device: &File, read_only: bool) -> Result<u64, String> {
         crx_vmm::api::client::attach_drive(&slot.api_socket, slot.index, device, read_only)
-            .map_err(|e| chain(&e))
+            .map_err(|e| crate::rpc::error_chain(&e))
     }
 
     fn detach(&self, slot: &DriveSlot) -> Result<(), String> {
-        crx_vmm::api::client::detach_drive(&slot.api_socket, slot.index).map_err(|e| chain(&e))
+        crx_vmm::api::client::detach_drive(&slot.api_socket, slot.index)
+            .map_err(|e| crate::rpc::error_chain(&e))
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Opens the host block device a request names.

@@ -10,6 +10,18 @@ pub fn status(code: Code, message: impl Into<String>) -> Error {
     Error::RpcStatus(ttrpc::get_status(code, message.into()))
 }
 
+/// An error and its causes on one line, as containerd shows it.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 pub fn not_found(what: impl std::fmt::Display) -> Error {
     status(Code::NOT_FOUND, format!("{what} not found"))
 }

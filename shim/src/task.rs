@@ -518,7 +518,7 @@ impl TaskService {
                 }
             });
             let host_cgroup = HostCgroup::for_sandbox(spec)
-                .map_err(|e| rpc::status(Code::INVALID_ARGUMENT, error_chain(&e)))?;
+                .map_err(|e| rpc::status(Code::INVALID_ARGUMENT, rpc::error_chain(&e)))?;
             let memory_cap = host_cgroup.memory_limit();
             let size =
                 translate::vm_size(spec, config.vcpus, config.memory_mib, memory_cap.as_ref())
@@ -534,7 +534,7 @@ impl TaskService {
                 on_death,
             )
             .await
-            .map_err(|e| rpc::status(Code::UNAVAILABLE, error_chain(&e)))?;
+            .map_err(|e| rpc::status(Code::UNAVAILABLE, rpc::error_chain(&e)))?;
             tracing::info!(
                 backend = %pod.backend,
                 ready_ms = pod.ready_after.as_millis() as u64,
@@ -602,7 +602,7 @@ impl TaskService {
             .map_err(|e| agent_error("Containers.CreateContainer", e))?;
         let streams = stdio::attach(&pod.agent_socket, &req.id, "", &stdio)
             .await
-            .map_err(|e| rpc::status(Code::UNAVAILABLE, error_chain(&e)))?;
+            .map_err(|e| rpc::status(Code::UNAVAILABLE, rpc::error_chain(&e)))?;
         Ok((resp.pid, Some(streams)))
     }
 
@@ -644,7 +644,7 @@ async fn attach_block_devices(
                 crate::block_slots::SlotError::HostDevice { .. } => Code::INVALID_ARGUMENT,
                 crate::block_slots::SlotError::Attach { .. } => Code::INTERNAL,
             };
-            rpc::status(code, error_chain(&e))
+            rpc::status(code, rpc::error_chain(&e))
         })?;
     Ok(attached
         .into_iter()
@@ -655,18 +655,6 @@ async fn attach_block_devices(
             d
         })
         .collect())
-}
-
-/// An error and its causes on one line, as containerd shows it.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[async_trait]
@@ -685,7 +673,7 @@ impl Task for TaskService {
             ));
         }
         let spec = bundle::read_spec(std::path::Path::new(&req.bundle))
-            .map_err(|e| rpc::status(Code::INVALID_ARGUMENT, error_chain(&e)))?;
+            .map_err(|e| rpc::status(Code::INVALID_ARGUMENT, rpc::error_chain(&e)))?;
         let sandbox_id = bundle::sandbox_id(&spec, &req.id)
             .map_err(|e| rpc::status(Code::INVALID_ARGUMENT, e.to_string()))?;
         let mut state = self.inner.state.lock().await;
@@ -1076,7 +1064,7 @@ impl Task for TaskService {
             .map_err(|e| agent_error("Containers.ExecProcess", e))?;
         let streams = stdio::attach(&pod.agent_socket, &req.id, &req.exec_id, &stdio)
             .await
-            .map_err(|e| rpc::status(Code::UNAVAILABLE, error_chain(&e)))?;
+            .map_err(|e| rpc::status(Code::UNAVAILABLE, rpc::error_chain(&e)))?;
         {
             let mut state = self.inner.state.lock().await;
             let c = state.container_mut(&req.id)?;
