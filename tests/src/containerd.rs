@@ -759,15 +759,20 @@ pub fn pod_cgroup_processes(id: &str) -> Vec<(String, Vec<String>)> {
         .into_iter()
         .filter(|dir| Path::new(dir).file_name().is_some_and(|n| n == id))
         .map(|dir| {
-            let names = std::fs::read_to_string(Path::new(&dir).join("cgroup.procs"))
-                .unwrap_or_default()
-                .lines()
-                .map(|pid| {
-                    std::fs::read_to_string(format!("/proc/{}/comm", pid.trim()))
-                        .map_or_else(|_| format!("{pid} (gone)"), |c| c.trim().to_owned())
-                })
-                .collect();
+            let names = cgroup_process_names(Path::new(&dir));
             (dir, names)
+        })
+        .collect()
+}
+
+/// The names (`comm`) of the processes in the host cgroup directory `dir`.
+pub fn cgroup_process_names(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .map(|pid| {
+            std::fs::read_to_string(format!("/proc/{}/comm", pid.trim()))
+                .map_or_else(|_| format!("{pid} (gone)"), |c| c.trim().to_owned())
         })
         .collect()
 }

@@ -192,14 +192,7 @@ mod tests {
                 .into_iter()
                 .map(|d| {
                     let leaf = d.join(pod_id);
-                    let names = std::fs::read_to_string(leaf.join("cgroup.procs"))
-                        .unwrap_or_default()
-                        .lines()
-                        .map(|pid| {
-                            std::fs::read_to_string(format!("/proc/{}/comm", pid.trim()))
-                                .map_or_else(|_| format!("{pid} (gone)"), |c| c.trim().to_owned())
-                        })
-                        .collect();
+                    let names = crx_tests::containerd::cgroup_process_names(&leaf);
                     (leaf, names)
                 })
                 .collect()
