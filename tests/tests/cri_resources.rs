@@ -374,14 +374,21 @@ mod tests {
     /// The sandbox's own cgroup holds its host processes: runc's pause, a crx pod's VMM
     /// (never its shim), in every hierarchy.
     fn sandbox_is_in_pod_cgroup(s: &Suite, pod_cgroup: &PodCgroup, pod_id: &str) -> Result<()> {
-        let placed = pod_cgroup.sandbox_processes(pod_id);
+        let ours = |n: &String| match s.handler.as_str() {
+            "crx" => n.starts_with("qemu") || n.starts_with("crx-vmm"),
+            _ => n == "pause",
+        };
+        // runc's init may not have exec'd pause yet when RunPodSandbox returns (its
+        // comm is still `runc:[2:INIT]`).
+        let settled = poll(EXIT, || {
+            let placed = pod_cgroup.sandbox_processes(pod_id);
+            let all = !placed.is_empty() && placed.iter().all(|(_, n)| n.iter().any(ours));
+            all.then_some(placed)
+        });
+        let placed = settled.unwrap_or_else(|| pod_cgroup.sandbox_processes(pod_id));
         eprintln!("[{}] sandbox cgroup: {placed:?}", s.handler);
         ensure!(!placed.is_empty(), "no pod cgroup to look in");
         for (leaf, names) in &placed {
-            let ours = |n: &String| match s.handler.as_str() {
-                "crx" => n.starts_with("qemu") || n.starts_with("crx-vmm"),
-                _ => n == "pause",
-            };
             ensure!(
                 names.iter().any(ours),
                 "the sandbox's processes are not in {}: {names:?}",
