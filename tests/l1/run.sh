@@ -13,10 +13,17 @@
 # Exit codes: the payload's own exit code when L1 reported it (`CRX-L1-EXIT <rc>`); else
 #   120  L1 came up but could not offer /dev/kvm (a module failed to load, no SVM)
 #   121  L1 ended without reporting an exit (kernel panic, QEMU died, L1 init failed)
+#   122  the payload made no progress: L1's watchdog printed `CRX-L1-STALL` and its
+#        report, then powered L1 off (tests/l1/l1-init.sh)
 #   124  timed out (QEMU killed)
 #   125  the host cannot run the rig (no qemu-system-x86_64, no cached L1 kernel, bad payload)
 #     2  usage error
 # The last line on stderr is `crx-l1: ...` saying which, in words.
+#
+# SIGUSR1 asks a running L1 for kernel diagnostics over its serial line (for a host that
+# sees the console go silent: a hung L1 kernel): a serial break + SysRq `9` (console log
+# level), `l` (backtrace of every CPU), `w` (blocked tasks), then QEMU's `info cpus`.
+# Their output, if the kernel still answers, arrives on the console like any line.
 #
 # Environment: CRX_CACHE_DIR (default /var/cache/crx), CRX_L1_KERNEL_DIR (default
 # $CRX_CACHE_DIR/l1/current, made by prepare.sh), CRX_L1_QEMU (default qemu-system-x86_64).
@@ -56,7 +63,7 @@ command -v "$qemu" >/dev/null || fail 125 "$qemu not found: install qemu-system-
 busybox=/bin/busybox
 [[ -x "$busybox" && -z "$(readelf -lW "$busybox" 2>/dev/null | grep 'program interpreter' || true)" ]] \
     || fail 125 "$busybox is missing or not static: install busybox-static (tests/l1/prepare.sh does)"
-for tool in cpio setpriv timeout readelf sha256sum; do
+for tool in cpio setpriv timeout readelf sha256sum stdbuf; do
     command -v "$tool" >/dev/null || fail 125 "$tool not found: run tests/l1/prepare.sh"
 done
 
@@ -92,6 +99,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'say "interrupted"; exit 130' INT
 trap 'say "terminated"; exit 143' TERM HUP
+sysrq_requested=0
+trap 'sysrq_requested=1' USR1
 
 # --- the L1 initramfs: a base archive (busybox, modules, /init) and the payload, as two
 # newc archives back to back, which the kernel unpacks one after the other. The base only
@@ -143,7 +152,8 @@ mhz=$(awk -F': *' '/^cpu MHz/ { print $2; exit }' /proc/cpuinfo)
 if [[ "$hz" =~ ^[0-9]+$ && -n "$mhz" ]]; then
     append+=" lpj=$(awk -v m="$mhz" -v hz="$hz" 'BEGIN { printf "%d", m * 1000000 / hz }')"
 fi
-append+=" rdinit=/init ${extra_append}"
+# sysrq_always_enabled: Debian's default mask refuses SysRq's dumps from the serial line.
+append+=" sysrq_always_enabled rdinit=/init ${extra_append}"
 # The log is also what we parse afterwards, so there always is one.
 if [[ -n "$log" ]]; then
     mkdir -p "$(dirname "$log")"
@@ -154,8 +164,12 @@ else
 fi
 : >"$log"
 
-mkfifo "$tmp/console"
-tr -d '\r' <"$tmp/console" | tee -a "$log" &
+mkfifo "$tmp/console" "$tmp/serial-in"
+# QEMU's serial input, held open read-write here so QEMU never sees its end.
+exec 3<>"$tmp/serial-in"
+# Line-buffered: tr's default block buffering held the console back until QEMU ended,
+# so neither the log nor the host saw a stalled L1's last lines while it stalled.
+stdbuf -oL tr -d '\r' <"$tmp/console" | tee -a "$log" &
 reader_pid=$!
 
 start=$(date +%s%N)
@@ -165,13 +179,37 @@ setpriv --pdeathsig KILL \
     timeout --foreground --kill-after=5 "$timeout_s" \
     setpriv --pdeathsig KILL \
     "$qemu" -accel tcg,thread=multi -cpu max -M q35 -smp "$smp" -m "$mem" \
-    -nodefaults -no-user-config -display none -monitor none -serial stdio -no-reboot \
+    -nodefaults -no-user-config -display none -monitor none -serial mon:stdio -no-reboot \
     -kernel "$kernel" -initrd "$tmp/l1.cpio" -append "$append" \
-    </dev/null >"$tmp/console" 2>&1 &
+    <&3 >"$tmp/console" 2>&1 &
 qemu_pid=$!
+
+# `Ctrl-a b` is the mux's serial break; the key after a break is a SysRq command.
+sysrq_dump() {
+    say "asked for L1 kernel diagnostics (SysRq l, w over the serial line; QEMU info cpus)"
+    local key
+    for key in 9 l w; do
+        printf '\001b' >&3
+        sleep 0.5
+        printf '%s' "$key" >&3
+        sleep 2
+    done
+    # `Ctrl-a c` switches the mux to QEMU's monitor and back.
+    printf '\001c' >&3
+    sleep 0.5
+    printf 'info cpus\n' >&3
+    sleep 1
+    printf '\001c' >&3
+}
 set +e
-wait "$qemu_pid"
-qemu_rc=$?
+while :; do
+    wait "$qemu_pid"
+    qemu_rc=$?
+    ((sysrq_requested)) || break
+    # The signal cut the wait short; QEMU still runs.
+    sysrq_requested=0
+    sysrq_dump
+done
 set -e
 qemu_pid=""
 wait "$reader_pid" 2>/dev/null || true
@@ -189,6 +227,10 @@ if [[ -n "$exit_line" ]]; then
     ((timed_out == 0)) || say "L1 did not power off after the payload ended; QEMU killed at the timeout"
     say "payload exited $rc after ${wall_ms} ms in L1"
     exit "$rc"
+fi
+stall=$(grep -a -m1 '^CRX-L1-STALL ' "$log" || true)
+if [[ -n "$stall" ]]; then
+    fail 122 "the payload stalled; L1's watchdog reported and powered off: ${stall#CRX-L1-STALL }${console_log}"
 fi
 if ((timed_out)); then
     fail 124 "L1 timed out after ${timeout_s} s; QEMU killed${console_log}"

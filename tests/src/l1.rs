@@ -12,16 +12,21 @@
 //! same rig, never with hardware KVM.
 
 mod console;
+mod console_file;
 mod payload;
 
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, BufRead, BufReader, LineWriter, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-pub use console::{Console, L1Ready};
+pub use console::{Console, L1Ready, Stall};
+pub use console_file::console_dir;
+use console_file::{create_console_file, new_console_file};
 pub use payload::{
     kvm_smoke_payload, payload_script, Payload, PayloadBuilder, PayloadError, VmmLane,
     GUEST_INITRAMFS, GUEST_KERNEL, PROBE_BIN, VMM_BIN,
@@ -38,7 +43,23 @@ const RC_HOST: i32 = 125;
 const RUNNER_SLACK: Duration = Duration::from_secs(90);
 
 /// Console lines kept in an error message.
-const ERROR_TAIL_LINES: usize = 25;
+const ERROR_TAIL_LINES: usize = 60;
+/// Lines of L1's watchdog report (tasks, stacks, SysRq) kept in a `Stalled` message.
+const STALL_REPORT_LINES: usize = 400;
+
+/// L1's watchdog prints `CRX-L1-ALIVE` every 30 s of L1 time, so a console silent this
+/// long means L1's kernel no longer runs user space. The quietest legitimate stretch is
+/// run.sh building the initramfs plus L1's boot to `/init` (under 30 s loaded).
+pub const DEFAULT_SILENCE_LIMIT: Duration = Duration::from_secs(150);
+
+/// What a lane allows one payload step (`CRX-L1-STEP`) before L1's watchdog reports the
+/// stall and powers off. The slowest normal step is the shim lane's `ctr run` (up to
+/// ~70 s of L1 time on a loaded host); tests/l1/README.md has the measured gaps.
+pub const LANE_STALL_LIMIT: Duration = Duration::from_secs(240);
+
+/// How long a silent L1 gets to answer run.sh's SysRq request (SIGUSR1: serial break +
+/// `l`, `w`, QEMU's `info cpus`; ~9 s of sending) before QEMU is killed.
+const SYSRQ_GRACE: Duration = Duration::from_secs(15);
 
 /// What went wrong with the rig, one variant per failing step.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +96,14 @@ pub enum L1Error {
         "L1 timed out after {secs} s and was killed\nL1 console (last lines):\n{console_tail}"
     )]
     TimedOut { secs: u64, console_tail: String },
+    #[error("L1's watchdog found the payload stuck in step {step:?} for {idle_s} s and powered L1 off\nL1 console (the lines before the watchdog's report, then the report):\n{console_tail}")]
+    Stalled {
+        step: String,
+        idle_s: u64,
+        console_tail: String,
+    },
+    #[error("L1 silent for {secs} s: L1 kernel hung (no watchdog output); QEMU killed\nL1 console (last lines):\n{console_tail}")]
+    Silent { secs: u64, console_tail: String },
     #[error("L1 ended without reporting the payload's exit ({detail})\nL1 console (last lines):\n{console_tail}")]
     NoExit {
         detail: String,
@@ -99,6 +128,17 @@ pub struct RunOptions {
     pub qemu: Option<PathBuf>,
     /// Copy every console line to stderr as it arrives (default: `CRX_L1_ECHO=1`).
     pub echo: bool,
+    /// Where the console streams as it arrives, each line stamped with host seconds
+    /// since the start; default a fresh file in `<target>/tmp/crx-l1/` (see
+    /// [`console_dir`]). Its path is printed at the start and named in every error.
+    pub console_file: Option<PathBuf>,
+    /// Names the default console file (`<label>-<unix time>-<pid>-<n>.console.log`).
+    pub label: String,
+    /// L1's watchdog powers L1 off with a report when the payload marks no step
+    /// (`CRX-L1-STEP`) for this long; `None`: never (payloads without steps).
+    pub stall_limit: Option<Duration>,
+    /// The rig kills QEMU when the console is silent this long (no watchdog line either).
+    pub silence_limit: Option<Duration>,
 }
 
 impl Default for RunOptions {
@@ -111,6 +151,10 @@ impl Default for RunOptions {
             append: None,
             qemu: None,
             echo: std::env::var_os("CRX_L1_ECHO").is_some_and(|v| v == "1"),
+            console_file: None,
+            label: "l1".into(),
+            stall_limit: None,
+            silence_limit: Some(DEFAULT_SILENCE_LIMIT),
         }
     }
 }
@@ -130,6 +174,8 @@ pub struct L1Run {
     pub console: String,
     /// Host wall time of the whole run, initramfs build included.
     pub wall: Duration,
+    /// The whole console, host-timestamped ([`RunOptions::console_file`]).
+    pub console_file: PathBuf,
 }
 
 impl L1Run {
@@ -146,15 +192,17 @@ impl L1Run {
         const TAIL: usize = 80;
         let result = self.result(check).unwrap_or_else(|| {
             panic!(
-                "the L1 payload reported no {check:?} result; console:\n{}",
-                self.console_tail(TAIL)
+                "the L1 payload reported no {check:?} result; console:\n{}\n(whole console: {})",
+                self.console_tail(TAIL),
+                self.console_file.display()
             )
         });
         assert_eq!(
             result["ok"],
             serde_json::Value::Bool(true),
-            "{check} failed: {result}\nconsole:\n{}",
-            self.console_tail(TAIL)
+            "{check} failed: {result}\nconsole:\n{}\n(whole console: {})",
+            self.console_tail(TAIL),
+            self.console_file.display()
         );
         result
     }
@@ -171,7 +219,7 @@ impl L1Run {
         } else {
             Err(L1Error::PayloadFailed {
                 rc: self.rc,
-                console_tail: self.console_tail(ERROR_TAIL_LINES),
+                console_tail: with_file(self.console_tail(ERROR_TAIL_LINES), &self.console_file),
             })
         }
     }
@@ -252,6 +300,19 @@ impl L1Rig {
     /// [`L1Run::ensure_success`], [`L1Rig::run_ok`]); `Err` names the step that failed.
     pub fn run(&self, payload: &Path, opts: &RunOptions) -> Result<L1Run, L1Error> {
         let started = Instant::now();
+        let console_path = match &opts.console_file {
+            Some(path) => path.clone(),
+            None => new_console_file(&opts.label),
+        };
+        let console_file = create_console_file(&console_path)?;
+        eprintln!(
+            "crx-l1: the L1 console streams to {}",
+            console_path.display()
+        );
+        let mut append = opts.append.clone().unwrap_or_default();
+        if let Some(limit) = opts.stall_limit {
+            append.push_str(&format!(" crx.l1stall={}", limit.as_secs().max(1)));
+        }
         let mut cmd = Command::new("bash");
         cmd.arg(self.scripts.join("run.sh"))
             .arg("--payload")
@@ -271,8 +332,8 @@ impl L1Rig {
         if let Some(log) = &opts.log {
             cmd.arg("--log").arg(log);
         }
-        if let Some(append) = &opts.append {
-            cmd.arg("--append").arg(append);
+        if !append.trim().is_empty() {
+            cmd.arg("--append").arg(append.trim());
         }
         if let Some(qemu) = &opts.qemu {
             cmd.env("CRX_L1_QEMU", qemu);
@@ -286,12 +347,27 @@ impl L1Rig {
         let stdout = child.take_stdout();
         let stderr = child.take_stderr();
         let echo = opts.echo;
+        // Milliseconds after `started` of the latest console line, for the silence check.
+        let last_line_ms = Arc::new(AtomicU64::new(0));
+        let last_line = Arc::clone(&last_line_ms);
         let console_reader = thread::spawn(move || {
             let mut console = Console::default();
+            let mut file = Some(LineWriter::new(console_file));
             if let Some(out) = stdout {
                 read_lines(out, |line| {
+                    let at = started.elapsed();
+                    last_line.store(
+                        u64::try_from(at.as_millis()).unwrap_or(u64::MAX),
+                        Ordering::Relaxed,
+                    );
                     if echo {
                         eprintln!("l1| {line}");
+                    }
+                    // A full disk must not end the run; the in-memory copy still has it.
+                    if let Some(f) = file.as_mut() {
+                        if writeln!(f, "{:9.3}| {line}", at.as_secs_f64()).is_err() {
+                            file = None;
+                        }
                     }
                     console.push(line);
                 });
@@ -313,11 +389,31 @@ impl L1Rig {
         });
 
         let deadline = started + opts.timeout + RUNNER_SLACK;
+        let silent = |now: Instant| {
+            let limit = opts.silence_limit?;
+            let last = started + Duration::from_millis(last_line_ms.load(Ordering::Relaxed));
+            (now.saturating_duration_since(last) >= limit).then_some(limit)
+        };
+        // (limit, when run.sh was asked for the kernel's SysRq dumps)
+        let mut silent_for: Option<(Duration, Instant)> = None;
         let status = loop {
             match child.try_wait() {
                 Ok(Some(status)) => break Some(status),
                 Ok(None) if Instant::now() >= deadline => break None,
-                Ok(None) => thread::sleep(Duration::from_millis(100)),
+                Ok(None) => {
+                    let now = Instant::now();
+                    match silent_for {
+                        None => {
+                            if let Some(limit) = silent(now) {
+                                child.signal_leader(libc::SIGUSR1);
+                                silent_for = Some((limit, now));
+                            }
+                        }
+                        Some((_, asked)) if now >= asked + SYSRQ_GRACE => break None,
+                        Some(_) => {}
+                    }
+                    thread::sleep(Duration::from_millis(100));
+                }
                 Err(source) => {
                     return Err(L1Error::Wait {
                         what: "tests/l1/run.sh".into(),
@@ -334,13 +430,20 @@ impl L1Rig {
         let stderr = stderr_reader.join().unwrap_or_default();
         let wall = started.elapsed();
 
+        let console_tail = with_file(console.tail(ERROR_TAIL_LINES), &console_path);
+        if let Some((limit, _)) = silent_for {
+            return Err(L1Error::Silent {
+                secs: limit.as_secs(),
+                console_tail,
+            });
+        }
         let Some(status) = status else {
             return Err(L1Error::TimedOut {
                 secs: opts.timeout.as_secs(),
-                console_tail: console.tail(ERROR_TAIL_LINES),
+                console_tail,
             });
         };
-        interpret(console, status, &stderr, opts, wall)
+        interpret(console, status, &stderr, opts, wall, console_path)
     }
 
     /// [`L1Rig::run`], and `Err(PayloadFailed)` when the payload exited non-zero.
@@ -359,6 +462,8 @@ pub fn run_lane(lane: &str, payload: &Path, append: Option<&str>) -> Result<L1Ru
     let opts = RunOptions {
         timeout: Duration::from_secs(900),
         append: append.map(str::to_owned),
+        label: format!("{lane}-lane"),
+        stall_limit: Some(LANE_STALL_LIMIT),
         ..RunOptions::default()
     };
     let run = rig.run(payload, &opts).map_err(|e| format!("{e}"))?;
@@ -378,6 +483,7 @@ fn interpret(
     stderr: &str,
     opts: &RunOptions,
     wall: Duration,
+    console_file: PathBuf,
 ) -> Result<L1Run, L1Error> {
     let runner_said = || {
         stderr
@@ -396,9 +502,20 @@ fn interpret(
             ready: console.ready,
             console: text,
             wall,
+            console_file,
         });
     }
-    let console_tail = console.tail(ERROR_TAIL_LINES);
+    if let Some(stall) = &console.stall {
+        let report = console
+            .stall_report(ERROR_TAIL_LINES, STALL_REPORT_LINES)
+            .unwrap_or_else(|| console.tail(ERROR_TAIL_LINES));
+        return Err(L1Error::Stalled {
+            step: stall.step.clone(),
+            idle_s: stall.idle_s,
+            console_tail: with_file(report, &console_file),
+        });
+    }
+    let console_tail = with_file(console.tail(ERROR_TAIL_LINES), &console_file);
     match status.code() {
         Some(RC_NO_KVM) => Err(L1Error::KvmUnavailable {
             reason: console.failure.clone().unwrap_or_else(runner_said),
@@ -416,6 +533,14 @@ fn interpret(
             console_tail,
         }),
     }
+}
+
+/// A console tail for an error message, naming the file that holds all of it.
+fn with_file(tail: String, console_file: &Path) -> String {
+    format!(
+        "{tail}\n(whole console, host-timestamped: {})",
+        console_file.display()
+    )
 }
 
 /// `tests/l1/` of this workspace.
@@ -471,6 +596,15 @@ impl GroupGuard {
         Ok(status)
     }
 
+    /// `signal` to run.sh alone (not its group), while it is unreaped.
+    fn signal_leader(&self, signal: i32) {
+        let Some(pid) = self.0.as_ref().and_then(|c| i32::try_from(c.id()).ok()) else {
+            return;
+        };
+        // SAFETY: kill(2) on our own child, not yet reaped, so the pid is still its.
+        unsafe { libc::kill(pid, signal) };
+    }
+
     /// SIGTERM to the group (run.sh's trap kills QEMU and removes its files), then SIGKILL.
     fn kill_group(&mut self) {
         let Some(mut child) = self.0.take() else {
@@ -524,5 +658,106 @@ mod tests {
     fn tail_keeps_the_last_lines() {
         assert_eq!(tail("a\nb\nc\n", 2), "b\nc");
         assert_eq!(tail("a", 5), "a");
+    }
+
+    /// A payload directory whose run.sh is `body` after the payloads' `step` helper.
+    fn script_payload(body: &str) -> tempfile::TempDir {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let script = dir.path().join("run.sh");
+        let text = format!(
+            "#!/bin/sh\n\
+             step() {{ read -r at _ </proc/uptime; echo \"CRX-L1-STEP $1 $at\"; echo \"$1 $at\" >\"$CRX_L1_STEP_FILE\"; }}\n\
+             {body}\n"
+        );
+        std::fs::write(&script, text).expect("run.sh");
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        dir
+    }
+
+    fn rig() -> L1Rig {
+        L1Rig::cached()
+            .or_else(|_| L1Rig::prepare())
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    #[ignore = "boots L1 under TCG (~1 min): cargo test -p crx-tests --lib -- --ignored l1::"]
+    fn a_stalled_payload_ends_with_the_watchdogs_report() {
+        let payload = script_payload(
+            "echo /tmp/payload.log >>\"$CRX_L1_LOGS\"; echo 'last payload words' >/tmp/payload.log\n\
+             step start\nstep stuck-here\nsleep 1000",
+        );
+        let opts = RunOptions {
+            timeout: Duration::from_secs(300),
+            stall_limit: Some(Duration::from_secs(20)),
+            append: Some("crx.l1alive=5".into()),
+            label: "watchdog-check".into(),
+            ..RunOptions::default()
+        };
+        let started = Instant::now();
+        match rig().run(payload.path(), &opts) {
+            Err(L1Error::Stalled {
+                step,
+                idle_s,
+                console_tail,
+            }) => {
+                assert_eq!(step, "stuck-here", "{console_tail}");
+                assert!(idle_s >= 20, "reported after {idle_s} s: {console_tail}");
+                for wanted in [
+                    "CRX-L1-TASK",
+                    "cmd=sleep 1000",
+                    "last payload words",
+                    "sysrq: Show Blocked State",
+                    "CRX-L1-STALL-END",
+                    "whole console, host-timestamped: ",
+                ] {
+                    assert!(
+                        console_tail.contains(wanted),
+                        "no {wanted:?} in:\n{console_tail}"
+                    );
+                }
+            }
+            other => panic!("expected Stalled, got {other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(200));
+    }
+
+    #[test]
+    #[ignore = "boots L1 under TCG (~1 min): cargo test -p crx-tests --lib -- --ignored l1::"]
+    fn a_silent_l1_is_killed_and_named_a_kernel_hang() {
+        // Ends L1's watchdog (a forked /init, so its comm is "init"), as a hung kernel
+        // would: nothing reaches the console any more.
+        let payload = script_payload(
+            "for d in /proc/[0-9]*; do\n\
+               [ \"${d#/proc/}\" != 1 ] && [ \"$(cat $d/comm 2>/dev/null)\" = init ] && kill -9 \"${d#/proc/}\"\n\
+             done\n\
+             sleep 1000",
+        );
+        let opts = RunOptions {
+            timeout: Duration::from_secs(300),
+            silence_limit: Some(Duration::from_secs(20)),
+            append: Some("crx.l1alive=5".into()),
+            label: "silence-check".into(),
+            ..RunOptions::default()
+        };
+        let started = Instant::now();
+        match rig().run(payload.path(), &opts) {
+            Err(e @ L1Error::Silent { .. }) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.starts_with("L1 silent for 20 s: L1 kernel hung (no watchdog output)"),
+                    "{msg}"
+                );
+                assert!(msg.contains("CRX-L1-READY"), "{msg}");
+                // This kernel is fine, so it answers run.sh's SysRq request.
+                assert!(
+                    msg.contains("sysrq: Show backtrace of all active CPUs"),
+                    "{msg}"
+                );
+            }
+            other => panic!("expected Silent, got {other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(140));
     }
 }

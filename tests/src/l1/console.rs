@@ -1,6 +1,6 @@
 //! Reads the L1 console as it streams: keeps a bounded copy and picks out the rig's
-//! markers (`CRX-L1-READY`, `CRX-L1-RESULT`, `CRX-L1-FAIL`, `CRX-L1-EXIT`), which
-//! tests/l1/l1-init.sh and payloads print at the start of a line.
+//! markers (`CRX-L1-READY`, `CRX-L1-RESULT`, `CRX-L1-FAIL`, `CRX-L1-EXIT`, `CRX-L1-STALL`),
+//! which tests/l1/l1-init.sh and payloads print at the start of a line.
 
 use std::collections::VecDeque;
 
@@ -16,11 +16,25 @@ pub struct L1Ready {
     pub kvm_s: f64,
 }
 
+/// L1's watchdog gave up on the payload (`CRX-L1-STALL {"step":…,"idle_s":…}`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stall {
+    /// The last step the payload marked (`CRX-L1-STEP <name>`).
+    pub step: String,
+    /// L1 seconds since that step.
+    pub idle_s: u64,
+}
+
 /// What was seen on the console so far.
 #[derive(Debug, Default)]
 pub struct Console {
     lines: VecDeque<String>,
     bytes: usize,
+    /// Lines pushed so far, dropped ones included.
+    pushed: usize,
+    /// `pushed` when the stall marker arrived: where the watchdog's report starts.
+    stall_line: Option<usize>,
+    pub stall: Option<Stall>,
     pub results: Vec<serde_json::Value>,
     pub malformed_results: Vec<String>,
     pub ready: Option<L1Ready>,
@@ -33,6 +47,7 @@ pub struct Console {
 impl Console {
     pub fn push(&mut self, line: &str) {
         self.parse(line);
+        self.pushed += 1;
         self.bytes += line.len() + 1;
         self.lines.push_back(line.to_string());
         while self.bytes > MAX_CONSOLE_BYTES {
@@ -60,6 +75,15 @@ impl Console {
             }
         } else if let Some(why) = line.strip_prefix("CRX-L1-FAIL ") {
             self.failure.get_or_insert_with(|| why.trim().to_string());
+        } else if let Some(json) = line.strip_prefix("CRX-L1-STALL ") {
+            if self.stall.is_none() {
+                let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap_or_default();
+                self.stall = Some(Stall {
+                    step: v["step"].as_str().unwrap_or("?").to_string(),
+                    idle_s: v["idle_s"].as_u64().unwrap_or(0),
+                });
+                self.stall_line = Some(self.pushed);
+            }
         } else if let Some(rc) = line.strip_prefix("CRX-L1-EXIT ") {
             if self.exit.is_none() {
                 self.exit = rc.split_whitespace().next().and_then(|n| n.parse().ok());
@@ -75,6 +99,22 @@ impl Console {
             text.push('\n');
         }
         text
+    }
+
+    /// For a stall: `before` lines ahead of the watchdog's report and the report itself,
+    /// `report` lines at most; `None` without a stall (or once those lines were dropped).
+    pub fn stall_report(&self, before: usize, report: usize) -> Option<String> {
+        let dropped = self.pushed - self.lines.len();
+        let at = self.stall_line?.checked_sub(dropped)?;
+        let from = at.saturating_sub(before);
+        let lines: Vec<&str> = self
+            .lines
+            .iter()
+            .skip(from)
+            .take(at - from + report)
+            .map(String::as_str)
+            .collect();
+        Some(lines.join("\n"))
     }
 
     /// The last `n` lines.
@@ -142,6 +182,28 @@ mod tests {
             Some("insmod kvm-amd.ko failed: No such device")
         );
         assert_eq!(c.exit, None);
+    }
+
+    #[test]
+    fn a_stall_report_starts_at_its_marker() {
+        let c = console(&[
+            "CRX-L1-STEP netns 9.1",
+            "CRX-L1-ALIVE 39.0 1.0 0.5 0.2 unshare/140:D:rcu_barrier",
+            "CRX-L1-STALL {\"step\":\"netns\",\"step_at\":9.1,\"uptime_s\":250.0,\"idle_s\":241,\"limit_s\":240}",
+            "CRX-L1-TASK tid=140 pid=140 ppid=120 state=D comm=unshare",
+            "CRX-L1-STALL-END",
+        ]);
+        assert_eq!(
+            c.stall,
+            Some(Stall {
+                step: "netns".into(),
+                idle_s: 241
+            })
+        );
+        let report = c.stall_report(1, 2).expect("a report");
+        assert!(report.starts_with("CRX-L1-ALIVE"), "{report}");
+        assert!(report.ends_with("state=D comm=unshare"), "{report}");
+        assert_eq!(console(&["CRX-L1-EXIT 0"]).stall_report(5, 5), None);
     }
 
     #[test]

@@ -20,6 +20,16 @@ CONSOLE=/tmp/l2.console
 API=/run/devices-api.sock
 MAC=52:54:00:12:34:56
 
+# `CRX-L1-STEP NAME UPTIME` before each step, so a stall's console tail names the step;
+# the step file is what L1's watchdog (l1-init.sh) measures progress by.
+step() { # its own variable names: a payload's $up must survive it
+    read -r crx_step_at _ </proc/uptime
+    echo "CRX-L1-STEP $1 $crx_step_at"
+    echo "$1 $crx_step_at" >"${CRX_L1_STEP_FILE:-/dev/null}"
+}
+# The watchdog's stall report prints the tails of these.
+printf '%s\n' /tmp/vmm.log "$CONSOLE" /tmp/attach.out >>"${CRX_L1_LOGS:-/dev/null}"
+
 esc() { tr -d '\r"\\' | tr '\n\t' '  ' | head -c 400 | sed 's/ *$//'; }
 guest() { # guest KEY: first value of `CRX-GUEST KEY ...` on the console
     tr -d '\r' <"$CONSOLE" 2>/dev/null | sed -n "s/^.*CRX-GUEST $1 //p" | head -n 1 | esc
@@ -47,15 +57,18 @@ api_gone() { [ ! -e "$API" ]; }
 no_vmm_procs() { [ "$(vmm_procs)" = 0 ]; }
 
 # --- host-side material ---------------------------------------------------------------
+step images
 truncate -s 8M /tmp/data.img
 printf 'CRX-READ-ONLY-OK' >/tmp/ro.img && truncate -s 1M /tmp/ro.img
 printf 'CRX-ATTACHED-VOL' >/tmp/vol.img && truncate -s 2M /tmp/vol.img
 mkdir -p /tmp/share && echo "written-by-l1" >/tmp/share/from-l1
 # The test network lives in a namespace of its own; its addresses exist nowhere else.
+step netns
 unshare -n sleep 100000 &
 nspid=$!
 within 5 netns_ready || echo "netns holder did not start"
 inns() { nsenter -t "$nspid" -n "$@"; }
+step netns-lo
 inns ip link set lo up
 
 # --- start crx-vmm, dropping devices it refuses ---------------------------------------
@@ -67,6 +80,7 @@ start() { # start WITH_SHARE WITH_NET
         --drive path=/tmp/ro.img,ro,serial=crx-ro \
         --drive empty,serial=crx-slot
     share=$1 net=$2; shift 2
+    step "vmm-start-share$share-net$net"
     [ "$share" = 1 ] && set -- "$@" --share tag=crxshare,dir=/tmp/share
     if [ "$net" = 1 ]; then
         # nsenter and tap-exec exec, so $! is crx-vmm itself.
@@ -82,6 +96,7 @@ start() { # start WITH_SHARE WITH_NET
 dropped="" guest_deaths="" deaths=0
 with_share=1 with_net=1
 until start $with_share $with_net; do
+    step vmm-refused-reap
     wait "$vmm"; vrc=$?
     why="rc $vrc $(tail -n 3 /tmp/vmm.log | esc)"
     case "$vrc" in
@@ -111,6 +126,7 @@ done
 echo "CRX-L1-RESULT {\"check\":\"boot\",\"ok\":true,\"share\":$with_share,\"net\":$with_net,\"dropped\":\"$(echo "$dropped" | esc)\",\"guest_deaths\":$deaths,\"deaths\":\"$(echo "$guest_deaths" | esc)\"}"
 
 if [ "$with_net" = 1 ]; then
+    step net-setup
     inns ip addr add 10.0.2.1/24 dev tap0
     inns ip link set tap0 up
     # One connection: the guest's line lands in net.recv, ours goes back to it.
@@ -118,15 +134,21 @@ if [ "$with_net" = 1 ]; then
 fi
 
 # --- act on the guest's requests until it asks to be killed ---------------------------
+step guest-requests
 acted=""
 done_() { case " $acted " in *" $1 "*) return 0 ;; esac; return 1; }
 deadline=$(($(cut -d. -f1 /proc/uptime) + 400))
 while vmm_alive && [ "$(cut -d. -f1 /proc/uptime)" -lt "$deadline" ]; do
     if seen wait-fs-late && ! done_ fs; then
-        echo "late-from-l1-ok" >/tmp/share/late-from-l1
+        step guest-fs-late
+        # Written aside and renamed: the guest polls for the name and reads it at once,
+        # so a file created empty and written after was seen empty (1 run in ~60).
+        echo "late-from-l1-ok" >/tmp/share/.late-from-l1.tmp &&
+            mv /tmp/share/.late-from-l1.tmp /tmp/share/late-from-l1
         acted="$acted fs"
     fi
     if seen wait-attach && ! done_ attach; then
+        step guest-attach
         ./bin/crx-vmm attach-drive --socket "$API" --index 2 --file /tmp/vol.img \
             >/tmp/attach.out 2>&1
         attach_rc=$?
@@ -137,6 +159,7 @@ while vmm_alive && [ "$(cut -d. -f1 /proc/uptime)" -lt "$deadline" ]; do
 done
 
 # --- the kill, and what it left behind ------------------------------------------------
+step kill
 if vmm_alive; then
     kill -KILL "$vmm"
     wait "$vmm"; vmm_rc=$?
@@ -146,6 +169,7 @@ else
     killed=false
     echo "crx-vmm ended before the kill (rc $vmm_rc)"; tail -n 20 /tmp/vmm.log
 fi
+step after-kill
 within 5 api_gone && api_gone=true || api_gone=false
 within 5 no_vmm_procs
 flushed=$(guest flushed)
@@ -158,6 +182,7 @@ ok=false
 echo "CRX-L1-RESULT {\"check\":\"blk-flush-kill\",\"ok\":$ok,\"killed\":$killed,\"vmm_rc\":$vmm_rc,\"guest\":\"$flushed\",\"host_md5\":\"$got_md5\",\"api_socket_gone\":$api_gone,\"procs_left\":$(vmm_procs)}"
 [ "$ok" = true ] || rc=1
 
+step checks
 ro_flag=$(guest ro-flag); ro_write=$(guest ro-write); ro_content=$(guest ro-content)
 host_ro=$(head -c 16 /tmp/ro.img)
 ok=false
@@ -195,5 +220,6 @@ if [ "$rc" != 0 ]; then
     echo "--- crx-vmm log"; tail -n 40 /tmp/vmm.log
     echo "--- L2 console"; tr -d '\r' <"$CONSOLE" | tail -n 60
 fi
+step done
 kill "$nspid" 2>/dev/null
 exit $rc

@@ -4,12 +4,21 @@
 # bzImage kernel) and l2/initrd.cpio whose /init prints `CRX-L2-USERSPACE {...}`.
 # Prints one CRX-L1-RESULT line per check; exits 0 only if both passed.
 rc=0
+# `CRX-L1-STEP NAME UPTIME` before each step, so a stall's console tail names the step;
+# the step file is what L1's watchdog (l1-init.sh) measures progress by.
+step() { # its own variable names: a payload's $up must survive it
+    read -r crx_step_at _ </proc/uptime
+    echo "CRX-L1-STEP $1 $crx_step_at"
+    echo "$1 $crx_step_at" >"${CRX_L1_STEP_FILE:-/dev/null}"
+}
 
+step kvm-check
 ./kvm-check 1000 || rc=1
 
 # L2: a Linux guest on L1's KVM, through QEMU microvm, to user space. cmos_init spends
 # ~19 s probing an RTC microvm does not have; the crypto self-tests ~0.7 s.
 l2_append="console=ttyS0 quiet panic=-1 reboot=t initcall_blacklist=cmos_init cryptomgr.notests"
+step l2-qemu
 read -r t0 _ </proc/uptime
 {
     timeout "${L2_TIMEOUT:-180}" ./qemu/qemu-system-x86_64 -accel kvm -cpu host -M microvm \

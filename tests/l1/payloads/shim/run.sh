@@ -20,6 +20,14 @@ RT=io.containerd.crx.v2
 IMG=$(cat image-ref)
 CTR_TIMEOUT=300
 
+# `CRX-L1-STEP NAME UPTIME` before each step, so a stall's console tail names the step;
+# the step file is what L1's watchdog (l1-init.sh) measures progress by.
+step() { # its own variable names: a payload's $up must survive it
+    read -r crx_step_at _ </proc/uptime
+    echo "CRX-L1-STEP $1 $crx_step_at"
+    echo "$1 $crx_step_at" >"${CRX_L1_STEP_FILE:-/dev/null}"
+}
+
 esc() { tr -d '\r"\\' | tr '\n\t' '  ' | head -c 600 | sed 's/ *$//'; }
 now() { cut -d' ' -f1 /proc/uptime; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
@@ -43,6 +51,7 @@ crx_mounts() { awk '$2 ~ "^/run/crx(/|$)" { printf "%s ", $2 }' /proc/mounts; }
 ctrd_log() { echo "--- containerd log (last $1 lines)"; tail -n "$1" "$DIR/containerd.log"; }
 
 # --- the bundled glibc programs, the shim's config, containerd -------------------------
+step sysroot
 cp -a host/sysroot/. /
 mkdir -p /etc/crx "$DIR" /run/crx
 cat >/etc/crx/config.toml <<EOF
@@ -74,6 +83,8 @@ EOF
 # No overlay module in L1: the native snapshotter copies layers and hands the shim a
 # bind mount, which the shim binds into the pod share like any rootfs.
 export CONTAINERD_SNAPSHOTTER=native
+step containerd-start
+echo "$DIR/containerd.log" >>"${CRX_L1_LOGS:-/dev/null}"
 t0=$(now)
 containerd --config "$DIR/config.toml" >"$DIR/containerd.log" 2>&1 &
 ctrd=$!
@@ -83,6 +94,7 @@ up=false; kill -0 "$ctrd" 2>/dev/null && ctr_ version >/dev/null 2>&1 && up=true
 ctrd_s=$(since "$t0")
 imported=false import_out=""
 if [ "$up" = true ]; then
+    step image-import
     t0=$(now)
     import_out=$(ctr_ images import image/busybox-oci.tar 2>&1) &&
         ctr_ images ls -q 2>/dev/null | grep -qx "$IMG" && imported=true
@@ -96,6 +108,7 @@ if [ "$ok" != true ]; then
 fi
 
 # --- (a) ctr run --rm: output and exit code ---------------------------------------------
+step ctr-run-rm
 t0=$(now)
 ctr_ run --rm --runtime "$RT" "$IMG" run-a sh -c 'echo hi; exit 3' >/tmp/a.out 2>/tmp/a.err
 a_rc=$?
@@ -117,6 +130,7 @@ timeline=$(grep -E '(INFO|DEBUG).* (start|create|starting the pod VM|agent ready
 echo "CRX-L1-RESULT {\"check\":\"run-timeline\",\"ok\":true,\"shim\":\"$timeline\"}"
 
 # --- (b) a detached container, ctr task exec in it --------------------------------------
+step ctr-run-detached
 t0=$(now)
 ctr_ run -d --runtime "$RT" "$IMG" run-b sh -c 'trap "exit 0" TERM; while :; do sleep 1; done' \
     >/tmp/b.out 2>&1
@@ -128,6 +142,7 @@ vmm_log=$(ls /run/crx/*/crx-vmm.log 2>/dev/null | head -n 1)
 first_insn=$(sed -n 's/.*first_insn_us=\([0-9]*\).*/\1/p' "$vmm_log" 2>/dev/null | head -n 1)
 ready_us=$(sed -n 's/.*ready_us=\([0-9]*\).*/\1/p' "$vmm_log" 2>/dev/null | head -n 1)
 ready_b=$(grep 'agent ready' "$DIR/containerd.log" | sed -n 's/.*ready_after=\([^ ]*\).*/\1/p' | sed -n 2p | esc)
+step ctr-exec
 ctr_ task exec --exec-id e1 run-b sh -c 'echo from-exec $((6 * 7)); exit 5' >/tmp/e.out 2>/tmp/e.err
 e_rc=$?
 out=$(esc </tmp/e.out)
@@ -136,10 +151,12 @@ echo "CRX-L1-RESULT {\"check\":\"exec\",\"ok\":$ok,\"run_rc\":$b_rc,\"run_out\":
 [ "$ok" = true ] || { rc=1; ctrd_log 60; }
 
 # --- (c) kill -s TERM, task delete, container delete -------------------------------------
+step ctr-kill
 t0=$(now)
 k_out=$(ctr_ task kill -s TERM run-b 2>&1); k_rc=$?
 stopped=false; within 120 is_status run-b STOPPED && stopped=true
 k_s=$(since "$t0")
+step ctr-delete
 d_out=$(ctr_ task delete run-b 2>&1); d_rc=$?
 c_out=$(ctr_ container delete run-b 2>&1); c_rc=$?
 left_tasks=$(ctr_ task ls -q 2>&1 | esc); left_ctrs=$(ctr_ container ls -q 2>&1 | esc)
@@ -154,6 +171,7 @@ no_leftovers() {
     [ -z "$(procs crx-vmm)" ] && [ -z "$(procs containerd-shim)" ] &&
         [ -z "$(ls -A /run/crx 2>/dev/null)" ] && [ -z "$(crx_mounts)" ]
 }
+step leftovers
 within 60 no_leftovers
 vmm_left=$(procs crx-vmm); shim_left=$(procs containerd-shim)
 run_left=$(ls -A /run/crx 2>/dev/null | esc); mounts_left=$(crx_mounts | esc)
@@ -161,6 +179,7 @@ ok=false; no_leftovers && ok=true
 echo "CRX-L1-RESULT {\"check\":\"clean\",\"ok\":$ok,\"crx_vmm\":\"$vmm_left\",\"shims\":\"$shim_left\",\"run_crx\":\"$run_left\",\"mounts\":\"$mounts_left\"}"
 [ "$ok" = true ] || { rc=1; ctrd_log 40; }
 
+step done
 kill "$ctrd" 2>/dev/null
 within 10 eval '! kill -0 "$ctrd" 2>/dev/null'
 exit $rc

@@ -10,6 +10,14 @@
 rc=0
 export PATH=/bin:/sbin:/usr/bin
 
+# `CRX-L1-STEP NAME UPTIME` before each step, so a stall's console tail names the step;
+# the step file is what L1's watchdog (l1-init.sh) measures progress by.
+step() { # its own variable names: a payload's $up must survive it
+    read -r crx_step_at _ </proc/uptime
+    echo "CRX-L1-STEP $1 $crx_step_at"
+    echo "$1 $crx_step_at" >"${CRX_L1_STEP_FILE:-/dev/null}"
+}
+
 vmm_procs() {
     # crx-vmm and its clean-up child, if any are left.
     n=0
@@ -26,6 +34,8 @@ field() { # field NAME FILE: value of key=value field NAME in crx-vmm's log (fir
 start_vmm() { # start_vmm NAME VCPUS [extra crx-vmm args]
     name=$1; vcpus=$2; shift 2
     sock=/run/$name.sock
+    step "vmm-start-$name"
+    echo "/tmp/$name.log" >>"${CRX_L1_LOGS:-/dev/null}"
     rm -f "$sock"
     ./bin/crx-vmm --kernel guest/vmlinux --initramfs guest/initramfs.cpio \
         --vcpus "$vcpus" --memory-mib 256 --vsock-uds "$sock" "$@" >/tmp/$name.log 2>&1 &
@@ -33,6 +43,7 @@ start_vmm() { # start_vmm NAME VCPUS [extra crx-vmm args]
 }
 
 wait_health() { # wait_health NAME -> health JSON in /tmp/NAME.health, rc of crx-probe
+    step "health-$1"
     ./bin/crx-probe health --uds "$sock" --timeout-ms 120000 >/tmp/$1.health &
     probe=$!
     while kill -0 "$probe" 2>/dev/null; do
@@ -57,6 +68,7 @@ no_vmm_procs() { [ "$(vmm_procs)" = 0 ]; }
 no_socket() { [ ! -e "$sock" ]; }
 
 wait_exit() { # wait_exit SECONDS -> sets vmm_rc (137 + note if it had to be killed)
+    step "exit-$name"
     if ! within "$1" vmm_gone; then
         kill -KILL "$vmm"
         echo "crx-vmm still running after $1 s" >>/tmp/$name.log
