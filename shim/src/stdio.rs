@@ -60,6 +60,8 @@ pub fn spec_of(paths: &StdioPaths) -> StdioSpec {
 #[derive(Debug, Default)]
 pub struct Streams {
     copiers: Vec<JoinHandle<()>>,
+    /// How many output copiers are still writing to containerd's FIFOs.
+    output_left: OutputLeft,
     stdin: Option<JoinHandle<()>>,
     /// Tells the stdin copier to stop: it waits on a FIFO whose writer may never come,
     /// and a blocking thread that never ends would keep the shim from exiting.
@@ -75,12 +77,55 @@ impl Streams {
         }
     }
 
-    /// Waits (bounded) for the output copiers to drain, so containerd sees all output
-    /// before it learns of the exit.
-    pub async fn drain(&mut self, timeout: Duration) {
-        for h in self.copiers.drain(..) {
-            if tokio::time::timeout(timeout, h).await.is_err() {
+    /// A handle to wait on until every output copier has written all it got and
+    /// closed its FIFO. Every reporter of the exit waits on it (outside the state
+    /// lock): whichever reporter records the exit first, containerd must not learn of
+    /// it before the output, since `ctr run` closes its FIFOs once the task is deleted.
+    pub fn output_drained(&self) -> OutputDrained {
+        OutputDrained(self.output_left.0.subscribe())
+    }
+}
+
+/// The number of output copiers still running, shared with the copiers.
+#[derive(Debug, Clone)]
+struct OutputLeft(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl Default for OutputLeft {
+    fn default() -> Self {
+        OutputLeft(Arc::new(tokio::sync::watch::channel(0).0))
+    }
+}
+
+impl OutputLeft {
+    /// Counts one more running copier; the guard counts it out when dropped, however
+    /// the copier ends.
+    fn enter(&self) -> OutputCopierGuard {
+        self.0.send_modify(|n| *n += 1);
+        OutputCopierGuard(self.clone())
+    }
+}
+
+struct OutputCopierGuard(OutputLeft);
+
+impl Drop for OutputCopierGuard {
+    fn drop(&mut self) {
+        self.0 .0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// See [`Streams::output_drained`].
+#[derive(Debug, Clone)]
+pub struct OutputDrained(tokio::sync::watch::Receiver<usize>);
+
+impl OutputDrained {
+    /// Waits, at most `timeout`, until no output copier is left; true if none is.
+    pub async fn wait(mut self, timeout: Duration) -> bool {
+        match tokio::time::timeout(timeout, self.0.wait_for(|left| *left == 0)).await {
+            // A dropped sender means the streams and every copier are gone.
+            Ok(_) => true,
+            Err(_) => {
                 tracing::warn!("an output stream did not reach EOF in time");
+                false
             }
         }
     }
@@ -121,15 +166,15 @@ pub async fn attach(
             StreamKind::STREAM_KIND_STDIN => {
                 let fifo = open_fifo(&paths.stdin, false).await?;
                 let fifo = StdinFifo::new(fifo, streams.stdin_stop.clone());
-                streams.stdin = Some(spawn_copy(fifo, conn, true));
+                streams.stdin = Some(spawn_copy(fifo, conn, true, None));
             }
             StreamKind::STREAM_KIND_STDOUT => {
                 let fifo = open_fifo(&paths.stdout, true).await?;
-                streams.copiers.push(spawn_copy(conn, fifo, false));
+                streams.spawn_output(conn, fifo);
             }
             StreamKind::STREAM_KIND_STDERR => {
                 let fifo = open_fifo(&paths.stderr, true).await?;
-                streams.copiers.push(spawn_copy(conn, fifo, false));
+                streams.spawn_output(conn, fifo);
             }
             _ => {
                 let out = conn.try_clone().map_err(|source| StdioError::Connect {
@@ -139,16 +184,25 @@ pub async fn attach(
                 if !paths.stdin.is_empty() {
                     let fifo = open_fifo(&paths.stdin, false).await?;
                     let fifo = StdinFifo::new(fifo, streams.stdin_stop.clone());
-                    streams.stdin = Some(spawn_copy(fifo, conn, true));
+                    streams.stdin = Some(spawn_copy(fifo, conn, true, None));
                 }
                 if !paths.stdout.is_empty() {
                     let fifo = open_fifo(&paths.stdout, true).await?;
-                    streams.copiers.push(spawn_copy(out, fifo, false));
+                    streams.spawn_output(out, fifo);
                 }
             }
         }
     }
     Ok(streams)
+}
+
+impl Streams {
+    /// Starts copying one guest output stream into containerd's FIFO.
+    fn spawn_output(&mut self, from: UnixStream, to: std::fs::File) {
+        let running = self.output_left.enter();
+        self.copiers
+            .push(spawn_copy(from, to, false, Some(running)));
+    }
 }
 
 /// Opens a FIFO containerd created. An output FIFO is opened blocking (containerd
@@ -224,8 +278,15 @@ impl Read for StdinFifo {
 }
 
 /// Copies `from` to `to` on a blocking thread until EOF or an error; with
-/// `shutdown_write`, half-closes the socket afterwards so the guest reads EOF.
-fn spawn_copy<R, W>(mut from: R, mut to: W, shutdown_write: bool) -> JoinHandle<()>
+/// `shutdown_write`, half-closes the socket afterwards so the guest reads EOF. An
+/// output copier's `running` guard is dropped only after `to` is closed, so a waiter
+/// on [`Streams::output_drained`] knows containerd's reader can see EOF.
+fn spawn_copy<R, W>(
+    mut from: R,
+    mut to: W,
+    shutdown_write: bool,
+    running: Option<OutputCopierGuard>,
+) -> JoinHandle<()>
 where
     R: Read + Send + 'static,
     W: Write + Send + AsHalfClose + 'static,
@@ -238,6 +299,8 @@ where
         if shutdown_write {
             to.half_close();
         }
+        drop(to);
+        drop(running);
     })
 }
 
@@ -408,6 +471,16 @@ mod tests {
         accept: StreamAccept,
         output: &'static [u8],
     ) -> std::thread::JoinHandle<StreamHeader> {
+        fake_agent_gated(listener, accept, output, None)
+    }
+
+    /// [`fake_agent`] that writes `output` only once `gate` fires (or is dropped).
+    fn fake_agent_gated(
+        listener: std::os::unix::net::UnixListener,
+        accept: StreamAccept,
+        output: &'static [u8],
+        gate: Option<std::sync::mpsc::Receiver<()>>,
+    ) -> std::thread::JoinHandle<StreamHeader> {
         std::thread::spawn(move || {
             let (mut conn, _) = listener.accept().unwrap();
             let mut line = Vec::new();
@@ -427,6 +500,9 @@ mod tests {
             conn.write_all(&u16::try_from(reply.len()).unwrap().to_be_bytes())
                 .unwrap();
             conn.write_all(&reply).unwrap();
+            if let Some(gate) = gate {
+                let _ = gate.recv();
+            }
             conn.write_all(output).unwrap();
             header
         })
@@ -458,8 +534,8 @@ mod tests {
         };
         let rt = runtime();
         rt.block_on(async {
-            let mut streams = attach(&socket, "c1", "e1", &paths).await.unwrap();
-            streams.drain(Duration::from_secs(10)).await;
+            let streams = attach(&socket, "c1", "e1", &paths).await.unwrap();
+            assert!(streams.output_drained().wait(Duration::from_secs(10)).await);
         });
         let header = agent.join().unwrap();
         assert_eq!(header.container_id, "c1");
@@ -469,6 +545,54 @@ mod tests {
             Ok(StreamKind::STREAM_KIND_STDOUT)
         );
         assert_eq!(reader.join().unwrap(), b"hello from the guest");
+    }
+
+    /// A process's exit has two reporters (WaitProcess and the event stream). Each
+    /// must wait until the output is in containerd's FIFO and the FIFO closed, not
+    /// only the first: the other publishing the exit early let `ctr run --rm` close
+    /// its FIFO before the output came, which was lost with EPIPE.
+    #[test]
+    fn every_waiter_sees_the_output_drained_only_after_it_reached_the_fifo() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("agent.vsock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let mut ok = StreamAccept::new();
+        ok.accepted = true;
+        let (release, gate) = std::sync::mpsc::channel();
+        let agent = fake_agent_gated(listener, ok, b"late output\n", Some(gate));
+        let fifo = dir.path().join("stdout");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let reader_path = fifo.clone();
+        let reader = std::thread::spawn(move || std::fs::read(reader_path).unwrap());
+        let paths = StdioPaths {
+            stdout: fifo.to_string_lossy().into_owned(),
+            ..Default::default()
+        };
+        let rt = runtime();
+        rt.block_on(async {
+            let streams = attach(&socket, "c1", "", &paths).await.unwrap();
+            let first = streams.output_drained();
+            let second = streams.output_drained();
+            // The guest has not sent its output yet: no waiter may call it drained.
+            assert!(!first.clone().wait(Duration::from_millis(200)).await);
+            assert!(!second.clone().wait(Duration::from_millis(200)).await);
+            release.send(()).unwrap();
+            let (a, b) = tokio::join!(
+                first.wait(Duration::from_secs(10)),
+                second.wait(Duration::from_secs(10))
+            );
+            assert!(a && b, "a waiter timed out: {a} {b}");
+            // Drained means the FIFO's write end is closed, with the streams still
+            // held: containerd's reader reaches EOF.
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while !reader.is_finished() && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(reader.is_finished(), "the FIFO reader saw no EOF");
+            drop(streams);
+        });
+        agent.join().unwrap();
+        assert_eq!(reader.join().unwrap(), b"late output\n");
     }
 
     #[test]

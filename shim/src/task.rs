@@ -183,21 +183,24 @@ impl Inner {
     /// Records a process's exit (once) and publishes TaskExit.
     async fn process_exited(&self, container_id: &str, exec_id: &str, exit: Exit) {
         // Output first (outside the lock: draining may take a moment), so containerd
-        // has all of it before it learns of the exit.
-        let streams = {
-            let mut state = self.state.lock().await;
-            let Ok(c) = state.container_mut(container_id) else {
+        // has all of it before it learns of the exit. The exit has two reporters
+        // (WaitProcess and the event stream) that race: each waits for the drain, since
+        // whichever records the exit publishes it, and `ctr run --rm` closes its FIFOs
+        // once it sees the exit (output written after that is lost with EPIPE).
+        let drained = {
+            let state = self.state.lock().await;
+            let Ok(p) = state
+                .container(container_id)
+                .and_then(|c| c.process(exec_id))
+            else {
                 return;
             };
-            let Ok(p) = c.process_mut(exec_id) else {
-                return;
-            };
-            p.streams.take()
+            p.streams.as_ref().map(Streams::output_drained)
         };
-        if let Some(mut streams) = streams {
-            streams.drain(DRAIN).await;
+        if let Some(drained) = drained {
+            drained.wait(DRAIN).await;
         }
-        let pid = {
+        let (pid, streams) = {
             let mut state = self.state.lock().await;
             let Ok(c) = state.container_mut(container_id) else {
                 return;
@@ -206,10 +209,13 @@ impl Inner {
                 return;
             };
             if !p.process.set_exit(exit) {
+                tracing::debug!(container_id, exec_id, "exit already recorded");
                 return;
             }
-            p.process.pid
+            (p.process.pid, p.streams.take())
         };
+        // Stops the stdin copier of the exited process.
+        drop(streams);
         tracing::info!(
             container_id,
             exec_id,
