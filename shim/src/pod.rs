@@ -93,6 +93,43 @@ pub struct Pod {
     pub block_slots: SharedSlots,
     /// The sandbox's host cgroup, which holds the VM's processes; removed after them.
     host_cgroup: Arc<Mutex<HostCgroup>>,
+    /// Keeps the VM's processes alive for as long as the pod (see [`VmOwnerThread`]).
+    _vm_owner: VmOwnerThread,
+}
+
+/// The thread that spawns the VM's processes and then waits for the pod to let go.
+/// Each VM process is spawned with PR_SET_PDEATHSIG = SIGKILL so it cannot outlive the
+/// shim, and the kernel sends that signal when the *thread* that forked it ends. A
+/// tokio blocking-pool thread ends after 10 s idle, which killed running pods.
+struct VmOwnerThread {
+    /// Dropped with the pod: the thread's wait ends and the thread exits.
+    _release: std::sync::mpsc::Sender<()>,
+}
+
+impl VmOwnerThread {
+    /// Runs `start` on a new owner thread; the VM it returns lives while the
+    /// returned owner does.
+    async fn start(
+        start: impl FnOnce() -> Result<Box<dyn Vm>, PodError> + Send + 'static,
+    ) -> Result<(Box<dyn Vm>, VmOwnerThread), PodError> {
+        let (result_tx, result_rx) = tokio::sync::oneshot::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("crx-vm-owner".into())
+            .spawn(move || {
+                let started = start();
+                let spawned = started.is_ok();
+                if result_tx.send(started).is_ok() && spawned {
+                    // Returns when the sender goes with the pod.
+                    let _ = released.recv();
+                }
+            })
+            .map_err(|e| PodError::Join(format!("cannot start the VM owner thread: {e}")))?;
+        let vm = result_rx.await.map_err(|_| {
+            PodError::Join("the VM owner thread ended before the VM started".into())
+        })??;
+        Ok((vm, VmOwnerThread { _release: release }))
+    }
 }
 
 /// Called (once, on the watcher thread) when the VM ends without a stop request.
@@ -156,14 +193,13 @@ impl Pod {
             seccomp: config.seccomp,
         };
         let started = Instant::now();
-        let vm = tokio::task::spawn_blocking(move || {
+        let (vm, vm_owner) = VmOwnerThread::start(move || {
             let (backend, choice) =
                 select_confined_backend(wanted, confinement).map_err(PodError::Backend)?;
             tracing::info!(backend = %choice.kind, "starting the pod VM");
             backend.start(&vm_config).map_err(PodError::Vm)
         })
-        .await
-        .map_err(|e| PodError::Join(e.to_string()))??;
+        .await?;
         let backend = vm.kind();
         let agent_socket = vm.agent_socket().to_path_buf();
         let vm = Arc::new(Mutex::new(vm));
@@ -245,6 +281,7 @@ impl Pod {
             port_forward,
             block_slots,
             host_cgroup,
+            _vm_owner: vm_owner,
         })
     }
 
