@@ -8,6 +8,8 @@ pub const MAGIC: &[u8; 4] = b"CRXP";
 pub const HEADER_LEN: usize = 6;
 /// Most ports `ListListeningPorts` reports (and a shim forwards) per pod.
 pub const MAX_LISTED_PORTS: usize = 256;
+/// Longest `ListListeningPorts` long poll an agent honours (`wait_ms`).
+pub const MAX_LIST_WAIT_MS: u32 = 60_000;
 
 /// The agent's answer to a header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

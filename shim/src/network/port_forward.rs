@@ -1,8 +1,9 @@
 //! CRI port forwarding into a pod VM. containerd's PortForward enters the pod's network
 //! namespace on the host and dials `localhost:PORT` there; in a crx pod that namespace
 //! holds only the mirrored veth, the pod's sockets live in the guest. So while the pod
-//! runs, the shim asks the agent which TCP ports listen in the guest (every
-//! [`POLL_INTERVAL`]), keeps a listener on `127.0.0.1:PORT` in the pod's namespace for
+//! runs, the shim long-polls the agent for the TCP ports that listen in the guest (the
+//! agent answers when they change, or after [`LIST_WAIT`]), keeps a listener on
+//! `127.0.0.1:PORT` in the pod's namespace for
 //! each, and forwards every accepted connection to the agent's port-forward vsock port
 //! (`portforward.proto`), splicing both ways with half-closes passed on.
 //!
@@ -17,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crx_protocols::port_forward::{encode_header, Status, MAX_LISTED_PORTS};
+use crx_protocols::port_forward::{encode_header, Status, MAX_LISTED_PORTS, MAX_LIST_WAIT_MS};
 use crx_protocols::v1::portforward::ListListeningPortsRequest;
 use crx_protocols::v1::portforward_ttrpc::PortForwardClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -26,9 +27,12 @@ use tokio::sync::{watch, Semaphore};
 
 use super::netns;
 
-/// How often the guest's listening ports are asked for.
+/// Least time between two ListListeningPorts calls: the pace for an agent that answers
+/// at once (one from before the long poll, or one with more ports than it lists).
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
-/// Deadline of one ListListeningPorts call.
+/// How long the agent may hold a ListListeningPorts call waiting for a change.
+const LIST_WAIT: Duration = Duration::from_millis(MAX_LIST_WAIT_MS as u64 / 2);
+/// Deadline of one ListListeningPorts call beyond its wait.
 const LIST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Deadline of the hybrid-vsock connect and of the agent's status byte.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -119,12 +123,12 @@ async fn poll_loop(pod: Arc<PodTarget>, client: PortForwardClient) {
     loop {
         interval.tick().await;
         let ctx = ttrpc::context::with_timeout(
-            i64::try_from(LIST_TIMEOUT.as_nanos()).unwrap_or(i64::MAX),
+            i64::try_from((LIST_WAIT + LIST_TIMEOUT).as_nanos()).unwrap_or(i64::MAX),
         );
-        let reply = match client
-            .list_listening_ports(ctx, &ListListeningPortsRequest::new())
-            .await
-        {
+        let mut req = ListListeningPortsRequest::new();
+        req.known = last.iter().copied().map(u32::from).collect();
+        req.wait_ms = u32::try_from(LIST_WAIT.as_millis()).unwrap_or(MAX_LIST_WAIT_MS);
+        let reply = match client.list_listening_ports(ctx, &req).await {
             Ok(r) => r,
             Err(ttrpc::Error::RpcStatus(s))
                 if matches!(

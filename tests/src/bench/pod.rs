@@ -12,7 +12,7 @@
 //!   (PSS, and the fall of MemAvailable), and from it how many idle pods fit in a
 //!   memory budget.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
@@ -28,8 +28,6 @@ pub const HANDLERS: [&str; 2] = ["runc", "crx"];
 /// Quiet time before idle pods are measured: boot-time allocations settle.
 const IDLE_SETTLE: Duration = Duration::from_secs(3);
 const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long idle pods' CPU use is measured.
-const IDLE_CPU_WINDOW: Duration = Duration::from_secs(10);
 
 fn clock_ticks_per_s() -> f64 {
     // SAFETY: sysconf only reads a configuration value.
@@ -236,10 +234,19 @@ pub fn run_exec(runs: usize) -> Result<serde_json::Value> {
 }
 
 /// `crx-bench density`.
-pub fn run_density(pods: usize, budget_mib: u64) -> Result<serde_json::Value> {
+pub fn run_density(
+    pods: usize,
+    budget_mib: u64,
+    settle: Duration,
+    idle_window: Duration,
+) -> Result<serde_json::Value> {
     ensure!(pods > 0, "--pods must be at least 1");
+    ensure!(!idle_window.is_zero(), "--idle-window-s must be at least 1");
     println!(
-        "crx-bench density: {pods} pods started at once per handler; memory budget {budget_mib} MiB"
+        "crx-bench density: {pods} pods started at once per handler; memory budget {budget_mib} MiB; \
+         idle measured {} s after the last pod is ready, over {} s",
+        settle.as_secs(),
+        idle_window.as_secs()
     );
     let node = CriContainerd::start(true).context("starting containerd with CRI")?;
     {
@@ -274,7 +281,7 @@ pub fn run_density(pods: usize, budget_mib: u64) -> Result<serde_json::Value> {
         let wall = started.elapsed();
         let (running, failed): (Vec<_>, Vec<_>) = outcomes.into_iter().partition(Result::is_ok);
         let running: Vec<BenchPod> = running.into_iter().filter_map(Result::ok).collect();
-        std::thread::sleep(IDLE_SETTLE);
+        std::thread::sleep(settle);
         let available_after = mem_available_kib()?;
         let mut pss = 0;
         let mut pids = Vec::new();
@@ -284,18 +291,7 @@ pub fn run_density(pods: usize, budget_mib: u64) -> Result<serde_json::Value> {
             pids.push(shim);
             pids.extend(others);
         }
-        // CPU the idle pods burn: ticks of all their host processes over a window.
-        let ticks_before: u64 = pids.iter().map(|&p| cpu_ticks(p)).sum();
-        let window_started = Instant::now();
-        std::thread::sleep(IDLE_CPU_WINDOW);
-        let ticks = pids
-            .iter()
-            .map(|&p| cpu_ticks(p))
-            .sum::<u64>()
-            .saturating_sub(ticks_before);
-        let idle_millicores = ticks as f64 * 1000.0
-            / (clock_ticks_per_s() * window_started.elapsed().as_secs_f64())
-            / pods as f64;
+        let idle = IdleCpu::measure(&pids, idle_window, pods);
         let client = node.client()?;
         for pod in &running {
             remove_pod(client, pod)?;
@@ -311,8 +307,10 @@ pub fn run_density(pods: usize, budget_mib: u64) -> Result<serde_json::Value> {
         let fit = budget_mib * 1024 / cost_kib;
         let rate = pods as f64 / wall.as_secs_f64();
         println!(
-            "{handler:>4}: {pods} pods in {:.1} s = {rate:.2} pods/s; per pod PSS {per_pod_kib} KiB, MemAvailable fall {fall_per_pod_kib} KiB, idle CPU {idle_millicores:.1} millicores; {fit} idle pods fit in {budget_mib} MiB",
-            wall.as_secs_f64()
+            "{handler:>4}: {pods} pods in {:.1} s = {rate:.2} pods/s; per pod PSS {per_pod_kib} KiB, MemAvailable fall {fall_per_pod_kib} KiB, idle CPU {:.1} millicores ({}); {fit} idle pods fit in {budget_mib} MiB",
+            wall.as_secs_f64(),
+            idle.per_pod,
+            idle.by_process_text(),
         );
         results.insert(
             handler.to_owned(),
@@ -322,7 +320,8 @@ pub fn run_density(pods: usize, budget_mib: u64) -> Result<serde_json::Value> {
                 "pss_per_pod_kib": per_pod_kib,
                 "mem_available_fall_per_pod_kib": fall_per_pod_kib,
                 "idle_pods_in_budget": fit,
-                "idle_cpu_millicores_per_pod": idle_millicores,
+                "idle_cpu_millicores_per_pod": idle.per_pod,
+                "idle_cpu_millicores_per_pod_by_process": idle.by_process,
             }),
         );
     }
@@ -333,6 +332,41 @@ pub fn run_density(pods: usize, budget_mib: u64) -> Result<serde_json::Value> {
         "backend": backend_of(&node),
         "handlers": results,
     }))
+}
+
+/// CPU that idle pods burn on the host: ticks of all their processes over a window,
+/// per pod, in total and by process name (which part of a pod keeps waking up).
+struct IdleCpu {
+    per_pod: f64,
+    by_process: BTreeMap<String, f64>,
+}
+
+impl IdleCpu {
+    fn measure(pids: &[u32], window: Duration, pods: usize) -> IdleCpu {
+        let before: Vec<(String, u64)> = pids.iter().map(|&p| (comm(p), cpu_ticks(p))).collect();
+        let started = Instant::now();
+        std::thread::sleep(window);
+        let scale = 1000.0 / (clock_ticks_per_s() * started.elapsed().as_secs_f64()) / pods as f64;
+        let mut by_process = BTreeMap::new();
+        let mut total = 0;
+        for (&pid, (name, ticks_before)) in pids.iter().zip(before) {
+            let ticks = cpu_ticks(pid).saturating_sub(ticks_before);
+            total += ticks;
+            *by_process.entry(name).or_insert(0.0) += ticks as f64 * scale;
+        }
+        IdleCpu {
+            per_pod: total as f64 * scale,
+            by_process,
+        }
+    }
+
+    fn by_process_text(&self) -> String {
+        self.by_process
+            .iter()
+            .map(|(name, mc)| format!("{name} {mc:.1}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// Host memory (PSS, KiB) of one pod: its shim and its VM processes (crx) or the

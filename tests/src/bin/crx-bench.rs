@@ -1,6 +1,8 @@
 //! crx-bench: crx's benchmark programs. Each subcommand measures side by side in one
 //! run, prints its figures, and prints one JSON object as its last line.
 
+use std::time::Duration;
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use crx_tests::bench;
@@ -130,6 +132,12 @@ enum Command {
         /// The host memory set aside for pods (MiB).
         #[arg(long, default_value_t = 16384)]
         budget_mib: u64,
+        /// Quiet time after the last pod is ready, before memory and CPU are measured (s).
+        #[arg(long, default_value_t = 10)]
+        settle_s: u64,
+        /// How long the idle pods' CPU use is measured (s).
+        #[arg(long, default_value_t = 20)]
+        idle_window_s: u64,
     },
 }
 
@@ -195,7 +203,17 @@ fn main() -> Result<()> {
         }
         Command::Pod { runs } => bench::pod::run_pod(runs)?,
         Command::Exec { runs } => bench::pod::run_exec(runs)?,
-        Command::Density { pods, budget_mib } => bench::pod::run_density(pods, budget_mib)?,
+        Command::Density {
+            pods,
+            budget_mib,
+            settle_s,
+            idle_window_s,
+        } => bench::pod::run_density(
+            pods,
+            budget_mib,
+            Duration::from_secs(settle_s),
+            Duration::from_secs(idle_window_s),
+        )?,
     };
     println!("{result}");
     Ok(())
