@@ -4,8 +4,10 @@
 //! Exits come from the exit table (this log is its [`ExitObserver`]), so an exit is
 //! logged before WaitProcess can report it, and both carry the same `oom_killed`. OOM
 //! kills are seen in each container's memory.events: checked at every exit of one of
-//! its processes (so the OOM event comes before the exit it caused) and polled every
-//! [`OOM_POLL`] for kills of processes the agent did not start itself.
+//! its processes (so the OOM event comes before the exit it caused), and whenever a
+//! container's memory.events changes (inotify, `super::oom_watch`) for kills of
+//! processes the agent did not start itself; polled every [`OOM_POLL`] instead where
+//! inotify is not to be had, and every [`OOM_BACKSTOP`] in any case.
 //!
 //! Which exit was an OOM kill: the kernel does not say per process, so an exit counts
 //! as one when the process died of SIGKILL and the container's oom_kill count grew
@@ -23,14 +25,18 @@ use tokio::time::Instant;
 
 use super::cgroups;
 use super::exits::{ExitObserver, ExitRecord};
+use super::oom_watch::OomWatch;
 use crate::reaper::ChildStatus;
 
 /// Events kept (container.proto).
 pub const MAX_HELD: usize = 4096;
 /// Most events one GetEvents reply carries (container.proto).
 pub const MAX_PER_CALL: u32 = 256;
-/// How often the containers' memory.events are polled for OOM kills.
+/// How often the containers' memory.events are polled for OOM kills without inotify.
 const OOM_POLL: Duration = Duration::from_millis(500);
+/// How often they are read with inotify watching them: a watch that could not be
+/// added is a missed wake-up, not a missed event.
+const OOM_BACKSTOP: Duration = Duration::from_secs(10);
 
 /// A GetEvents request the log cannot answer.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +110,8 @@ pub struct EventLog {
     ring: Mutex<Ring>,
     /// The newest sequence; long polls wait on it.
     newest: watch::Sender<u64>,
+    /// Wakes the OOM check when a followed memory.events changes.
+    oom_watch: Option<Arc<OomWatch>>,
 }
 
 impl Default for EventLog {
@@ -112,19 +120,41 @@ impl Default for EventLog {
             followed: Mutex::default(),
             ring: Mutex::default(),
             newest: watch::channel(0).0,
+            oom_watch: None,
         }
     }
 }
 
 impl EventLog {
-    /// A log that polls its containers for OOM kills on a task of the current runtime
+    /// A log that checks its containers for OOM kills on a task of the current runtime
     /// (the task ends with the log).
     pub fn spawn() -> Arc<EventLog> {
-        let log = Arc::new(EventLog::default());
+        let oom_watch = match OomWatch::new() {
+            Ok(w) => Some(Arc::new(w)),
+            Err(e) => {
+                tracing::warn!(error = %e, "no inotify for memory.events; polling for OOM kills");
+                None
+            }
+        };
+        let log = Arc::new(EventLog {
+            oom_watch: oom_watch.clone(),
+            ..EventLog::default()
+        });
         let weak = Arc::downgrade(&log);
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(OOM_POLL).await;
+                match &oom_watch {
+                    Some(w) => {
+                        tokio::select! {
+                            woke = w.changed() => if let Err(e) = woke {
+                                tracing::warn!(error = %e, "reading memory.events notifications");
+                                tokio::time::sleep(OOM_POLL).await;
+                            },
+                            () = tokio::time::sleep(OOM_BACKSTOP) => {}
+                        }
+                    }
+                    None => tokio::time::sleep(OOM_POLL).await,
+                }
                 let Some(log) = weak.upgrade() else { return };
                 log.poll_ooms();
             }
@@ -148,6 +178,12 @@ impl EventLog {
 
     /// Follows the OOM kills of container `id`, whose cgroup is `dir`.
     pub fn add_container(&self, id: &str, dir: PathBuf) {
+        if let Some(w) = &self.oom_watch {
+            // Before the count is read, so a kill between the two still wakes the check.
+            if let Err(e) = w.follow(&dir) {
+                tracing::warn!(container = id, error = %e, "cannot watch memory.events; OOM kills of processes the agent did not start are seen within {OOM_BACKSTOP:?}");
+            }
+        }
         let count = cgroups::oom_kill_count(&dir).unwrap_or(0);
         self.followed().containers.insert(
             id.to_owned(),

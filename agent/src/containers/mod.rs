@@ -12,6 +12,7 @@ pub mod executor;
 pub mod exits;
 pub mod image_user;
 pub mod manager;
+pub mod oom_watch;
 pub mod spec;
 pub mod stdio;
 pub mod tty;

@@ -13,7 +13,7 @@ use crate::port_forward::listening::{self, ListeningPorts};
 
 /// How often a long poll re-reads the guest's socket tables: a new listener reaches the
 /// host's forwarder within this (plus the reply's trip).
-const LOOK_INTERVAL: Duration = Duration::from_millis(250);
+const LOOK_INTERVAL: Duration = Duration::from_millis(500);
 
 /// The PortForward service.
 pub struct PortForwardService;
