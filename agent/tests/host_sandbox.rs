@@ -504,6 +504,13 @@ mod tests {
         );
         assert!(!out.trim().is_empty());
 
+        // An orphan is the pod's (its PID 1 is the namespace holder), which reaps it as
+        // it ends: no zombie is left once the orphan's sleep is long over.
+        let (status, out) = rig.run("sleep 0.2 & exit 0");
+        assert_eq!(status, 0, "{out}");
+        let (_, zombies) = rig.run("sleep 0.5; grep -l 'State:.*Z' /proc/[0-9]*/status");
+        assert_eq!(zombies, "", "zombies left in the pod's PID namespace");
+
         // A container that ignores SIGTERM needs the SIGKILL after the grace period.
         let stubborn = unique("stubborn");
         rig.create(

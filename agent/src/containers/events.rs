@@ -180,8 +180,18 @@ impl EventLog {
     pub fn add_container(&self, id: &str, dir: PathBuf) {
         if let Some(w) = &self.oom_watch {
             // Before the count is read, so a kill between the two still wakes the check.
-            if let Err(e) = w.follow(&dir) {
-                tracing::warn!(container = id, error = %e, "cannot watch memory.events; OOM kills of processes the agent did not start are seen within {OOM_BACKSTOP:?}");
+            match w.follow(&dir) {
+                Ok(()) => {}
+                // No memory controller in the cgroup: no OOM kills to report either.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    tracing::debug!(container = id, "no memory.events to watch");
+                }
+                Err(e) => tracing::warn!(
+                    container = id,
+                    error = %e,
+                    "cannot watch memory.events; OOM kills of processes the agent did not \
+                     start are seen within {OOM_BACKSTOP:?}"
+                ),
             }
         }
         let count = cgroups::oom_kill_count(&dir).unwrap_or(0);

@@ -6,12 +6,6 @@
 
 use nix::sched::CloneFlags;
 
-/// How often the holder looks for orphans to reap when it has no child.
-const IDLE_POLL: libc::timespec = libc::timespec {
-    tv_sec: 1,
-    tv_nsec: 0,
-};
-
 /// Why the holder could not be created.
 #[derive(Debug, thiserror::Error)]
 pub enum HolderError {
@@ -39,7 +33,7 @@ impl Holder {
         let raw = flags.bits() | libc::SIGCHLD;
         // SAFETY: a clone without CLONE_VM and with a null stack behaves as fork: the
         // child gets a copy of the address space and continues here. The child runs
-        // only async-signal-safe system calls (prctl, waitpid, nanosleep) and never
+        // only async-signal-safe system calls (prctl, sigprocmask, waitpid, sigwaitinfo) and never
         // returns, so the copied state of other threads (locks, allocator) is never
         // touched.
         let pid = unsafe {
@@ -87,17 +81,29 @@ impl Holder {
     }
 }
 
-/// The holder's whole life: die with the agent, reap orphans, never return.
+/// The holder's whole life: die with the agent, reap orphans, never return. It sleeps
+/// in sigwaitinfo until a child ends, so an idle pod's guest has no timer to serve for
+/// it (each wake-up costs the host CPU under TCG).
 fn hold() -> ! {
     // SAFETY: prctl with integer arguments only; async-signal-safe.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+    // SAFETY: a zeroed sigset_t is a valid argument to sigemptyset, which initialises
+    // it; sigaddset and sigprocmask only read and write that local set. After the
+    // clone this process has one thread, so sigprocmask is its thread's mask. Blocked,
+    // SIGCHLD stays pending until sigwaitinfo takes it: a child ending between the
+    // reaping loop and the wait is not missed.
+    let child_ended = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGCHLD);
+        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
     loop {
         // SAFETY: waitpid with a null status pointer is async-signal-safe.
-        let reaped = unsafe { libc::waitpid(-1, std::ptr::null_mut(), 0) };
-        if reaped < 0 {
-            // No child now (ECHILD): orphans may be handed to us later.
-            // SAFETY: nanosleep reads the constant and writes nothing (null remainder).
-            unsafe { libc::nanosleep(&IDLE_POLL, std::ptr::null_mut()) };
-        }
+        while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+        // SAFETY: sigwaitinfo reads the local set; a null siginfo pointer is allowed.
+        // An error (EINTR) only means looking again.
+        unsafe { libc::sigwaitinfo(&child_ended, std::ptr::null_mut()) };
     }
 }
