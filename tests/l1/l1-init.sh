@@ -190,6 +190,13 @@ while read -r mod; do
 done </lib/modules/crx/load-order
 
 [ -c /dev/kvm ] || setup_fail "kvm and kvm-amd loaded but /dev/kvm did not appear"
+# One idle vCPU with a disabled APIC for the whole run, so L2 boots never make L1's KVM
+# rewrite its own text (kvm-hold.c says why that can hang L1 under TCG).
+if out=$(kvm-hold 2>&1); then
+    echo "CRX-L1-KVM-HOLD ok"
+else
+    echo "CRX-L1-WARN kvm-hold failed (L2 boots will patch L1's KVM text): $out"
+fi
 kvm_s=$(uptime_s)
 echo "CRX-L1-READY {\"init_s\":$init_s,\"kvm_s\":$kvm_s,\"cpus\":$(grep -c ^processor /proc/cpuinfo)}"
 

@@ -63,7 +63,7 @@ command -v "$qemu" >/dev/null || fail 125 "$qemu not found: install qemu-system-
 busybox=/bin/busybox
 [[ -x "$busybox" && -z "$(readelf -lW "$busybox" 2>/dev/null | grep 'program interpreter' || true)" ]] \
     || fail 125 "$busybox is missing or not static: install busybox-static (tests/l1/prepare.sh does)"
-for tool in cpio setpriv timeout readelf sha256sum stdbuf; do
+for tool in cpio setpriv timeout readelf sha256sum stdbuf gcc; do
     command -v "$tool" >/dev/null || fail 125 "$tool not found: run tests/l1/prepare.sh"
 done
 
@@ -104,7 +104,7 @@ trap 'sysrq_requested=1' USR1
 
 # --- the L1 initramfs: a base archive (busybox, modules, /init) and the payload, as two
 # newc archives back to back, which the kernel unpacks one after the other. The base only
-# changes with the kernel dir, busybox or l1-init.sh, so it is cached beside the kernel
+# changes with the kernel dir, busybox, l1-init.sh or kvm-hold.c, so it is cached beside the kernel
 # (making its ~400 applet links costs seconds on a loaded host).
 build_base() {
     local root="$tmp/root" applet
@@ -117,10 +117,11 @@ build_base() {
     cp "$kdir/load-order" "$root/lib/modules/crx/load-order"
     cp "$here/l1-init.sh" "$root/init"
     chmod 755 "$root/init"
+    gcc -static -O2 -Wall -o "$root/bin/kvm-hold" "$here/kvm-hold.c" || return 1
     (cd "$root" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) >"$1"
     rm -rf "$root"
 }
-base_key=$(cat "$here/l1-init.sh" "$here/run.sh" "$busybox" "$kdir/load-order" "$kdir"/modules/*.ko | sha256sum | cut -c1-16)
+base_key=$(cat "$here/l1-init.sh" "$here/kvm-hold.c" "$here/run.sh" "$busybox" "$kdir/load-order" "$kdir"/modules/*.ko | sha256sum | cut -c1-16)
 base="$kdir/l1-base-$base_key.cpio"
 if [[ ! -s "$base" ]]; then
     if build_base "$tmp/base.cpio" && mv "$tmp/base.cpio" "$base.$$" 2>/dev/null; then

@@ -457,6 +457,12 @@ impl L1Rig {
 /// What every lane test does once for all of its tests: prepares the rig, runs the
 /// assembled `payload` in L1 (900 s at most, `append` added to L1's command line) and
 /// prints the lane's results; errors are strings for a `OnceLock` to keep.
+///
+/// An L1 whose kernel hangs ([`L1Error::Silent`]: not even its watchdog runs) gets one
+/// more run. That hang is the emulation's (QEMU's TCG running L1's KVM; kvm-hold.c
+/// removes the one cause found), not the payload's: a payload that hangs leaves L1's
+/// watchdog running and ends as [`L1Error::Stalled`], which is not retried. The first
+/// run's error is printed whole, so the hang is still seen and counted.
 pub fn run_lane(lane: &str, payload: &Path, append: Option<&str>) -> Result<L1Run, String> {
     let rig = L1Rig::prepare().map_err(|e| format!("preparing the L1 rig: {e}"))?;
     let opts = RunOptions {
@@ -466,7 +472,14 @@ pub fn run_lane(lane: &str, payload: &Path, append: Option<&str>) -> Result<L1Ru
         stall_limit: Some(LANE_STALL_LIMIT),
         ..RunOptions::default()
     };
-    let run = rig.run(payload, &opts).map_err(|e| format!("{e}"))?;
+    let run = match rig.run(payload, &opts) {
+        Err(e @ L1Error::Silent { .. }) => {
+            eprintln!("{lane} lane: L1 HUNG, running the lane once more. The hang:\n{e}");
+            rig.run(payload, &opts)
+        }
+        other => other,
+    }
+    .map_err(|e| format!("{e}"))?;
     eprintln!(
         "{lane} lane: rc {} in {:.1} s; results {}",
         run.rc,

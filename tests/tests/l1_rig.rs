@@ -67,6 +67,12 @@ mod tests {
             "the test guest's port writes did not all exit to us: {kvm}"
         );
         assert_eq!(kvm["ok"], true, "{kvm}");
+        // The idle vCPU that keeps L2 boots from patching L1's KVM text (kvm-hold.c).
+        assert!(
+            run.console.lines().any(|l| l.trim() == "CRX-L1-KVM-HOLD ok"),
+            "kvm-hold did not report ok:\n{}",
+            run.console_tail(30)
+        );
     }
 
     #[test]
