@@ -19,6 +19,7 @@ mod rpc;
 mod stdio;
 mod task;
 mod translate;
+mod vm_watch;
 
 /// The runtime type containerd knows this shim by.
 pub const RUNTIME_ID: &str = "io.containerd.crx.v2";

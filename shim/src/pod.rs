@@ -3,7 +3,6 @@
 //! clients for the agent's services, and a watcher thread that reports the VM's end
 //! when nobody asked for it.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,16 +15,14 @@ use crx_shim::network::port_forward::PortForwarder;
 use crx_shim::network::PodNetwork;
 use crx_shim::vm::{
     select_confined_backend, BackendKind, Confinement, SerialOutput, SharedDir, Vm, VmConfig,
-    VmDevices, VmError, VmExit,
+    VmDevices, VmError,
 };
 
 use crate::block_slots::{BlockSlots, SharedSlots};
 use crate::host_cgroup::{CgroupError, HostCgroup};
 use crate::rootfs::{PodPaths, SHARE_TAG};
+use crate::vm_watch::{self, StopSignal};
 
-/// How long the watcher holds the VM's lock per wait: a stop request waits up to
-/// this long for the lock (200 ms made every pod's last Delete that much slower).
-const WATCH_INTERVAL: Duration = Duration::from_millis(50);
 /// How long a stopping VM gets between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(2);
 
@@ -84,7 +81,8 @@ pub struct Pod {
     /// The VM's processes (names and pids), fixed for the VM's life.
     pids: Vec<(&'static str, u32)>,
     vm: Arc<Mutex<Box<dyn Vm>>>,
-    stopping: Arc<AtomicBool>,
+    /// Tells the VM's watcher that its end is asked for.
+    stopping: Arc<StopSignal>,
     /// The pod's network, if its spec named a network namespace.
     pub network: Option<PodNetwork>,
     /// CRI port forwarding into the VM (pods with a network namespace only).
@@ -254,12 +252,10 @@ impl Pod {
         // second handshake through the VMM's vsock muxer would add a round trip into
         // the guest before CreateSandbox.
         let client = ready.clients.client.clone();
-        // Taken before the watcher starts: it holds the VM's lock while it waits, so
-        // asking the VM later would stall for up to a watch interval.
         let pids = lock(&vm).pids();
         let block_slots = Arc::new(Mutex::new(BlockSlots::for_vm(lock(&vm).drive_slots())));
-        let stopping = Arc::new(AtomicBool::new(false));
-        spawn_watcher(vm.clone(), stopping.clone(), on_death);
+        let stopping = Arc::new(StopSignal::new().map_err(|e| PodError::Vm(VmError::Wait(e)))?);
+        vm_watch::spawn(vm.clone(), stopping.clone(), on_death);
         let port_forward = forward_netns.map(|ns| {
             PortForwarder::start(
                 ns,
@@ -287,7 +283,7 @@ impl Pod {
 
     /// Stops the VM (idempotent); the watcher reports nothing for a requested stop.
     pub async fn stop(&self) -> String {
-        self.stopping.store(true, Ordering::SeqCst);
+        self.stopping.request();
         if let Some(forwarder) = &self.port_forward {
             forwarder.stop();
         }
@@ -360,7 +356,7 @@ fn host_cgroup_lock(cgroup: &Mutex<HostCgroup>) -> std::sync::MutexGuard<'_, Hos
     cgroup.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn lock(vm: &Mutex<Box<dyn Vm>>) -> std::sync::MutexGuard<'_, Box<dyn Vm>> {
+pub(crate) fn lock(vm: &Mutex<Box<dyn Vm>>) -> std::sync::MutexGuard<'_, Box<dyn Vm>> {
     // A panic while holding the VM cannot leave it in a state worse than a dead VM.
     vm.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -388,34 +384,6 @@ async fn watch_boot(vm: Arc<Mutex<Box<dyn Vm>>>) -> String {
             Err(e) => return format!("waiting for the VM panicked: {e}"),
         }
     }
-}
-
-fn spawn_watcher(vm: Arc<Mutex<Box<dyn Vm>>>, stopping: Arc<AtomicBool>, on_death: DeathHandler) {
-    let spawned = std::thread::Builder::new()
-        .name("crx-vm-watch".into())
-        .spawn(move || loop {
-            if stopping.load(Ordering::SeqCst) {
-                return;
-            }
-            let result = lock(&vm).wait_timeout(WATCH_INTERVAL);
-            let reason = match result {
-                Ok(None) => continue,
-                Ok(Some(exit)) => describe(&exit),
-                Err(e) => format!("waiting for the pod VM failed: {e}"),
-            };
-            if !stopping.load(Ordering::SeqCst) {
-                tracing::error!(%reason, "the pod VM ended");
-                on_death(reason);
-            }
-            return;
-        });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "could not start the VM watcher thread");
-    }
-}
-
-fn describe(exit: &VmExit) -> String {
-    format!("the pod VM ended: {exit}")
 }
 
 #[cfg(test)]

@@ -186,6 +186,10 @@ impl Vm for CrxVm {
         vec![(self.vmm.name, self.vmm.pid())]
     }
 
+    fn exit_fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        vec![self.vmm.exit_fd()]
+    }
+
     fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<VmExit>, VmError> {
         if let Some(exit) = &self.exit {
             return Ok(Some(exit.clone()));

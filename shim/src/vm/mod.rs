@@ -134,6 +134,9 @@ pub trait Vm: Send {
     /// Waits up to `timeout` for the VM to end by itself. When one of its processes
     /// ends, the others are stopped too, and the first one's end is returned.
     fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<VmExit>, VmError>;
+    /// A descriptor per process whose end [`Vm::wait_timeout`] reports, each readable
+    /// once its process has ended: a watcher polls them without holding the VM.
+    fn exit_fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>>;
     /// Stops the VM: SIGTERM to each process, SIGKILL to those still there after
     /// `grace`. Idempotent; returns how the VM ended.
     fn stop(&mut self, grace: Duration) -> Result<VmExit, VmError>;

@@ -424,6 +424,13 @@ impl Vm for QemuVm {
             .collect()
     }
 
+    fn exit_fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        std::iter::once(&self.qemu)
+            .chain(&self.backends)
+            .map(VmProcess::exit_fd)
+            .collect()
+    }
+
     fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<VmExit>, VmError> {
         if let Some(exit) = &self.exit {
             return Ok(Some(exit.clone()));
