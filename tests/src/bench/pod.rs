@@ -361,12 +361,20 @@ impl IdleCpu {
     }
 
     fn by_process_text(&self) -> String {
-        self.by_process
-            .iter()
-            .map(|(name, mc)| format!("{name} {mc:.1}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        named_figures(
+            self.by_process
+                .iter()
+                .map(|(name, mc)| (name, format!("{mc:.1}"))),
+        )
     }
+}
+
+/// "name figure, name figure, ..." for a printed line.
+fn named_figures<'a>(figures: impl Iterator<Item = (&'a String, String)>) -> String {
+    figures
+        .map(|(name, figure)| format!("{name} {figure}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Host memory (PSS, KiB) of one pod: its shim and its VM processes (crx) or the
@@ -380,11 +388,11 @@ struct PodMemory {
 
 impl PodMemory {
     fn describe(&self) -> String {
-        self.processes
-            .iter()
-            .map(|(name, kib)| format!("{name} {kib}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        named_figures(
+            self.processes
+                .iter()
+                .map(|(name, kib)| (name, kib.to_string())),
+        )
     }
 
     fn to_json(&self) -> serde_json::Value {
