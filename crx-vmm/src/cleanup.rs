@@ -1,7 +1,8 @@
 //! Removing what crx-vmm created on the host (its vsock socket) however it ends,
 //! SIGKILL included: a tiny child process forked before any thread exists holds the
 //! read end of a pipe; crx-vmm tells it each path it creates. When the pipe closes —
-//! crx-vmm exited, crashed or was killed — the child unlinks those paths and exits.
+//! crx-vmm exited, crashed or was killed — the child unlinks those of the paths that
+//! are sockets (all crx-vmm creates) and exits.
 
 use crate::syscall::cvt;
 use std::ffi::OsStr;
@@ -9,6 +10,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 
 /// Most bytes of paths the cleaner keeps (a few socket paths need far less).
@@ -101,7 +103,16 @@ unsafe fn child_main(read_fd: libc::c_int) -> ! {
         }
     }
     for path in records.split(|b| *b == 0).filter(|p| !p.is_empty()) {
-        let _ = std::fs::remove_file(Path::new(OsStr::from_bytes(path)));
+        let path = Path::new(OsStr::from_bytes(path));
+        // Only sockets: a path is registered before its socket is bound, so if crx-vmm
+        // ended before binding, whatever is there now (a file someone else wrote after
+        // crx-vmm refused to start) is not ours.
+        let is_socket = std::fs::symlink_metadata(path)
+            .map(|m| m.file_type().is_socket())
+            .unwrap_or(false);
+        if is_socket {
+            let _ = std::fs::remove_file(path);
+        }
     }
     // SAFETY: ends this process without running the parent's atexit handlers.
     unsafe { libc::_exit(0) }

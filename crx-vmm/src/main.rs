@@ -647,6 +647,11 @@ fn vhost_user_blk(
     jail: Option<JailConfig>,
 ) -> i32 {
     use crx_vmm::vhost_user::{VhostUserBlkError, VhostUserBlkServer};
+    // Bad input is refused before the cleanup process learns the socket paths: a
+    // back end that never served must leave nothing to clean, not even a later unlink.
+    if let Err(e) = crx_vmm::devices::virtio::block::Block::new_empty(serial) {
+        return fail(exit::EXIT_BAD_INPUT, &e.to_string());
+    }
     // SAFETY: called first thing in `main`, before any thread exists.
     let back_end = match unsafe {
         BackEnd::prepare(
