@@ -75,18 +75,15 @@ mod tests {
     fn bad_input_fails_with_exit_2_before_any_socket_exists() {
         let dir = test_dir("input");
         let (sock, api) = (dir.join("blk.sock"), dir.join("api.sock"));
-        let out = vhost_user_blk(&sock, &api, "123456789012345678901")
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(2), "{out:?}");
-        let err = String::from_utf8_lossy(&out.stderr);
+        let (status, err) = refused(vhost_user_blk(&sock, &api, "123456789012345678901"));
+        assert_eq!(status.code(), Some(2), "{status:?}: {err}");
         assert!(err.contains("serial is 21 bytes"), "stderr: {err}");
         assert!(!sock.exists() && !api.exists());
 
         std::fs::write(&api, b"x").unwrap();
-        let out = vhost_user_blk(&sock, &api, "ok").output().unwrap();
-        assert_eq!(out.status.code(), Some(2), "{out:?}");
-        assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+        let (status, err) = refused(vhost_user_blk(&sock, &api, "ok"));
+        assert_eq!(status.code(), Some(2), "{status:?}: {err}");
+        assert!(err.contains("already exists"), "stderr: {err}");
         assert!(
             !sock.exists(),
             "no vhost-user socket for a back end that cannot serve"
@@ -97,6 +94,22 @@ mod tests {
             "someone else's file kept"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Runs a back end that must refuse to start: its exit and standard error, with a
+    /// bounded wait (one that serves instead is killed and fails the test).
+    fn refused(mut cmd: Command) -> (std::process::ExitStatus, String) {
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let status = wait_exit(&mut child, Duration::from_secs(20));
+        let mut err = String::new();
+        if let Some(mut stderr) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut err);
+        }
+        (status, err)
     }
 
     fn require(what: &str, ok: bool) {
